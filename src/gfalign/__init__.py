@@ -1,0 +1,27 @@
+"""gfalign: biologically plausible credit assignment in PyTorch.
+
+Backpropagation, feedback alignment, direct feedback alignment, layer-wise auxiliary errors and
+the general feedback alignment rule, all as configurations of one exact rule engine.
+"""
+
+from gfalign.engine import FeedbackRule, Step
+from gfalign.feedback import FAMILIES, FeedbackSpec
+from gfalign.network import MLP
+from gfalign.rules import PRESETS, ConfigError, LayerRule, RuleConfig, Term, preset, resolve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "ConfigError",
+    "FeedbackRule",
+    "FeedbackSpec",
+    "LayerRule",
+    "MLP",
+    "RuleConfig",
+    "Step",
+    "Term",
+    "preset",
+    "resolve",
+]

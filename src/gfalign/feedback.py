@@ -1,0 +1,198 @@
+"""Families of fixed random feedback matrices.
+
+A family is a function ``(shape, generator, **params) -> float64 tensor`` registered by name.
+Adding a family is one decorated function here; rules, the CLI and the experiment files refer
+to families by name, with parameters, e.g. ``"sparse:density=0.2"`` or
+``FeedbackSpec("B1", {"std": 0.05})``.
+
+Shapes follow the row convention: a feedback product is ``s @ B`` with ``s`` of shape
+(N, rows), so ``rows`` is the fan-in of the product and ``cols`` the width of the layer that
+receives the error.
+
+Families B1..B7 are those of the paper's experiment 4 (DESIGN.md section 5.5): noise is
+Gaussian with standard deviation ``std`` (default 0.01), sparsity keeps each entry with
+probability ``density`` (default 0.1), and a non-square identity is ones on the main diagonal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "FeedbackSpec",
+    "draw",
+    "family",
+    "generator_for",
+]
+
+Family = Callable[..., torch.Tensor]
+FAMILIES: dict[str, Family] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def family(name: str, description: str) -> Callable[[Family], Family]:
+    """Register a feedback-matrix family under ``name``."""
+
+    def register(function: Family) -> Family:
+        if name in FAMILIES:
+            raise ValueError(f"feedback family {name!r} is registered twice")
+        FAMILIES[name] = function
+        DESCRIPTIONS[name] = description
+        return function
+
+    return register
+
+
+def _uniform(shape, generator, low, high):
+    return torch.empty(shape, dtype=torch.float64).uniform_(low, high, generator=generator)
+
+
+def _normal(shape, generator, std):
+    return torch.empty(shape, dtype=torch.float64).normal_(0.0, std, generator=generator)
+
+
+def _mask(shape, generator, density):
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density}")
+    return (torch.rand(shape, dtype=torch.float64, generator=generator) < density).double()
+
+
+@family("uniform", "U(low, high), default U(-1/2, 1/2): the paper's feedback")
+def uniform(shape, generator, *, low: float = -0.5, high: float = 0.5) -> torch.Tensor:
+    return _uniform(shape, generator, low, high)
+
+
+@family("gaussian", "N(0, std^2), default std 1")
+def gaussian(shape, generator, *, std: float = 1.0) -> torch.Tensor:
+    return _normal(shape, generator, std)
+
+
+@family("uniform-scaled", "U(-1/sqrt(rows), 1/sqrt(rows)): fan-in scaled, as Noekland uses")
+def uniform_scaled(shape, generator) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(shape[0])
+    return _uniform(shape, generator, -bound, bound)
+
+
+@family("gaussian-scaled", "N(0, 1/rows): fan-in scaled, as Launay et al. use")
+def gaussian_scaled(shape, generator) -> torch.Tensor:
+    return _normal(shape, generator, 1.0 / math.sqrt(shape[0]))
+
+
+@family("sparse", "U(low, high) entries kept with probability density (default 0.1)")
+def sparse(
+    shape, generator, *, density: float = 0.1, low: float = -0.5, high: float = 0.5
+) -> torch.Tensor:
+    return _mask(shape, generator, density) * _uniform(shape, generator, low, high)
+
+
+@family("B1", "ones + N(0, std^2) noise (std 0.01)")
+def ones_noise(shape, generator, *, std: float = 0.01) -> torch.Tensor:
+    return 1.0 + _normal(shape, generator, std)
+
+
+@family("B2", "non-square identity: ones on the main diagonal")
+def identity(shape, generator) -> torch.Tensor:
+    return torch.eye(*shape, dtype=torch.float64)
+
+
+@family("B3", "non-square identity + N(0, std^2) noise (std 0.01)")
+def identity_noise(shape, generator, *, std: float = 0.01) -> torch.Tensor:
+    return torch.eye(*shape, dtype=torch.float64) + _normal(shape, generator, std)
+
+
+@family("B4", "sparse ones: each entry 1 with probability density (0.1), else 0")
+def sparse_ones(shape, generator, *, density: float = 0.1) -> torch.Tensor:
+    return _mask(shape, generator, density)
+
+
+@family("B5", "ones + U(-0.01, 0.01)")
+def ones_uniform(shape, generator, *, width: float = 0.01) -> torch.Tensor:
+    return 1.0 + _uniform(shape, generator, -width, width)
+
+
+@family("B6", "sparse ones (density 0.1) + N(0, std^2) noise (std 0.01)")
+def sparse_ones_noise(shape, generator, *, density: float = 0.1, std: float = 0.01) -> torch.Tensor:
+    return _mask(shape, generator, density) + _normal(shape, generator, std)
+
+
+@family("B7", "noise alone: N(0, std^2), std 0.01")
+def noise(shape, generator, *, std: float = 0.01) -> torch.Tensor:
+    return _normal(shape, generator, std)
+
+
+def _parse_value(text: str) -> float | int | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class FeedbackSpec:
+    """A family name with its parameters; ``FeedbackSpec.parse("sparse:density=0.2")``."""
+
+    family: str = "uniform"
+    params: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            import difflib
+
+            close = difflib.get_close_matches(self.family, FAMILIES, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"unknown feedback family {self.family!r}{hint}; known: {', '.join(FAMILIES)}"
+            )
+        object.__setattr__(self, "params", dict(self.params))
+
+    @classmethod
+    def parse(cls, value: str | Mapping | FeedbackSpec) -> FeedbackSpec:
+        """Read ``"name"``, ``"name:key=value,key=value"`` or ``{"family": ..., **params}``."""
+        if isinstance(value, FeedbackSpec):
+            return value
+        if isinstance(value, Mapping):
+            params = dict(value)
+            name = params.pop("family", "uniform")
+            return cls(name, params)
+        name, _, rest = str(value).partition(":")
+        params = {}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, equals, text = item.partition("=")
+            if not equals:
+                raise ValueError(f"feedback parameter {item!r} in {value!r} is not key=value")
+            params[key.strip()] = _parse_value(text.strip())
+        return cls(name.strip(), params)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.family
+        return self.family + ":" + ",".join(f"{k}={v}" for k, v in self.params.items())
+
+
+def generator_for(seed: int, *labels: object) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and labels, independent of drawing order.
+
+    Every feedback matrix gets its own generator, so a matrix's values depend only on the seed
+    and its place in the network, not on which other matrices a configuration draws.
+    """
+    text = "/".join(str(part) for part in (seed, *labels))
+    digest = hashlib.sha256(text.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def draw(spec: FeedbackSpec | str, shape: tuple[int, int], generator: torch.Generator):
+    """Draw one matrix of ``shape`` from a family; float64 on the CPU."""
+    spec = FeedbackSpec.parse(spec)
+    try:
+        matrix = FAMILIES[spec.family](tuple(shape), generator, **spec.params)
+    except TypeError as error:
+        raise ValueError(f"bad parameters for feedback family {spec}: {error}") from None
+    return matrix

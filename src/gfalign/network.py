@@ -1,0 +1,245 @@
+"""Multilayer perceptrons and the two objectives of the paper.
+
+Row convention, as in PyTorch (DESIGN.md section 2): for a batch ``X`` of shape (N, n_0)
+
+    a^i = h^{i-1} (W^i)^T + b^i,    h^i = f(a^i) for i < L,    h^0 = X,
+
+and the output is ``g(a^L)`` with ``g`` the softmax (classification) or the logistic sigmoid
+(autoencoder). ``W^i`` has shape (n_i, n_{i-1}) like ``torch.nn.Linear.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+__all__ = [
+    "ACTIVATIONS",
+    "OBJECTIVES",
+    "Activation",
+    "ForwardCache",
+    "MLP",
+    "Objective",
+]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A hidden nonlinearity ``f`` and its derivative.
+
+    ``derivative(a, h)`` receives both the pre-activation ``a`` and the activation ``h = f(a)``
+    so that tanh and sigmoid reuse ``h`` instead of evaluating ``f`` again.
+    """
+
+    name: str
+    function: Callable[[torch.Tensor], torch.Tensor]
+    derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    activation.name: activation
+    for activation in (
+        Activation("tanh", torch.tanh, lambda a, h: 1.0 - h * h),
+        Activation("sigmoid", torch.sigmoid, lambda a, h: h * (1.0 - h)),
+        Activation("relu", torch.relu, lambda a, h: (a > 0).to(a.dtype)),
+    )
+}
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of softmax(logits) and ``e = softmax(logits) - onehot(labels)``."""
+    log_probabilities = torch.log_softmax(logits, dim=1)
+    loss = functional.nll_loss(log_probabilities, labels)
+    error = log_probabilities.exp_()
+    error[torch.arange(len(labels), device=labels.device), labels] -= 1.0
+    return loss, error
+
+
+def _squared_reconstruction(
+    logits: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the squared error of sigmoid(logits) against ``target``, summed over units.
+
+    ``e = (x_hat - x) * x_hat * (1 - x_hat)``: the paper's autoencoder error. It is the exact
+    gradient of ``0.5 * ||x_hat - x||^2``; the paper writes the loss without the 1/2 and drops the
+    factor 2 in ``e``, so the loss reported here carries the 1/2 to keep ``e`` its gradient.
+    """
+    reconstruction = torch.sigmoid(logits)
+    difference = reconstruction - target
+    loss = 0.5 * difference.square().sum(dim=1).mean()
+    error = difference.mul_(reconstruction).mul_(1.0 - reconstruction)
+    return loss, error
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The output nonlinearity ``g`` and the loss whose gradient w.r.t. ``a^L`` is ``e``.
+
+    ``error(logits, target)`` returns ``(loss, e)``: the batch-mean loss (a 0-d tensor) and the
+    output error ``e = dL_n/da^L_n`` for every example ``n`` (shape (N, n_L)). ``target`` is the
+    labels (N,) for classification and the input itself (N, n_0) for the autoencoder.
+    """
+
+    name: str
+    output: Callable[[torch.Tensor], torch.Tensor]
+    error: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    uses_labels: bool
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "classification": Objective(
+        "classification", lambda a: torch.softmax(a, dim=1), _cross_entropy, uses_labels=True
+    ),
+    "autoencoder": Objective("autoencoder", torch.sigmoid, _squared_reconstruction, False),
+}
+
+
+@dataclass(frozen=True)
+class ForwardCache:
+    """What a forward pass leaves for the feedback rules.
+
+    ``pre[i]`` is ``a^{i+1}`` (shape (N, n_{i+1})) for ``i = 0..L-1``, so ``pre[-1]`` is the output
+    logits; ``post[i]`` is ``h^i`` for ``i = 0..L-1`` with ``post[0]`` the input. Both follow the
+    paper's 1-based layer numbers through ``a(i)`` and ``h(i)``.
+    """
+
+    pre: list[torch.Tensor]
+    post: list[torch.Tensor]
+
+    def a(self, layer: int) -> torch.Tensor:
+        return self.pre[layer - 1]
+
+    def h(self, layer: int) -> torch.Tensor:
+        return self.post[layer]
+
+
+def _lookup(table: dict, key: str, what: str):
+    try:
+        return table[key]
+    except KeyError:
+        raise ValueError(f"unknown {what} {key!r}; known: {', '.join(sorted(table))}") from None
+
+
+class MLP(nn.Module):
+    """A fully connected network ``sizes[0] -> ... -> sizes[-1]`` of any depth.
+
+    Weights are ordinary ``nn.Linear`` parameters, so any ``torch.optim`` optimizer trains them
+    and ``forward`` is differentiable by autograd (the reference the rules are tested against).
+
+    Args:
+        sizes: layer widths ``[n_0, n_1, ..., n_L]``, at least two entries.
+        activation: hidden nonlinearity, one of ``ACTIVATIONS`` (tanh, relu, sigmoid).
+        objective: ``"classification"`` (softmax output, cross-entropy) or ``"autoencoder"``
+            (sigmoid output, squared reconstruction error).
+        weight_init: ``"xavier_uniform"`` (Glorot, the paper's), ``"xavier_normal"`` or
+            ``"default"`` (PyTorch's ``nn.Linear`` initialisation).
+        bias_init: ``"normal"`` (N(0, 1), as the paper writes), ``"zeros"`` or ``"default"``.
+        seed: seeds the initialisation; the same seed gives the same weights on any run.
+
+    Example:
+        >>> net = MLP([784, 800, 800, 10], activation="tanh", seed=0)
+        >>> net(torch.zeros(2, 784)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str = "tanh",
+        objective: str = "classification",
+        *,
+        weight_init: str = "xavier_uniform",
+        bias_init: str = "normal",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        sizes = [int(n) for n in sizes]
+        if len(sizes) < 2 or any(n < 1 for n in sizes):
+            raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
+        if weight_init not in ("xavier_uniform", "xavier_normal", "default"):
+            raise ValueError(
+                f"unknown weight_init {weight_init!r}; known: default, xavier_normal, "
+                "xavier_uniform"
+            )
+        if bias_init not in ("normal", "zeros", "default"):
+            raise ValueError(f"unknown bias_init {bias_init!r}; known: default, normal, zeros")
+        self.sizes = tuple(sizes)
+        self.activation = _lookup(ACTIVATIONS, activation, "activation")
+        self.objective = _lookup(OBJECTIVES, objective, "objective")
+        if self.objective.name == "autoencoder" and sizes[0] != sizes[-1]:
+            raise ValueError(f"an autoencoder needs sizes[0] == sizes[-1], got {sizes}")
+        self.weight_init, self.bias_init, self.seed = weight_init, bias_init, seed
+
+        generator = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layer = nn.Linear(fan_in, fan_out, dtype=torch.float64)
+            with torch.no_grad():
+                if weight_init != "default":
+                    bound = math.sqrt(6.0 / (fan_in + fan_out))
+                    if weight_init == "xavier_uniform":
+                        layer.weight.uniform_(-bound, bound, generator=generator)
+                    else:
+                        layer.weight.normal_(0.0, bound / math.sqrt(3.0), generator=generator)
+                else:
+                    limit = 1.0 / math.sqrt(fan_in)
+                    layer.weight.uniform_(-limit, limit, generator=generator)
+                if bias_init == "normal":
+                    layer.bias.normal_(0.0, 1.0, generator=generator)
+                elif bias_init == "zeros":
+                    layer.bias.zero_()
+                else:
+                    limit = 1.0 / math.sqrt(fan_in)
+                    layer.bias.uniform_(-limit, limit, generator=generator)
+            self.layers.append(layer)
+        # Drawn in float64 and then cast, so float32 and float64 networks share their values.
+        self.to(device=device, dtype=dtype)
+
+    @property
+    def depth(self) -> int:
+        """``L``, the number of weight layers (hidden layers are 1..L-1)."""
+        return len(self.layers)
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """``W^i`` for the 1-based layer number ``i``; shape (n_i, n_{i-1})."""
+        return self.layers[layer - 1].weight
+
+    def bias(self, layer: int) -> torch.Tensor:
+        return self.layers[layer - 1].bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output logits ``a^L`` (shape (N, n_L)); differentiable."""
+        h = x
+        for layer in self.layers[:-1]:
+            h = self.activation.function(layer(h))
+        return self.layers[-1](h)
+
+    def forward_cache(self, x: torch.Tensor) -> ForwardCache:
+        """Every ``a^i`` and ``h^i`` of a forward pass, computed without an autograd graph."""
+        pre: list[torch.Tensor] = []
+        post = [x]
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                a = torch.addmm(layer.bias, post[-1], layer.weight.t())
+                pre.append(a)
+                if index < len(self.layers) - 1:
+                    post.append(self.activation.function(a))
+        return ForwardCache(pre, post)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``g(a^L)``: class probabilities or the reconstruction."""
+        with torch.no_grad():
+            return self.objective.output(self.forward(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"sizes={list(self.sizes)}, activation={self.activation.name}, "
+            f"objective={self.objective.name}"
+        )

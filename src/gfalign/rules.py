@@ -1,0 +1,508 @@
+"""Rule configurations: which error terms reach every hidden layer, and how they mix.
+
+The general feedback rule (paper eq. 4, DESIGN.md section 3) gives hidden layer ``i`` the delta
+
+    d^i = F_i(terms) * f'(a^i)
+
+where each term is one of
+
+    direct     eps^i D^i           eps^i = e (output error) or e^i (layer i's auxiliary error)
+    above      s^{i+1} B_up^i      s = d^{i+1} (final) or t^{i+1} (direct-only); e when i = L-1
+    below      s^{i-1} B_down^i    s = d^{i-1} (final) or t^{i-1} (direct-only); not for layer 1
+    backprop   d^{i+1} W^{i+1}     weight transport, for BP and hybrids
+
+with ``t^j = (eps^j D^j) * f'(a^j)`` the direct-only delta, and ``F_i`` the element-wise mean,
+the sum, or fixed weights. BP, FA, DFA, LAFS and the paper's strategies are all configurations
+of this one rule: plain data, in ``PRESETS``.
+
+A configuration is written as a dictionary (or a TOML table), either per layer::
+
+    {"name": "mine", "layers": {1: {"terms": ["direct", "above"], "combine": "mean"},
+                                2: {"terms": ["direct"]}}}
+
+or as a depth-independent template, whose keys ``only`` (a single hidden layer), ``top``,
+``bottom``, ``middle`` and ``all`` are tried in that order for each layer::
+
+    {"name": "s1", "template": {"top": {"terms": ["direct"]},
+                                "all": {"terms": ["direct", "above"]}}}
+
+A term is a string ``kind[:option]`` (``"above:direct-only"``, ``"direct:auxiliary"``) or a
+table ``{kind = "above", source = "direct-only", feedback = "B1"}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gfalign.feedback import FeedbackSpec
+
+__all__ = [
+    "KINDS",
+    "PRESETS",
+    "ConfigError",
+    "LayerRule",
+    "RuleConfig",
+    "Term",
+    "preset",
+    "resolve",
+]
+
+KINDS = ("direct", "above", "below", "backprop")
+SOURCES = ("final", "direct-only")
+ERRORS = ("output", "auxiliary")
+COMBINERS = ("mean", "sum")
+
+
+class ConfigError(ValueError):
+    """A rule configuration that cannot be trained; the message names the layer and problem."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """One error term reaching a hidden layer.
+
+    Attributes:
+        kind: ``direct``, ``above``, ``below`` or ``backprop``.
+        source: for ``above``/``below``: the neighbour's ``final`` delta d^j or its
+            ``direct-only`` delta t^j.
+        error: for ``direct``: the ``output`` error e or the layer's ``auxiliary`` error e^i.
+        feedback: the family of this term's fixed matrix; ``None`` uses the rule's default.
+    """
+
+    kind: str
+    source: str = "final"
+    error: str = "output"
+    feedback: FeedbackSpec | None = None
+
+    @classmethod
+    def parse(cls, value: str | Mapping | Term, where: str = "") -> Term:
+        if isinstance(value, Term):
+            return value
+        if isinstance(value, str):
+            kind, _, option = value.partition(":")
+            fields: dict[str, Any] = {"kind": kind.strip()}
+            option = option.strip()
+            if option:
+                fields["error" if fields["kind"] == "direct" else "source"] = option
+        elif isinstance(value, Mapping):
+            fields = dict(value)
+            unknown = set(fields) - {"kind", "source", "error", "feedback"}
+            if unknown:
+                raise ConfigError(
+                    f"{where}unknown term key(s) {sorted(unknown)}; "
+                    "known: kind, source, error, feedback"
+                )
+        else:
+            raise ConfigError(f"{where}a term must be a string or a table, got {value!r}")
+        kind = fields.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}unknown term {kind!r}{_suggest(kind, KINDS)}")
+        source, error = fields.get("source", "final"), fields.get("error", "output")
+        if source not in SOURCES:
+            raise ConfigError(
+                f"{where}unknown source {source!r} for a {kind} term{_suggest(source, SOURCES)}"
+            )
+        if error not in ERRORS:
+            raise ConfigError(
+                f"{where}unknown error {error!r} for a {kind} term{_suggest(error, ERRORS)}"
+            )
+        if kind != "direct" and error != "output":
+            raise ConfigError(f"{where}only a direct term takes an error option, not {kind}")
+        if kind not in ("above", "below") and source != "final":
+            raise ConfigError(f"{where}only above/below terms take a source option, not {kind}")
+        feedback = fields.get("feedback")
+        if feedback is not None:
+            try:
+                feedback = FeedbackSpec.parse(feedback)
+            except ValueError as problem:
+                raise ConfigError(f"{where}{problem}") from None
+        if kind == "backprop" and feedback is not None:
+            raise ConfigError(f"{where}a backprop term uses W^(i+1) and takes no feedback")
+        return cls(kind, source, error, feedback)
+
+    @property
+    def has_matrix(self) -> bool:
+        return self.kind != "backprop"
+
+    def to_data(self) -> str | dict:
+        option = self.error if self.kind == "direct" else self.source
+        default = "output" if self.kind == "direct" else "final"
+        text = self.kind if option == default else f"{self.kind}:{option}"
+        if self.feedback is None:
+            return text
+        data: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "direct" and self.error != "output":
+            data["error"] = self.error
+        if self.source != "final":
+            data["source"] = self.source
+        data["feedback"] = str(self.feedback)
+        return data
+
+    def __str__(self) -> str:
+        if self.kind == "direct":
+            symbol = "e^i" if self.error == "auxiliary" else "e"
+            return f"direct({symbol})"
+        if self.kind == "backprop":
+            return "backprop(d^(i+1) W^(i+1))"
+        neighbour = "i+1" if self.kind == "above" else "i-1"
+        symbol = "d" if self.source == "final" else "t"
+        return f"{self.kind}({symbol}^({neighbour}))"
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """The terms reaching one hidden layer and how they combine (``mean``, ``sum`` or weights)."""
+
+    terms: tuple[Term, ...]
+    combine: str | tuple[float, ...] = "mean"
+
+    def coefficients(self) -> tuple[float, ...]:
+        """The weight of every term in ``F_i``."""
+        if self.combine == "mean":
+            return (1.0 / len(self.terms),) * len(self.terms)
+        if self.combine == "sum":
+            return (1.0,) * len(self.terms)
+        return tuple(self.combine)
+
+    def to_data(self) -> dict:
+        data: dict[str, Any] = {"terms": [term.to_data() for term in self.terms]}
+        data["combine"] = self.combine if isinstance(self.combine, str) else list(self.combine)
+        return data
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """A resolved configuration: ``layers[i - 1]`` is the rule of hidden layer ``i``.
+
+    ``feedback`` is the default family of every fixed matrix that does not name its own.
+    """
+
+    name: str
+    layers: tuple[LayerRule, ...]
+    feedback: FeedbackSpec = field(default_factory=FeedbackSpec)
+    description: str = ""
+
+    @property
+    def hidden_layers(self) -> int:
+        return len(self.layers)
+
+    def layer(self, index: int) -> LayerRule:
+        """The rule of the 1-based hidden layer ``index``."""
+        return self.layers[index - 1]
+
+    @property
+    def uses_auxiliary(self) -> bool:
+        return any(t.error == "auxiliary" for layer in self.layers for t in layer.terms)
+
+    def with_feedback(self, feedback: FeedbackSpec | str) -> RuleConfig:
+        return replace(self, feedback=FeedbackSpec.parse(feedback))
+
+    def dependencies(self) -> dict[int, set[int]]:
+        """For every hidden layer, the hidden layers whose *final* delta it needs."""
+        needs: dict[int, set[int]] = {}
+        for i, layer in enumerate(self.layers, start=1):
+            needs[i] = set()
+            for term in layer.terms:
+                if term.kind in ("above", "backprop") and term.source == "final":
+                    if i < self.hidden_layers:
+                        needs[i].add(i + 1)
+                elif term.kind == "below" and term.source == "final":
+                    needs[i].add(i - 1)
+        return needs
+
+    def order(self) -> tuple[int, ...]:
+        """Hidden layers in an order that computes every final delta before it is needed."""
+        needs = self.dependencies()
+        done: list[int] = []
+        state: dict[int, str] = {}
+
+        def visit(layer: int, path: list[int]) -> None:
+            if state.get(layer) == "done":
+                return
+            if state.get(layer) == "visiting":
+                cycle = path[path.index(layer) :] + [layer]
+                raise ConfigError(
+                    "the final deltas depend on each other in a cycle: "
+                    + " -> ".join(f"layer {j}" for j in cycle)
+                    + " (use a direct-only source, e.g. 'above:direct-only', to break it)"
+                )
+            state[layer] = "visiting"
+            for other in sorted(needs[layer]):
+                visit(other, path + [layer])
+            state[layer] = "done"
+            done.append(layer)
+
+        # Visit from the top so that, without dependencies, layers run top-down like backprop.
+        for layer in range(self.hidden_layers, 0, -1):
+            visit(layer, [])
+        return tuple(done)
+
+    def validate(self) -> RuleConfig:
+        """Check the structure; raise ``ConfigError`` naming the layer and the problem."""
+        if not self.layers:
+            raise ConfigError(f"rule {self.name!r}: a network needs at least one hidden layer")
+        for i, layer in enumerate(self.layers, start=1):
+            where = f"rule {self.name!r}, layer {i}: "
+            if not layer.terms:
+                raise ConfigError(where + "no terms; every hidden layer needs at least one")
+            if isinstance(layer.combine, str):
+                if layer.combine not in COMBINERS:
+                    raise ConfigError(
+                        where + f"unknown combine {layer.combine!r}; use mean, sum or a list of "
+                        "weights, one per term"
+                    )
+            elif len(layer.combine) != len(layer.terms):
+                raise ConfigError(
+                    where + f"{len(layer.combine)} combine weights for {len(layer.terms)} terms"
+                )
+            for term in layer.terms:
+                if term.kind == "below" and i == 1:
+                    raise ConfigError(
+                        where + "a 'below' term needs a hidden layer below; layer 1 sits on the "
+                        "input"
+                    )
+                if term.kind in ("above", "below") and term.source == "direct-only":
+                    j = i + 1 if term.kind == "above" else i - 1
+                    if term.kind == "above" and i == self.hidden_layers:
+                        raise ConfigError(
+                            where + "'above:direct-only' has no hidden layer above; the top "
+                            "layer's 'above' term carries the output error e"
+                        )
+                    if sum(t.kind == "direct" for t in self.layers[j - 1].terms) != 1:
+                        raise ConfigError(
+                            where + f"uses the direct-only delta t^{j}, but layer {j} needs "
+                            "exactly one direct term to define it"
+                        )
+            directs = [t for t in layer.terms if t.kind == "direct"]
+            if len({t.error for t in directs}) < len(directs):
+                raise ConfigError(where + "two direct terms with the same error")
+        self.order()
+        return self
+
+    def to_data(self) -> dict:
+        """The per-layer form, ready for TOML; ``resolve`` reads it back."""
+        return {
+            "name": self.name,
+            "feedback": str(self.feedback),
+            "layers": {str(i): layer.to_data() for i, layer in enumerate(self.layers, 1)},
+        }
+
+    def describe(self) -> str:
+        """One line per layer, top first, in the notation of DESIGN.md."""
+        lines = []
+        for i in range(self.hidden_layers, 0, -1):
+            layer = self.layer(i)
+            terms = ", ".join(str(t) for t in layer.terms)
+            combine = layer.combine if isinstance(layer.combine, str) else list(layer.combine)
+            body = terms if len(layer.terms) == 1 else f"{combine}({terms})"
+            lines.append(f"layer {i}: d = {body} * f'(a)")
+        return "\n".join(lines)
+
+
+def _suggest(word: object, known: Iterable[str]) -> str:
+    known = list(known)
+    close = difflib.get_close_matches(str(word), known, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"{hint}; known: {', '.join(known)}"
+
+
+def _layer_rule(data: Mapping, where: str) -> LayerRule:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}a layer must be a table with 'terms', got {data!r}")
+    unknown = set(data) - {"terms", "combine"}
+    if unknown:
+        raise ConfigError(f"{where}unknown key(s) {sorted(unknown)}; known: terms, combine")
+    terms = data.get("terms")
+    if isinstance(terms, (str, Mapping)):
+        terms = [terms]
+    if not terms:
+        raise ConfigError(f"{where}no terms; every hidden layer needs at least one")
+    combine = data.get("combine", "mean")
+    if not isinstance(combine, str):
+        try:
+            combine = tuple(float(w) for w in combine)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}combine must be mean, sum or a list of numbers") from None
+    return LayerRule(tuple(Term.parse(t, where) for t in terms), combine)
+
+
+_TEMPLATE_KEYS = ("only", "top", "bottom", "middle", "all")
+
+
+def _template_for(template: Mapping, layer: int, depth: int) -> Mapping | None:
+    places = {
+        "only": depth == 1,
+        "top": layer == depth,
+        "bottom": layer == 1,
+        "middle": 1 < layer < depth,
+        "all": True,
+    }
+    for key in _TEMPLATE_KEYS:
+        if key in template and places[key]:
+            return template[key]
+    return None
+
+
+def resolve(
+    config: str | Mapping | RuleConfig,
+    hidden_layers: int,
+    feedback: FeedbackSpec | str | None = None,
+) -> RuleConfig:
+    """Turn a preset name, a dictionary or a ``RuleConfig`` into a validated ``RuleConfig``.
+
+    Args:
+        config: a preset name (``"s1"``), a configuration dictionary (module docstring) or a
+            ``RuleConfig``.
+        hidden_layers: ``L - 1``, the number of hidden layers of the network it will train.
+        feedback: overrides the configuration's default feedback family.
+
+    Raises:
+        ConfigError: unknown preset or key, a missing or extra layer, an unknown term, a cycle.
+
+    Example:
+        >>> print(resolve("s1", 2).describe())
+        layer 2: d = direct(e) * f'(a)
+        layer 1: d = mean(direct(e), above(d^(i+1))) * f'(a)
+    """
+    if isinstance(config, RuleConfig):
+        rule = config
+        if rule.hidden_layers != hidden_layers:
+            raise ConfigError(
+                f"rule {rule.name!r} has {rule.hidden_layers} hidden layers, the network "
+                f"{hidden_layers}"
+            )
+    else:
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise ConfigError(f"unknown rule preset {config!r}{_suggest(config, PRESETS)}")
+            config = PRESETS[config]
+        rule = _from_data(config, hidden_layers)
+    if feedback is not None:
+        rule = rule.with_feedback(feedback)
+    return rule.validate()
+
+
+def _from_data(data: Mapping, depth: int) -> RuleConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a rule configuration must be a table, got {type(data).__name__}")
+    name = str(data.get("name", "custom"))
+    unknown = set(data) - {"name", "description", "feedback", "layers", "template"}
+    if unknown:
+        raise ConfigError(
+            f"rule {name!r}: unknown key(s) {sorted(unknown)}; "
+            "known: name, description, feedback, layers, template"
+        )
+    if ("layers" in data) == ("template" in data):
+        raise ConfigError(f"rule {name!r}: give exactly one of 'layers' or 'template'")
+    if depth < 1:
+        raise ConfigError(f"rule {name!r}: a network needs at least one hidden layer")
+    layers: list[LayerRule] = []
+    if "template" in data:
+        template = data["template"]
+        extra = set(template) - set(_TEMPLATE_KEYS)
+        if extra:
+            raise ConfigError(
+                f"rule {name!r}: unknown template key(s) {sorted(extra)}; "
+                f"known: {', '.join(_TEMPLATE_KEYS)}"
+            )
+        for i in range(1, depth + 1):
+            chosen = _template_for(template, i, depth)
+            if chosen is None:
+                raise ConfigError(f"rule {name!r}, layer {i}: no template entry covers it")
+            layers.append(_layer_rule(chosen, f"rule {name!r}, layer {i}: "))
+    else:
+        given = data["layers"]
+        if isinstance(given, Sequence) and not isinstance(given, str):
+            given = {i: layer for i, layer in enumerate(given, start=1)}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"rule {name!r}: 'layers' must be a list or a table")
+        numbered: dict[int, Any] = {}
+        for key, value in given.items():
+            try:
+                numbered[int(key)] = value
+            except ValueError:
+                raise ConfigError(f"rule {name!r}: layer key {key!r} is not a number") from None
+        for i in sorted(numbered):
+            if not 1 <= i <= depth:
+                raise ConfigError(
+                    f"rule {name!r}, layer {i}: out of range, the network has hidden layers "
+                    f"1..{depth}"
+                )
+        for i in range(1, depth + 1):
+            if i not in numbered:
+                raise ConfigError(f"rule {name!r}, layer {i}: missing; give every hidden layer")
+            layers.append(_layer_rule(numbered[i], f"rule {name!r}, layer {i}: "))
+    try:
+        feedback = FeedbackSpec.parse(data.get("feedback", "uniform"))
+    except ValueError as problem:
+        raise ConfigError(f"rule {name!r}: {problem}") from None
+    return RuleConfig(name, tuple(layers), feedback, str(data.get("description", "")))
+
+
+def _auxiliary(data: Mapping, name: str, description: str) -> dict:
+    """The same configuration with every direct term using the layer's auxiliary error."""
+
+    def convert(term: str) -> str:
+        return "direct:auxiliary" if term == "direct" else term
+
+    template = {
+        key: {**entry, "terms": [convert(t) for t in entry["terms"]]}
+        for key, entry in data["template"].items()
+    }
+    return {"name": name, "description": description, "template": template}
+
+
+_BASE: dict[str, dict] = {
+    "bp": {
+        "description": "backpropagation: d^i = (d^(i+1) W^(i+1)) * f'(a^i)",
+        "template": {"all": {"terms": ["backprop"]}},
+    },
+    "fa": {
+        "description": "feedback alignment: d^i = (d^(i+1) B^i) * f'(a^i)",
+        "template": {"all": {"terms": ["above"]}},
+    },
+    "dfa": {
+        "description": "direct feedback alignment: d^i = (e D^i) * f'(a^i)",
+        "template": {"all": {"terms": ["direct"]}},
+    },
+    "s1": {
+        "description": "strategy 1: top layer direct; every lower layer mean(direct, above(d))",
+        "template": {"top": {"terms": ["direct"]}, "all": {"terms": ["direct", "above"]}},
+    },
+    "s2": {
+        "description": "strategy 2 (inferred mirror of s1): bottom layer direct; every upper "
+        "layer mean(direct, below(d))",
+        "template": {"bottom": {"terms": ["direct"]}, "all": {"terms": ["direct", "below"]}},
+    },
+    "s3": {
+        "description": "strategy 3: every layer mean(direct, above(t), below(t)) where the "
+        "neighbour exists, t the direct-only delta",
+        "template": {
+            "only": {"terms": ["direct"]},
+            "top": {"terms": ["direct", "below:direct-only"]},
+            "bottom": {"terms": ["direct", "above:direct-only"]},
+            "all": {"terms": ["direct", "above:direct-only", "below:direct-only"]},
+        },
+    },
+}
+
+PRESETS: dict[str, dict] = {name: {"name": name, **data} for name, data in _BASE.items()}
+PRESETS.update(
+    {
+        f"{name}-aux": _auxiliary(
+            PRESETS[name],
+            f"{name}-aux",
+            ("LAFS: " if name == "dfa" else "")
+            + f"{name} with every direct term using the layer's auxiliary error e^i",
+        )
+        for name in ("dfa", "s1", "s2", "s3")
+    }
+)
+
+
+def preset(name: str, hidden_layers: int = 2) -> RuleConfig:
+    """The preset ``name`` resolved for a network with ``hidden_layers`` hidden layers."""
+    return resolve(name, hidden_layers)

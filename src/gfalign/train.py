@@ -1,0 +1,258 @@
+"""The training loop: epochs over device-resident tensors, any rule, any ``torch.optim`` optimizer.
+
+The loop knows nothing of rule names: it asks the rule for gradients and the optimizer for a
+step. Every epoch it evaluates train and test loss and error and appends one plain record to the
+history. A ``Trainer`` carries all of its state (network, rule, optimizer, shuffling generator,
+history) in ``state_dict``, so a run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gfalign.engine import FeedbackRule
+from gfalign.network import MLP
+
+if TYPE_CHECKING:
+    from gfalign.data import Dataset, Split
+
+__all__ = [
+    "OPTIMIZERS",
+    "DivergenceError",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "make_optimizer",
+    "train",
+]
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; the fields are the defaults and the documentation.
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: examples per step; the last, smaller batch of an epoch is kept.
+        lr: learning rate (the paper's 0.001).
+        optimizer: a name in ``OPTIMIZERS`` (``sgd``, ``adam`` ...).
+        optimizer_options: extra keyword arguments of the optimizer (``momentum`` ...).
+        reduction: ``"sum"`` sums the per-example updates of a batch, so each example moves the
+            weights by ``lr`` times its own gradient, as the paper's per-example SGD does;
+            ``"mean"`` averages them (the usual minibatch convention, ``lr`` then acts per batch).
+        seed: seeds the shuffling of the training set (the network and the feedback matrices
+            have their own seeds).
+        evaluate_train: also measure loss and error on the whole training set every epoch.
+        eval_batch_size: batch size of evaluation passes (memory only, not the numbers).
+    """
+
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    reduction: str = "sum"
+    seed: int = 0
+    evaluate_train: bool = True
+    eval_batch_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}"
+            )
+        if self.reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < (0 if name == "epochs" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        object.__setattr__(self, "optimizer_options", dict(self.optimizer_options))
+
+    def to_data(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss; ``history`` holds every finished epoch."""
+
+    def __init__(self, epoch: int, step: int, loss: float, history: list[dict]) -> None:
+        super().__init__(
+            f"training diverged at epoch {epoch}, step {step}: loss is {loss}. The "
+            f"{len(history)} finished epoch(s) are kept; try a smaller learning rate"
+        )
+        self.epoch, self.step, self.history = epoch, step, history
+
+
+def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``parameters``."""
+    return OPTIMIZERS[config.optimizer](parameters, lr=config.lr, **config.optimizer_options)
+
+
+def evaluate(net: MLP, split: Split, batch_size: int = 10_000) -> tuple[float, float]:
+    """``(loss, error)`` of ``net`` on a split.
+
+    For classification ``error`` is the misclassification rate in percent; for the autoencoder
+    it is the mean squared reconstruction error per pixel. ``loss`` is the training loss
+    (cross-entropy, or half the squared error summed over pixels), averaged over examples.
+    """
+    total_loss = torch.zeros((), dtype=torch.float64, device=split.x.device)
+    total_error = torch.zeros((), dtype=torch.float64, device=split.x.device)
+    n = len(split)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            x = split.x[start : start + batch_size]
+            y = split.y[start : start + batch_size]
+            logits = net(x)
+            target = y if net.objective.uses_labels else x
+            loss, _ = net.objective.error(logits, target)
+            total_loss += loss.double() * len(x)
+            if net.objective.uses_labels:
+                total_error += (logits.argmax(dim=1) != y).sum()
+            else:
+                total_error += (net.objective.output(logits) - x).square().mean(dim=1).sum()
+    scale = 100.0 if net.objective.uses_labels else 1.0
+    return (total_loss / n).item(), (total_error * scale / n).item()
+
+
+Metric = Callable[["Trainer"], Mapping[str, float]]
+
+
+class Trainer:
+    """Trains ``net`` with ``rule`` on ``data`` according to ``config``.
+
+    Args:
+        net: the network; its parameters are updated in place.
+        rule: a ``FeedbackRule`` built for ``net.sizes``.
+        data: a ``gfalign.data.Dataset`` (train and test splits on the network's device).
+        config: a ``TrainConfig``.
+        metrics: callables run at every epoch end, each returning extra named numbers for the
+            epoch's record (alignment angles, for instance). They must not change any state.
+
+    Example:
+        >>> trainer = Trainer(net, rule, data, TrainConfig(epochs=1))
+        >>> history = trainer.fit()
+        >>> history[-1]["test_error"]
+    """
+
+    def __init__(
+        self,
+        net: MLP,
+        rule: FeedbackRule,
+        data: Dataset,
+        config: TrainConfig = TrainConfig(),
+        *,
+        metrics: Sequence[Metric] = (),
+    ) -> None:
+        rule.check(net)
+        self.net, self.rule, self.data, self.config = net, rule, data, config
+        self.metrics = tuple(metrics)
+        self.optimizer = make_optimizer(config, net.parameters())
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def epoch(self) -> int:
+        """Epochs finished so far."""
+        return len(self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "net": self.net.state_dict(),
+            "rule": self.rule.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": [dict(record) for record in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.rule.load_state_dict(state["rule"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.history = [dict(record) for record in state["history"]]
+
+    def train_epoch(self, on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """One pass over the training set, then evaluation; returns and records the epoch."""
+        config, train = self.config, self.data.train
+        n = len(train)
+        steps = math.ceil(n / config.batch_size)
+        order = torch.randperm(n, generator=self.generator).to(train.x.device)
+        # Losses stay on the device: no host round trip per step, checked once per epoch.
+        losses = torch.empty(steps, dtype=train.x.dtype, device=train.x.device)
+        started = time.perf_counter()
+        for step in range(steps):
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            result = self.rule.backward(
+                self.net, train.x[batch], train.y[batch], reduction=config.reduction
+            )
+            losses[step] = result.loss
+            self.optimizer.step()
+            if on_batch is not None:
+                on_batch(step + 1, steps)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            step = int((~finite).nonzero()[0, 0])
+            raise DivergenceError(self.epoch + 1, step + 1, float(losses[step]), self.history)
+        seconds = time.perf_counter() - started
+
+        record: dict[str, float] = {
+            "epoch": self.epoch + 1,
+            "steps": steps,
+            "seconds": seconds,
+            "batch_loss": float(losses.double().mean()),
+        }
+        if config.evaluate_train:
+            record["train_loss"], record["train_error"] = evaluate(
+                self.net, train, config.eval_batch_size
+            )
+        record["test_loss"], record["test_error"] = evaluate(
+            self.net, self.data.test, config.eval_batch_size
+        )
+        for metric in self.metrics:
+            record.update(metric(self))
+        self.history.append(record)
+        return record
+
+    def fit(
+        self,
+        epochs: int | None = None,
+        *,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train until ``epochs`` (default ``config.epochs``) have finished in total."""
+        target = self.config.epochs if epochs is None else epochs
+        while self.epoch < target:
+            record = self.train_epoch(on_batch)
+            if on_epoch is not None:
+                on_epoch(record)
+        return self.history
+
+
+def train(
+    net: MLP,
+    rule: FeedbackRule,
+    data: Dataset,
+    config: TrainConfig | None = None,
+    **options: Any,
+) -> list[dict[str, float]]:
+    """Train and return the history: ``train(net, rule, data, epochs=5, lr=1e-3)``."""
+    config = config or TrainConfig(**options)
+    return Trainer(net, rule, data, config).fit()
