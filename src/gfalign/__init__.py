@@ -8,6 +8,7 @@ from gfalign.engine import FeedbackRule, Step
 from gfalign.feedback import FAMILIES, FeedbackSpec
 from gfalign.network import MLP
 from gfalign.rules import PRESETS, ConfigError, LayerRule, RuleConfig, Term, preset, resolve
+from gfalign.train import DivergenceError, TrainConfig, Trainer, evaluate
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "FAMILIES",
     "PRESETS",
     "ConfigError",
+    "DivergenceError",
     "FeedbackRule",
     "FeedbackSpec",
     "LayerRule",
@@ -22,6 +24,9 @@ __all__ = [
     "RuleConfig",
     "Step",
     "Term",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
     "preset",
     "resolve",
 ]

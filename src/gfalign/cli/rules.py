@@ -1,0 +1,59 @@
+"""``gfalign rules [show NAME]``: the rule presets and their per-layer configuration."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import click
+
+from gfalign.rules import PRESETS, ConfigError, resolve
+
+
+def with_preset_hint(message: str) -> str:
+    """Add near preset names to an unknown-preset message that has none (``s4`` -> s1, s2, s3)."""
+    match = re.match(r"unknown rule preset '([^']*)'", message)
+    if match is None or "did you mean" in message:
+        return message
+    close = difflib.get_close_matches(match[1], PRESETS, n=3, cutoff=0.4)
+    if not close:
+        return message
+    head = match.group(0)
+    return f"{head} (did you mean {' or '.join(close)}?){message[len(head) :]}"
+
+
+@click.group("rules", invoke_without_command=True)
+@click.pass_context
+def rules(ctx: click.Context) -> None:
+    """List the rule presets, one a line; `gfalign rules show NAME` shows one in full."""
+    if ctx.invoked_subcommand is not None:
+        return
+    width = max(len(name) for name in PRESETS)
+    for name, data in PRESETS.items():
+        click.echo(f"{name:<{width}}  {data.get('description', '')}")
+
+
+@rules.command("show")
+@click.argument("name")
+@click.option(
+    "--depth",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Hidden layers of the network to resolve the rule for.",
+)
+@click.option("--feedback", default=None, help="Feedback family, e.g. B6:density=0.2")
+def show(name: str, depth: int, feedback: str | None) -> None:
+    """Show preset NAME resolved per layer, and its TOML form to copy into a file and edit."""
+    import tomli_w
+
+    try:
+        rule = resolve(name, depth, feedback)
+    except ConfigError as error:
+        raise click.ClickException(with_preset_hint(str(error))) from None
+    description = PRESETS[name].get("description", "")
+    click.echo(f"{rule.name} ({depth} hidden layers, feedback {rule.feedback}): {description}")
+    click.echo(rule.describe())
+    click.echo("")
+    click.echo("# TOML: save as a file, edit, and pass it to `gfalign train --rule FILE`")
+    click.echo(tomli_w.dumps({"rule": rule.to_data()}), nl=False)
