@@ -13,7 +13,7 @@ The engine never looks at a rule's name: only at its terms.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +21,19 @@ from torch import nn
 
 from gfalign import feedback as feedback_families
 from gfalign.feedback import FeedbackSpec
-from gfalign.network import MLP, OBJECTIVES
+from gfalign.network import MLP, OBJECTIVES, Activation
 from gfalign.rules import ConfigError, RuleConfig, Term, resolve
 
-__all__ = ["FeedbackRule", "Step"]
+__all__ = [
+    "FeedbackRule",
+    "LayerPlan",
+    "Plan",
+    "PlannedTerm",
+    "Step",
+    "direct_values",
+    "propagate",
+    "times_slope",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,51 @@ class _Matrix:
     shape: tuple[int, int]
     buffer: str
     columns: slice | None = None
+
+
+@dataclass(frozen=True)
+class PlannedTerm:
+    """One term of one hidden layer, resolved once for the hot loop.
+
+    ``kind`` is ``direct``, ``above``, ``below`` or ``backprop``; ``source`` the layer whose
+    delta a product term reads (``L`` for the output error); ``final`` whether it reads the final
+    delta ``d^j`` (else the direct-only ``t^j``); ``buffer`` the fixed matrix's buffer name and
+    ``columns`` its columns in the stacked ``direct`` buffer.
+    """
+
+    index: int
+    kind: str
+    coefficient: float
+    source: int = 0
+    final: bool = True
+    buffer: str = ""
+    columns: slice | None = None
+    auxiliary: bool = False
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The terms of hidden layer ``layer``: direct values first, then matrix products."""
+
+    layer: int
+    values: tuple[PlannedTerm, ...]
+    products: tuple[PlannedTerm, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A rule's term loop, fixed at construction: what ``propagate`` executes every step.
+
+    ``layers`` are in dependency order; ``direct_term[j]`` is the index of layer ``j``'s single
+    direct term (defines ``t^j``) where it has exactly one; ``output_width`` the number of
+    columns of the ``direct`` buffer that the output error ``e`` multiplies.
+    """
+
+    hidden: int
+    layers: tuple[LayerPlan, ...]
+    direct: tuple[PlannedTerm, ...]
+    direct_term: dict[int, int]
+    output_width: int
 
 
 class FeedbackRule(nn.Module):
@@ -129,7 +183,52 @@ class FeedbackRule(nn.Module):
                     name = f"layer{i}_term{k}_{term.kind}"
                     self.register_buffer(name, self._draw(i, k, term, shape))
                     self._matrices[i, k] = _Matrix(i, k, shape, name)
+        self.plan = self._make_plan()
+        self._uses_auxiliary = self.config.uses_auxiliary
         self.to(device=device, dtype=dtype)
+
+    def _make_plan(self) -> Plan:
+        hidden = len(self.sizes) - 2
+        direct_term = {
+            j: next(k for k, term in enumerate(layer.terms) if term.kind == "direct")
+            for j, layer in enumerate(self.config.layers, start=1)
+            if sum(term.kind == "direct" for term in layer.terms) == 1
+        }
+        planned: dict[tuple[int, int], PlannedTerm] = {}
+        for i, layer in enumerate(self.config.layers, start=1):
+            for k, (term, weight) in enumerate(zip(layer.terms, layer.coefficients(), strict=True)):
+                place = self._matrices.get((i, k))
+                if term.kind == "direct":
+                    planned[i, k] = PlannedTerm(
+                        k,
+                        "direct",
+                        weight,
+                        columns=place.columns,
+                        auxiliary=term.error == "auxiliary",
+                    )
+                elif term.kind == "backprop":
+                    planned[i, k] = PlannedTerm(k, "backprop", weight, source=i + 1)
+                else:
+                    j = i + 1 if term.kind == "above" else i - 1
+                    final = j == hidden + 1 or term.source == "final"
+                    planned[i, k] = PlannedTerm(k, term.kind, weight, j, final, place.buffer)
+        layers = []
+        for i in self.config.order():
+            terms = [planned[i, k] for k in range(len(self.config.layer(i).terms))]
+            layers.append(
+                LayerPlan(
+                    i,
+                    tuple(t for t in terms if t.kind == "direct"),
+                    tuple(t for t in terms if t.kind != "direct"),
+                )
+            )
+        direct = tuple(
+            sorted(
+                (t for t in planned.values() if t.kind == "direct"),
+                key=lambda t: t.columns.start,
+            )
+        )
+        return Plan(hidden, tuple(layers), direct, direct_term, self._output_width)
 
     def _draw(self, layer: int, index: int, term: Term, shape: tuple[int, int]) -> torch.Tensor:
         spec = term.feedback or self.config.feedback
@@ -180,7 +279,7 @@ class FeedbackRule(nn.Module):
                 f"rule {self.config.name!r} was built for sizes {list(self.sizes)}, the network "
                 f"has {list(net.sizes)}"
             )
-        if self.config.uses_auxiliary and not net.objective.uses_labels:
+        if self._uses_auxiliary and not net.objective.uses_labels:
             raise ConfigError(
                 f"rule {self.config.name!r} uses auxiliary errors, which need class labels; "
                 f"the network's objective is {net.objective.name}"
@@ -209,15 +308,13 @@ class FeedbackRule(nn.Module):
         ``"sum"`` drops the ``1/N``, so SGD with learning rate ``lr`` takes the step that ``N``
         per-example updates at ``lr`` take to first order (the paper's per-example SGD).
         """
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        scale = _scale(reduction, x.shape[0])
         self.check(net)
         with torch.no_grad():
             cache = net.forward_cache(x)
             step = self._deltas(net, cache, x if not net.objective.uses_labels else target)
-            scale = 1.0 / x.shape[0] if reduction == "mean" else 1.0
             for i, layer in enumerate(net.layers, start=1):
-                d, h = step.deltas[i], cache.h(i - 1)
+                d, h = step.deltas[i], cache.post[i - 1]
                 weight, bias = layer.weight, layer.bias
                 if weight.grad is None:
                     weight.grad = torch.empty_like(weight)
@@ -230,63 +327,197 @@ class FeedbackRule(nn.Module):
                     bias.grad.mul_(scale)
         return step
 
+    def sgd_step(
+        self,
+        net: MLP,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        lr: float,
+        reduction: str = "mean",
+    ) -> Step:
+        """One plain SGD step with the rule's update, applied in place without ``.grad``.
+
+        ``W^i <- W^i - lr * scale * (d^i)^T h^{i-1}`` and ``b^i <- b^i - lr * scale * sum_n d^i_n``
+        with ``scale = 1/N`` (``"mean"``) or ``1`` (``"sum"``). The weight update is one
+        ``addmm_`` into ``W^i``: no gradient tensor is written and no optimizer pass reads it
+        back, which is most of the cost of a small batch besides the matrix products. Equal to
+        ``backward`` followed by ``torch.optim.SGD(lr=lr).step()`` up to rounding; ``.grad``
+        is left untouched. Every delta is computed before any weight changes, so a backprop
+        term reads the weights of before the step.
+
+        Example:
+            >>> step = rule.sgd_step(net, x, y, lr=1e-3, reduction="sum")
+        """
+        scale = _scale(reduction, x.shape[0])
+        self.check(net)
+        with torch.no_grad():
+            cache = net.forward_cache(x)
+            step = self._deltas(net, cache, x if not net.objective.uses_labels else target)
+            alpha = -lr * scale
+            for i, layer in enumerate(net.layers, start=1):
+                d = step.deltas[i]
+                layer.weight.addmm_(d.t(), cache.post[i - 1], alpha=alpha)
+                layer.bias.add_(d.sum(dim=0), alpha=alpha)
+        return step
+
     def _deltas(self, net: MLP, cache, target: torch.Tensor) -> Step:
-        hidden = len(self.sizes) - 2
+        plan = self.plan
         loss, e = net.objective.error(cache.pre[-1], target)
-        derivative = net.activation.derivative
-        slope = {i: derivative(cache.a(i), cache.h(i)) for i in range(1, hidden + 1)}
-
-        # (N, sum of n_i over output-error direct terms): e reaches every such layer at once.
-        projected: dict[tuple[int, int], torch.Tensor] = {}
-        if self._output_width:
-            stacked = e @ self.direct[:, : self._output_width]
-        auxiliary_losses: dict[int, torch.Tensor] = {}
-        for (i, k), place in self._matrices.items():
-            if place.buffer != "direct":
-                continue
-            D = self.direct[:, place.columns]  # (n_L, n_i)
-            if place.columns.stop <= self._output_width:
-                projected[i, k] = stacked[:, place.columns]
-            else:
-                # Auxiliary classifier read off the layer's own activity (DESIGN.md section 4).
-                auxiliary_losses[i], e_i = OBJECTIVES["classification"].error(
-                    cache.h(i) @ D.t(), target
-                )
-                projected[i, k] = e_i @ D
-
-        direct_only: dict[int, torch.Tensor] = {}
-
-        def t(j: int) -> torch.Tensor:
-            if j not in direct_only:
-                k = next(
-                    k for k, term in enumerate(self.config.layer(j).terms) if term.kind == "direct"
-                )
-                direct_only[j] = projected[j, k] * slope[j]
-            return direct_only[j]
-
-        d: dict[int, torch.Tensor] = {hidden + 1: e}
-        for i in self._order:
-            layer = self.config.layer(i)
-            total: torch.Tensor | None = None
-            for k, (term, weight) in enumerate(zip(layer.terms, layer.coefficients(), strict=True)):
-                if term.kind == "direct":
-                    value = projected[i, k]
-                elif term.kind == "backprop":
-                    value = d[i + 1] @ net.weight(i + 1)
-                else:
-                    j = i + 1 if term.kind == "above" else i - 1
-                    if j == hidden + 1 or term.source == "final":
-                        source = d[j]
-                    else:
-                        source = t(j)
-                    value = source @ self.matrix(i, k)
-                if total is None:
-                    total = value * weight if weight != 1.0 else value
-                else:
-                    total = total.add(value, alpha=weight)
-            d[i] = total * slope[i]
-        return Step(loss, dict(sorted(d.items())), auxiliary_losses)
+        slope = times_slope(net.activation, cache.pre, cache.post)
+        buffers = self._buffers
+        values, auxiliary_losses = direct_values(
+            plan, e, buffers["direct"], cache.post, target, _auxiliary_error
+        )
+        weights = [None] + [layer.weight for layer in net.layers]
+        d = propagate(plan, e, slope, values, buffers, weights)
+        return Step(loss, d, auxiliary_losses)
 
     def extra_repr(self) -> str:
         config = self.config
         return f"config={config.name!r}, sizes={list(self.sizes)}, feedback={config.feedback}"
+
+
+def _scale(reduction: str, n: int) -> float:
+    if reduction == "mean":
+        return 1.0 / n
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _auxiliary_error(logits: torch.Tensor, labels: torch.Tensor):
+    return OBJECTIVES["classification"].error(logits, labels)
+
+
+# The term loop below is written for any leading batch dimensions: a single network's tensors
+# (N, n) and matrices (rows, cols), or an ensemble's stacked (K, N, n) and (K, rows, cols)
+# (gfalign.ensemble), so both run the same mechanism.
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b) if a.dim() == 2 else torch.bmm(a, b)
+
+
+def _addmm(
+    c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float, alpha: float
+) -> torch.Tensor:
+    if a.dim() == 2:
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+
+
+# g * f'(a) in one pass by aten's kernels for autograd's own backward, where the activation is
+# one of torch's (three passes otherwise: f'(a) = 1 - h * h is two, the product a third).
+_FUSED_SLOPE: dict[Callable, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    torch.tanh: lambda g, a, h: torch.ops.aten.tanh_backward(g, h),
+    torch.sigmoid: lambda g, a, h: torch.ops.aten.sigmoid_backward(g, h),
+    torch.relu: lambda g, a, h: torch.ops.aten.threshold_backward(g, a, 0),
+}
+
+
+def times_slope(
+    activation: Activation, pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``slope(i, g) = g * f'(a^i)`` for a forward pass (``pre[i - 1] = a^i``, ``post[i] = h^i``).
+
+    A new tensor every call. ``f'(a^i)`` itself is computed at most once per layer.
+    """
+    fused = _FUSED_SLOPE.get(activation.function)
+    if fused is not None:
+        return lambda i, g: fused(g, pre[i - 1], post[i])
+    derivatives: dict[int, torch.Tensor] = {}
+
+    def slope(i: int, g: torch.Tensor) -> torch.Tensor:
+        if i not in derivatives:
+            derivatives[i] = activation.derivative(pre[i - 1], post[i])
+        return g * derivatives[i]
+
+    return slope
+
+
+def direct_values(
+    plan: Plan,
+    e: torch.Tensor,
+    direct: torch.Tensor,
+    post: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    auxiliary_error: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
+    """``eps^i D^i`` of every direct term, keyed by (layer, term index), and auxiliary losses.
+
+    Every output-error term is a column block of one product ``e @ D_stacked``
+    ((..., N, n_L) @ (..., n_L, sum n_i)). An auxiliary term reads the layer's own logits
+    ``h^i (D^i)^T`` (DESIGN.md section 4) and ``auxiliary_error(logits, labels)`` returns
+    ``(loss, e^i)``.
+    """
+    values: dict[tuple[int, int], torch.Tensor] = {}
+    losses: dict[int, torch.Tensor] = {}
+    if plan.output_width:
+        stacked = _mm(e, direct[..., : plan.output_width])
+    for layer in plan.layers:
+        for term in layer.values:
+            if term.auxiliary:
+                D = direct[..., term.columns]  # (..., n_L, n_i)
+                losses[layer.layer], e_i = auxiliary_error(
+                    _mm(post[layer.layer], D.transpose(-1, -2)), target
+                )
+                values[layer.layer, term.index] = _mm(e_i, D)
+            else:
+                values[layer.layer, term.index] = stacked[..., term.columns]
+    return values, dict(sorted(losses.items()))
+
+
+def propagate(
+    plan: Plan,
+    e: torch.Tensor,
+    slope: Callable[[int, torch.Tensor], torch.Tensor],
+    values: Mapping[tuple[int, int], torch.Tensor],
+    matrices: Mapping[str, torch.Tensor],
+    weights: Sequence[torch.Tensor | None],
+) -> dict[int, torch.Tensor]:
+    """Every hidden delta ``d^i = F_i(terms) * f'(a^i)`` in dependency order, and ``d^L = e``.
+
+    Args:
+        plan: the rule's ``Plan``.
+        e: the output error, (..., N, n_L).
+        slope: ``slope(i, g) = g * f'(a^i)`` for the hidden layers ``i = 1..L-1``
+            (``times_slope``).
+        values: ``direct_values``'s direct terms.
+        matrices: the fixed matrices by buffer name.
+        weights: ``weights[i] = W^i`` (backprop terms read ``W^{i+1}``; index 0 unused).
+
+    Each product term is an ``addmm`` onto the layer's running sum, so ``F_i``'s weights cost
+    no separate pass: ``mean(direct, above)`` is ``addmm(eD, d B, beta=1/2, alpha=1/2)``.
+    """
+    d: dict[int, torch.Tensor] = {plan.hidden + 1: e}
+    direct_only: dict[int, torch.Tensor] = {}
+    for layer in plan.layers:
+        i = layer.layer
+        # The layer's F_i is ``scale * total``.
+        total: torch.Tensor | None = None
+        scale = 1.0
+        for term in layer.values:
+            value = values[i, term.index]
+            if total is None:
+                total, scale = value, term.coefficient
+            elif term.coefficient == 1.0:
+                total, scale = torch.add(value, total, alpha=scale), 1.0
+            else:
+                total, scale = total.mul(scale).add_(value, alpha=term.coefficient), 1.0
+        for term in layer.products:
+            j = term.source
+            if term.final:
+                source = d[j]
+            else:
+                if j not in direct_only:
+                    direct_only[j] = slope(j, values[j, plan.direct_term[j]])
+                source = direct_only[j]
+            matrix = weights[j] if term.kind == "backprop" else matrices[term.buffer]
+            if total is None:
+                total, scale = _mm(source, matrix), term.coefficient
+            else:
+                total = _addmm(total, source, matrix, beta=scale, alpha=term.coefficient)
+                scale = 1.0
+        d[i] = slope(i, total) if scale == 1.0 else slope(i, total).mul_(scale)
+    return dict(sorted(d.items()))

@@ -96,12 +96,38 @@ class DivergenceError(RuntimeError):
             f"training diverged at epoch {epoch}, step {step}: loss is {loss}. The "
             f"{len(history)} finished epoch(s) are kept; try a smaller learning rate"
         )
-        self.epoch, self.step, self.history = epoch, step, history
+        self.epoch, self.step, self.loss, self.history = epoch, step, loss, history
 
 
 def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     """The optimizer ``config`` names, over ``parameters``."""
     return OPTIMIZERS[config.optimizer](parameters, lr=config.lr, **config.optimizer_options)
+
+
+_SGD_DEFAULTS = {
+    "momentum": 0,
+    "dampening": 0,
+    "weight_decay": 0,
+    "nesterov": False,
+    "maximize": False,
+}
+
+
+def _plain_sgd_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The single parameter group of a plain SGD optimizer, else ``None``.
+
+    Plain SGD (no momentum, dampening, weight decay, Nesterov or maximize) is exactly
+    ``W <- W - lr * grad``, which ``FeedbackRule.sgd_step`` applies in place without ``.grad``.
+    The learning rate is read from the group at every step, so schedulers keep working.
+    """
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    if isinstance(group["lr"], torch.Tensor):
+        return None
+    if any(group.get(key, default) != default for key, default in _SGD_DEFAULTS.items()):
+        return None
+    return group
 
 
 def evaluate(net: MLP, split: Split, batch_size: int = 10_000) -> tuple[float, float]:
@@ -143,6 +169,11 @@ class Trainer:
         config: a ``TrainConfig``.
         metrics: callables run at every epoch end, each returning extra named numbers for the
             epoch's record (alignment angles, for instance). They must not change any state.
+        fused_sgd: with plain SGD (no momentum, dampening, weight decay, Nesterov, maximize),
+            apply each step in place through ``FeedbackRule.sgd_step``: the same update up to
+            rounding, without writing ``.grad`` or an optimizer pass over the weights (the
+            largest overhead at small batches). ``False`` always fills ``.grad`` and calls the
+            optimizer.
 
     Example:
         >>> trainer = Trainer(net, rule, data, TrainConfig(epochs=1))
@@ -158,10 +189,12 @@ class Trainer:
         config: TrainConfig = TrainConfig(),
         *,
         metrics: Sequence[Metric] = (),
+        fused_sgd: bool = True,
     ) -> None:
         rule.check(net)
         self.net, self.rule, self.data, self.config = net, rule, data, config
         self.metrics = tuple(metrics)
+        self.fused_sgd = fused_sgd
         self.optimizer = make_optimizer(config, net.parameters())
         self.generator = torch.Generator().manual_seed(config.seed)
         self.history: list[dict[str, float]] = []
@@ -194,33 +227,60 @@ class Trainer:
         n = len(train)
         steps = math.ceil(n / config.batch_size)
         order = torch.randperm(n, generator=self.generator).to(train.x.device)
+        x_all, y_all = train.x, train.y
         # Losses stay on the device: no host round trip per step, checked once per epoch.
-        losses = torch.empty(steps, dtype=train.x.dtype, device=train.x.device)
+        step_losses: list[torch.Tensor] = []
         started = time.perf_counter()
         for step in range(steps):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            result = self.rule.backward(
-                self.net, train.x[batch], train.y[batch], reduction=config.reduction
+            step_losses.append(
+                self.step(x_all.index_select(0, batch), y_all.index_select(0, batch))
             )
-            losses[step] = result.loss
-            self.optimizer.step()
             if on_batch is not None:
                 on_batch(step + 1, steps)
+        losses = torch.stack(step_losses)
+        torch.isfinite(losses).all().item()  # waits for the device before reading the clock
+        return self.record_epoch(losses, time.perf_counter() - started)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step on a batch; returns its loss (0-d, left on the device).
+
+        Plain SGD with ``fused_sgd`` goes through ``FeedbackRule.sgd_step``; anything else fills
+        ``.grad`` with ``FeedbackRule.backward`` and calls the optimizer.
+        """
+        group = _plain_sgd_group(self.optimizer) if self.fused_sgd else None
+        if group is not None:
+            return self.rule.sgd_step(
+                self.net, x, y, lr=group["lr"], reduction=self.config.reduction
+            ).loss
+        loss = self.rule.backward(self.net, x, y, reduction=self.config.reduction).loss
+        self.optimizer.step()
+        return loss
+
+    def record_epoch(self, losses: torch.Tensor, seconds: float) -> dict[str, float]:
+        """Check, evaluate and append the record of an epoch whose steps have run.
+
+        ``losses`` holds the batch losses of the epoch's steps, (steps,); ``seconds`` the time
+        the steps took. ``train_epoch`` calls it, and so does ``gfalign.ensemble`` for every
+        member it trained, so both keep the same records.
+
+        Raises:
+            DivergenceError: a batch loss is not finite; ``history`` keeps the finished epochs.
+        """
+        config = self.config
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             step = int((~finite).nonzero()[0, 0])
             raise DivergenceError(self.epoch + 1, step + 1, float(losses[step]), self.history)
-        seconds = time.perf_counter() - started
-
         record: dict[str, float] = {
             "epoch": self.epoch + 1,
-            "steps": steps,
+            "steps": len(losses),
             "seconds": seconds,
             "batch_loss": float(losses.double().mean()),
         }
         if config.evaluate_train:
             record["train_loss"], record["train_error"] = evaluate(
-                self.net, train, config.eval_batch_size
+                self.net, self.data.train, config.eval_batch_size
             )
         record["test_loss"], record["test_error"] = evaluate(
             self.net, self.data.test, config.eval_batch_size
