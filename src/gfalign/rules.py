@@ -304,7 +304,7 @@ class RuleConfig:
 
 def _suggest(word: object, known: Iterable[str]) -> str:
     known = list(known)
-    close = difflib.get_close_matches(str(word), known, n=3)
+    close = difflib.get_close_matches(str(word), known, n=3, cutoff=0.4)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     return f"{hint}; known: {', '.join(known)}"
 

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
-import re
-
 import click
 
 from gfalign.rules import PRESETS, ConfigError, resolve
-
-
-def with_preset_hint(message: str) -> str:
-    """Add near preset names to an unknown-preset message that has none (``s4`` -> s1, s2, s3)."""
-    match = re.match(r"unknown rule preset '([^']*)'", message)
-    if match is None or "did you mean" in message:
-        return message
-    close = difflib.get_close_matches(match[1], PRESETS, n=3, cutoff=0.4)
-    if not close:
-        return message
-    head = match.group(0)
-    return f"{head} (did you mean {' or '.join(close)}?){message[len(head) :]}"
 
 
 @click.group("rules", invoke_without_command=True)
@@ -50,7 +35,7 @@ def show(name: str, depth: int, feedback: str | None) -> None:
     try:
         rule = resolve(name, depth, feedback)
     except ConfigError as error:
-        raise click.ClickException(with_preset_hint(str(error))) from None
+        raise click.ClickException(str(error)) from None
     description = PRESETS[name].get("description", "")
     click.echo(f"{rule.name} ({depth} hidden layers, feedback {rule.feedback}): {description}")
     click.echo(rule.describe())

@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 
-from gfalign.cli.rules import with_preset_hint
 from gfalign.config import RunConfig, load_toml
 from gfalign.data import DataError
 from gfalign.rules import ConfigError
@@ -138,7 +137,7 @@ def train(
             config, directory, resume is not None, data_dir, checkpoint_every, writer, quiet
         )
     except USER_ERRORS as error:
-        raise click.ClickException(with_preset_hint(str(error))) from None
+        raise click.ClickException(str(error)) from None
 
     final = result.summary.get("final", {})
     if as_json:
