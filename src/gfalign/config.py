@@ -168,7 +168,7 @@ class RunConfig:
 
     def override(self, **changes: Any) -> RunConfig:
         """A copy with top-level fields and ``train`` fields (by name) replaced."""
-        train_names = {f.name for f in fields(TrainConfig)}
+        train_names = {f.name for f in fields(TrainConfig)} - {"seed"}
         data = self.to_data()
         for name, value in changes.items():
             if value is None:

@@ -1,0 +1,227 @@
+"""Run an experiment's grid into a results store, resumably.
+
+Every run has its directory ``root_dir/<key>``; ``execute(..., resume=True)`` continues an
+unfinished one from its checkpoint, and a run the store already holds as finished (or
+diverged: deterministic, it would diverge again) is skipped. Only this coordinating process
+writes the store; with ``jobs > 1`` the runs go to a spawn process pool whose workers return
+their summaries and histories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gfalign.config import RunConfig
+from gfalign.experiments import Experiment, load
+from gfalign.store import Store
+
+__all__ = ["DONE", "QUICK", "Progress", "configs_for", "run_sweep"]
+
+DONE = ("finished", "diverged")
+QUICK = {"train_subset": 512, "test_subset": 256, "epochs": 1}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback is told after each run: ``status`` is ``skipped``,
+    ``finished`` or ``diverged``."""
+
+    done: int
+    total: int
+    config: RunConfig
+    status: str
+    final: dict[str, Any]
+
+
+def configs_for(
+    experiment: Experiment,
+    *,
+    seeds: int | Sequence[int] | None = None,
+    epochs: int | None = None,
+    quick: bool = False,
+) -> list[RunConfig]:
+    """The runs a sweep does: grid x seeds, ``quick`` cutting data and epochs (CI speed).
+
+    ``quick`` never enlarges a subset the experiment's base already sets.
+    """
+    overrides: dict[str, Any] = {}
+    if quick:
+        base = experiment.base
+        overrides = dict(QUICK)
+        for name in ("train_subset", "test_subset"):
+            given = getattr(base, name)
+            if given is not None:
+                overrides[name] = min(given, QUICK[name])
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    return experiment.expand(seeds, **overrides)
+
+
+def _work(config_data: dict, directory: str, data_dir: str | None, threads: int) -> dict:
+    """One run in a worker process; returns plain data for the coordinator to store."""
+    import torch
+
+    torch.set_num_threads(threads)
+    config = RunConfig.from_data(config_data)
+    return _execute(config, Path(directory), data_dir, None)
+
+
+def _execute(config: RunConfig, directory: Path, data_dir, dataset) -> dict:
+    from gfalign.runs import SUMMARY, execute
+    from gfalign.train import DivergenceError
+
+    try:
+        result = execute(config, directory, resume=True, data_dir=data_dir, dataset=dataset)
+        summary, history = result.summary, result.history
+    except DivergenceError:
+        summary = json.loads((directory / SUMMARY).read_text())
+        history = _history(directory)
+    return {"summary": summary, "history": history}
+
+
+def _history(directory: Path) -> list[dict]:
+    from gfalign.runs import METRICS_JSONL
+
+    path = directory / METRICS_JSONL
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _versions(directory: Path) -> dict:
+    from gfalign.runs import ENVIRONMENT
+
+    path = directory / ENVIRONMENT
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _record(store: Store, experiment: str, config: RunConfig, directory: Path, out: dict) -> str:
+    summary, history = out["summary"], out["history"]
+    status = str(summary.get("status", "unknown"))
+    final = summary.get("final") or (dict(history[-1]) if history else {})
+    seconds = summary.get("train_seconds")
+    if seconds is None:
+        seconds = sum(float(r.get("seconds", 0.0)) for r in history)
+    store.upsert(
+        config.key(),
+        experiment=experiment,
+        label=config.label(),
+        config=config.to_data(),
+        status=status,
+        epochs_done=int(summary.get("epochs", len(history))),
+        final=final,
+        history=history,
+        seconds=seconds,
+        versions=_versions(directory),
+    )
+    return status
+
+
+def run_sweep(
+    experiment: Experiment | str,
+    store: Store,
+    root_dir: str | Path,
+    *,
+    seeds: int | Sequence[int] | None = None,
+    epochs: int | None = None,
+    quick: bool = False,
+    jobs: int = 1,
+    data_dir: str | Path | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    configs: Sequence[RunConfig] | None = None,
+) -> dict[str, int]:
+    """Run every configuration not yet done; returns counts by status (``skipped`` ...).
+
+    Args:
+        experiment: an ``Experiment`` or a preset name.
+        store: where rows are written (by this process only).
+        root_dir: run directories go to ``root_dir/<key>``.
+        seeds: ``None`` the protocol's, an int N the first N, or a list.
+        epochs: replaces the protocol's epoch count.
+        quick: 512 training and 256 test examples, 1 epoch (hidden widths kept).
+        jobs: worker processes; 1 runs in this process.
+        data_dir: where the dataset files are.
+        progress: called after each run (and each skip) with a ``Progress``.
+        configs: the runs to do, instead of those ``seeds``/``epochs``/``quick`` give.
+    """
+    if isinstance(experiment, str):
+        experiment = load(experiment)
+    if configs is None:
+        configs = configs_for(experiment, seeds=seeds, epochs=epochs, quick=quick)
+    root = Path(root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data = None if data_dir is None else str(data_dir)
+    counts: dict[str, int] = {}
+    total = len(configs)
+    state = {"done": 0}
+
+    def report(config: RunConfig, status: str, final: dict) -> None:
+        counts[status] = counts.get(status, 0) + 1
+        state["done"] += 1
+        if progress is not None:
+            progress(Progress(state["done"], total, config, status, final))
+
+    todo: list[RunConfig] = []
+    for config in configs:
+        row = store.get(config.key())
+        if row is not None and row["status"] in DONE:
+            report(config, "skipped", row["final"])
+        else:
+            todo.append(config)
+
+    if jobs <= 1:
+        cache: dict[tuple, Any] = {}
+        for config in todo:
+            directory = root / config.key()
+            out = _execute(config, directory, data, _dataset(config, data, cache))
+            status = _record(store, experiment.name, config, directory, out)
+            report(config, status, store.get(config.key())["final"])
+        return counts
+
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        pending = {
+            pool.submit(_work, c.to_data(), str(root / c.key()), data, threads): c for c in todo
+        }
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    config = pending.pop(future)
+                    out = future.result()
+                    status = _record(store, experiment.name, config, root / config.key(), out)
+                    report(config, status, store.get(config.key())["final"])
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return counts
+
+
+def _dataset(config: RunConfig, data_dir, cache: dict):
+    """Load each distinct dataset once per sequential sweep."""
+    from gfalign.config import resolve_device
+    from gfalign.runs import load_data
+
+    device = resolve_device(config.device)
+    marker = (
+        config.dataset,
+        config.train_subset,
+        config.test_subset,
+        config.validation,
+        config.dtype,
+        str(device),
+    )
+    if marker not in cache:
+        cache.clear()
+        cache[marker] = load_data(config, device, data_dir=data_dir, quiet=True)
+    return cache[marker]

@@ -1,0 +1,205 @@
+"""Experiment presets, the results store, resumable sweeps and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+
+from gfalign import experiments, sweep
+from gfalign.cli import main
+from gfalign.cli.reproduce import render_report, summarize
+from gfalign.store import Store
+
+PER_SEED = {"exp1": 27, "exp2": 27, "exp3": 10, "exp4": 14, "baselines": 27}
+
+
+@pytest.mark.parametrize("name", experiments.EXPERIMENTS)
+def test_every_preset_expands_and_validates(name):
+    experiment = experiments.load(name)
+    assert experiment.description
+    assert len(experiment.expand(seeds=1)) == PER_SEED[name]
+    assert len(experiment.configs) == PER_SEED[name] * len(experiment.seeds)
+    assert len({c.key() for c in experiment.configs}) == len(experiment.configs)
+    train = experiment.base.train
+    assert (train.epochs, train.batch_size, train.lr) == (100, 32, 0.001)
+    assert (train.optimizer, train.reduction) == ("sgd", "sum")
+    assert set(experiment.paper) <= set(experiment.cells())
+
+
+def test_preset_contents():
+    exp1 = experiments.load("exp1")
+    assert exp1.paper["2x800 tanh s1"] == 1.96
+    assert exp1.paper["2x800 sigmoid s3"] == 1.95
+    assert len(exp1.paper) == 27
+    assert experiments.load("exp2").paper["2x800 tanh s1-aux"] == 1.66
+    exp3 = experiments.load("exp3")
+    assert {c.objective for c in exp3.configs} == {"autoencoder"}
+    assert {c.hidden for c in exp3.configs} == {(128, 128), (800, 800)}
+    exp4 = experiments.load("exp4")
+    assert {c.hidden for c in exp4.configs} == {(800, 800)}
+    assert exp4.paper["2x800 tanh dfa B4"] == 2.04
+    assert exp4.paper["2x800 tanh fa B1"] == 4.64
+    assert [c.seed for c in exp1.expand(seeds=7)[:7]] == list(range(7))
+
+
+def _tiny(name: str = "exp1") -> experiments.Experiment:
+    """The experiment on the synthetic set with tiny networks (seconds, not hours)."""
+    experiment = experiments.load(name)
+    base = experiment.base.override(dataset="synthetic", test_subset=100)
+    grid = {**experiment.grid, "hidden": ((8, 8), (16, 16)), "activation": ("tanh", "relu")}
+    return dataclasses.replace(experiment, base=base, grid=grid)
+
+
+def _table(store: Store, experiment) -> dict[str, tuple]:
+    return {
+        r["key"]: (r["status"], r["epochs_done"], r["final"]["test_error"], r["final"]["test_loss"])
+        for r in store.list(experiment.name)
+    }
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = sweep._execute
+
+    def spy(config, directory, data_dir, dataset):
+        calls.append(config.key())
+        return real(config, directory, data_dir, dataset)
+
+    monkeypatch.setattr(sweep, "_execute", spy)
+    return calls
+
+
+def test_quick_sweep_stores_runs_and_rerun_skips_them(tmp_path, counted):
+    experiment = _tiny()
+    store = Store(tmp_path / "runs.sqlite")
+    counts = sweep.run_sweep(experiment, store, tmp_path / "runs", seeds=1, quick=True)
+    assert counts == {"finished": 12}
+    assert len(counted) == 12
+    rows = store.list("exp1")
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"finished"}
+    row = rows[0]
+    assert row["epochs_done"] == 1 and len(row["history"]) == 1
+    assert row["config"]["train_subset"] == 512 and row["config"]["test_subset"] == 100
+    assert row["versions"]["torch"] and row["seconds"] >= 0
+    assert (tmp_path / "runs" / row["key"] / "checkpoint.pt").exists()
+
+    counted.clear()
+    counts = sweep.run_sweep(experiment, store, tmp_path / "runs", seeds=1, quick=True)
+    assert counts == {"skipped": 12} and counted == []
+
+    mode = sqlite3.connect(tmp_path / "runs.sqlite").execute("PRAGMA journal_mode").fetchone()
+    assert mode[0] == "wal"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_sweep_continues_to_the_uninterrupted_table(tmp_path, counted):
+    experiment = _tiny()
+    options = {"seeds": 1, "quick": True, "epochs": 2}
+    whole = Store(tmp_path / "whole.sqlite")
+    sweep.run_sweep(experiment, whole, tmp_path / "whole", **options)
+
+    parted = Store(tmp_path / "parted.sqlite")
+
+    def stop_after_five(event: sweep.Progress) -> None:
+        if event.done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sweep.run_sweep(
+            experiment, parted, tmp_path / "parted", progress=stop_after_five, **options
+        )
+    assert len(parted.list("exp1")) == 5
+
+    # the sixth run was killed after one of its two epochs: its directory holds a checkpoint
+    from gfalign.runs import execute
+
+    sixth = sweep.configs_for(experiment, **options)[5]
+    execute(sixth, tmp_path / "parted" / sixth.key(), stop_after=1)
+
+    counted.clear()
+    counts = sweep.run_sweep(experiment, parted, tmp_path / "parted", **options)
+    assert counts == {"skipped": 5, "finished": 7} and len(counted) == 7
+    assert _table(parted, experiment) == _table(whole, experiment)
+    assert parted.get(sixth.key())["epochs_done"] == 2
+
+
+def test_parallel_sweep_matches_sequential(tmp_path):
+    experiment = _tiny()
+    experiment = dataclasses.replace(
+        experiment, grid={**experiment.grid, "hidden": ((8, 8),), "activation": ("tanh",)}
+    )
+    one, two = Store(tmp_path / "one.sqlite"), Store(tmp_path / "two.sqlite")
+    sweep.run_sweep(experiment, one, tmp_path / "one", seeds=1, quick=True)
+    sweep.run_sweep(experiment, two, tmp_path / "two", seeds=1, quick=True, jobs=2)
+    assert _table(one, experiment) == _table(two, experiment)
+    assert len(_table(two, experiment)) == 3
+
+
+def _fake_rows(store: Store, experiment, values: dict[str, list[float]]) -> None:
+    for config in experiment.expand(seeds=5):
+        cell = experiment.cell(config)
+        if cell in values and config.seed < len(values[cell]):
+            store.upsert(
+                config.key(),
+                experiment=experiment.name,
+                label=config.label(),
+                config=config.to_data(),
+                status="finished",
+                epochs_done=100,
+                final={"test_error": values[cell][config.seed]},
+            )
+
+
+def test_report_cells(tmp_path):
+    experiment = experiments.load("exp1")
+    store = Store(tmp_path / "runs.sqlite")
+    _fake_rows(store, experiment, {"2x800 tanh s1": [2.0, 2.2, 2.4], "2x200 relu s3": [3.0]})
+    table = {r["cell"]: r for r in summarize(experiment, store.list("exp1"))}
+    row = table["2x800 tanh s1"]
+    assert row["n"] == 3 and row["epochs"] == 100
+    assert row["mean"] == pytest.approx(2.2) and row["std"] == pytest.approx(0.2)
+    assert row["difference"] == pytest.approx(2.2 - 1.96)
+    assert table["2x200 relu s3"]["std"] == 0.0
+    assert table["2x400 tanh s1"]["n"] == 0  # a paper cell without runs is still listed
+
+    text = render_report(experiment, store.list("exp1"))
+    assert "| 2x800 tanh s1 | 1.96 | 2.20 ± 0.20 | 3 | 100 | +0.24 |" in text
+    assert "| 2x200 relu s3 | 2.75 | 3.00 ± 0.00 | 1 | 100 | +0.25 |" in text
+    assert "| 2x400 tanh s1 | 2.02 | — | 0 | — | — |" in text
+    store.close()
+
+    out = tmp_path / "report.md"
+    result = CliRunner().invoke(
+        main, ["report", "exp1", "--store", str(tmp_path / "runs.sqlite"), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2.20 ± 0.20" in out.read_text()
+
+
+def test_cli_runs_and_errors(tmp_path):
+    store_path = tmp_path / "runs.sqlite"
+    experiment = experiments.load("exp4")
+    with Store(store_path) as store:
+        _fake_rows(store, experiment, {"2x800 tanh dfa B4": [2.5, 2.7]})
+        key = store.list()[0]["key"]
+    runner = CliRunner()
+    listed = runner.invoke(main, ["runs", "list", "--store", str(store_path)])
+    assert listed.exit_code == 0 and key in listed.output
+    shown = runner.invoke(main, ["runs", "show", key[:8], "--store", str(store_path)])
+    assert shown.exit_code == 0 and '"status": "finished"' in shown.output
+    exported = runner.invoke(
+        main, ["runs", "export", str(tmp_path / "o.csv"), "--store", str(store_path)]
+    )
+    assert exported.exit_code == 0
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 3
+    missing = runner.invoke(main, ["runs", "list", "--store", str(tmp_path / "none.sqlite")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    ray = runner.invoke(main, ["reproduce", "exp1", "--backend", "ray"])
+    assert ray.exit_code == 1 and "not yet available" in ray.output
