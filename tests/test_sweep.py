@@ -203,3 +203,18 @@ def test_cli_runs_and_errors(tmp_path):
     assert missing.exit_code == 1 and "does not exist" in missing.output
     ray = runner.invoke(main, ["reproduce", "exp1", "--backend", "ray"])
     assert ray.exit_code == 1 and "not yet available" in ray.output
+
+
+def test_only_keeps_the_matching_cells():
+    exp1 = experiments.load("exp1")
+    configs = sweep.configs_for(exp1, seeds=2, only=("2x800 tanh",))
+    assert sorted({exp1.cell(c) for c in configs}) == [
+        "2x800 tanh s1",
+        "2x800 tanh s2",
+        "2x800 tanh s3",
+    ]
+    assert len(configs) == 6
+    assert sweep.configs_for(exp1, seeds=1, only=("nothing like it",)) == []
+    result = CliRunner().invoke(main, ["reproduce", "exp1", "--only", "5x5 tanh"])
+    assert result.exit_code == 2
+    assert "no cell matches '5x5 tanh'" in result.output

@@ -45,10 +45,12 @@ def configs_for(
     seeds: int | Sequence[int] | None = None,
     epochs: int | None = None,
     quick: bool = False,
+    only: Sequence[str] = (),
 ) -> list[RunConfig]:
     """The runs a sweep does: grid x seeds, ``quick`` cutting data and epochs (CI speed).
 
-    ``quick`` never enlarges a subset the experiment's base already sets.
+    ``quick`` never enlarges a subset the experiment's base already sets. ``only`` keeps the
+    runs whose cell name (``"2x800 tanh s1"``) contains any of its strings.
     """
     overrides: dict[str, Any] = {}
     if quick:
@@ -60,7 +62,10 @@ def configs_for(
                 overrides[name] = min(given, QUICK[name])
     if epochs is not None:
         overrides["epochs"] = epochs
-    return experiment.expand(seeds, **overrides)
+    configs = experiment.expand(seeds, **overrides)
+    if only:
+        configs = [c for c in configs if any(text in experiment.cell(c) for text in only)]
+    return configs
 
 
 def _work(config_data: dict, directory: str, data_dir: str | None, threads: int) -> dict:
@@ -131,6 +136,7 @@ def run_sweep(
     seeds: int | Sequence[int] | None = None,
     epochs: int | None = None,
     quick: bool = False,
+    only: Sequence[str] = (),
     jobs: int = 1,
     data_dir: str | Path | None = None,
     progress: Callable[[Progress], None] | None = None,
@@ -145,6 +151,7 @@ def run_sweep(
         seeds: ``None`` the protocol's, an int N the first N, or a list.
         epochs: replaces the protocol's epoch count.
         quick: 512 training and 256 test examples, 1 epoch (hidden widths kept).
+        only: keep the cells whose name contains any of these strings.
         jobs: worker processes; 1 runs in this process.
         data_dir: where the dataset files are.
         progress: called after each run (and each skip) with a ``Progress``.
@@ -153,7 +160,7 @@ def run_sweep(
     if isinstance(experiment, str):
         experiment = load(experiment)
     if configs is None:
-        configs = configs_for(experiment, seeds=seeds, epochs=epochs, quick=quick)
+        configs = configs_for(experiment, seeds=seeds, epochs=epochs, quick=quick, only=only)
     root = Path(root_dir)
     root.mkdir(parents=True, exist_ok=True)
     data = None if data_dir is None else str(data_dir)

@@ -51,6 +51,12 @@ _store_option = click.option(
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds per cell  [default: 5]")
 @click.option("--epochs", type=click.IntRange(min=1), help="Replace the protocol's 100 epochs.")
 @click.option("--quick", is_flag=True, help="512 train / 256 test examples, 1 epoch (smoke run).")
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="TEXT",
+    help="Only the cells whose name contains TEXT, e.g. '2x800 tanh' (repeatable: any of them).",
+)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @_store_option
@@ -72,6 +78,7 @@ def reproduce(
     seeds: int | None,
     epochs: int | None,
     quick: bool,
+    only: tuple[str, ...],
     jobs: int,
     backend: str,
     store_path: Path,
@@ -99,9 +106,20 @@ def reproduce(
             err=True,
         )
 
+    names = _names(experiment)
+    if only:
+        from gfalign.experiments import load
+
+        cells = [c for n in names for c in load(n).cells()]
+        if not any(text in c for c in cells for text in only):
+            raise click.BadParameter(
+                f"no cell matches {' or '.join(map(repr, only))}; cells look like "
+                f"{', '.join(cells[:4])}",
+                param_hint="--only",
+            )
     try:
         with Store(store_path) as store:
-            for name in _names(experiment):
+            for name in names:
                 if not quiet:
                     click.echo(f"== {name} -> {store_path}", err=True)
                 counts = run_sweep(
@@ -111,6 +129,7 @@ def reproduce(
                     seeds=seeds,
                     epochs=epochs,
                     quick=quick,
+                    only=only,
                     jobs=jobs,
                     data_dir=data_dir,
                     progress=progress,
