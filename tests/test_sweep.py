@@ -175,12 +175,12 @@ def test_report_cells(tmp_path):
     assert "| 2x400 tanh s1 | 2.02 | — | 0 | — | — |" in text
     store.close()
 
-    out = tmp_path / "report.md"
+    out = tmp_path / "report"
     result = CliRunner().invoke(
         main, ["report", "exp1", "--store", str(tmp_path / "runs.sqlite"), "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "2.20 ± 0.20" in out.read_text()
+    assert "2.20 ± 0.20" in (out / "exp1.md").read_text()
 
 
 def test_cli_runs_and_errors(tmp_path):

@@ -439,6 +439,7 @@ def plot_alignment(
     Returns:
         The path written.
     """
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -468,7 +469,8 @@ def plot_alignment(
     figure = Figure(figsize=(4.6 * len(layers), 3.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(layers), squeeze=False)[0]
-    colours = {label: f"C{n % 10}" for n, label in enumerate(histories)}
+    palette = "tab10" if len(histories) <= 10 else "tab20"
+    colours = {label: colormaps[palette](n % 20) for n, label in enumerate(histories)}
     styles = {"": "-", "above": "-", "direct": "--"}
     for ax, layer in zip(axes, layers, strict=True):
         for label, terms in curves[layer].items():
@@ -479,7 +481,7 @@ def plot_alignment(
                     angles,
                     styles.get(term, ":"),
                     color=colours[label],
-                    marker="o",
+                    marker="o" if len(epochs) <= 30 else None,
                     markersize=3,
                     label=name,
                 )

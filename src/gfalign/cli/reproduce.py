@@ -2,23 +2,22 @@
 
 ``reproduce`` runs an experiment's grid into a SQLite results store (skipping finished runs,
 resuming unfinished ones from their run directories); ``runs`` lists, shows and exports the
-store; ``report`` prints our mean ± std beside the paper's numbers as Markdown.
+store; ``report`` puts our mean ± std beside the paper's numbers, as Markdown on stdout or as
+pages, figures and a self-contained HTML file (``gfalign.report``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import click
 
 from gfalign.cli.train import USER_ERRORS
+from gfalign.report import render_report, summarize
 
-__all__ = ["render_report", "report", "reproduce", "runs"]
+__all__ = ["render_report", "report", "reproduce", "runs", "summarize"]
 
 DEFAULT_STORE = Path("results/runs.sqlite")
 DEFAULT_RUNS = Path("results/runs")
@@ -209,107 +208,57 @@ def _open(store_path: Path):
 # ---------------------------------------------------------------------------- report
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _protocol(config: Mapping[str, Any]) -> tuple[int, int | None, int | None]:
-    train = config.get("train", {})
-    return int(train.get("epochs", 100)), config.get("train_subset"), config.get("test_subset")
-
-
-def summarize(experiment, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows: one per (cell, protocol) with runs, then paper cells without runs."""
-    from gfalign.config import RunConfig
-
-    groups: dict[tuple, list[float]] = {}
-    for row in rows:
-        if row["status"] != "finished":
-            continue
-        value = row["final"].get(experiment.metric)
-        if value is None:
-            continue
-        config = RunConfig.from_data(row["config"])
-        key = (experiment.cell(config), _protocol(row["config"]))
-        groups.setdefault(key, []).append(float(value))
-    order = {name: i for i, name in enumerate(experiment.cells())}
-    out = []
-    for (cell, (epochs, train_subset, _test_subset)), values in sorted(
-        groups.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0])
-    ):
-        mean, std = _mean_std(values)
-        paper = experiment.paper.get(cell)
-        out.append(
-            {
-                "cell": cell,
-                "paper": paper,
-                "mean": mean,
-                "std": std,
-                "n": len(values),
-                "epochs": epochs,
-                "subset": train_subset,
-                "difference": None if paper is None else mean - paper,
-            }
-        )
-    seen = {r["cell"] for r in out}
-    for cell in experiment.cells():
-        if cell not in seen and cell in experiment.paper:
-            out.append(
-                {
-                    "cell": cell,
-                    "paper": experiment.paper[cell],
-                    "mean": None,
-                    "std": None,
-                    "n": 0,
-                    "epochs": None,
-                    "subset": None,
-                    "difference": None,
-                }
-            )
-    return out
-
-
-def render_report(experiment, rows: Iterable[Mapping[str, Any]]) -> str:
-    """The Markdown section of one experiment."""
-    table = summarize(experiment, rows)
-    lines = [f"## {experiment.name}", "", experiment.description, ""]
-    lines += [
-        "| cell | paper | ours (mean ± std) | n | epochs | difference |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in table:
-        paper = "—" if r["paper"] is None else f"{r['paper']:.2f}"
-        ours = "—" if r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}"
-        epochs = "—" if r["epochs"] is None else str(r["epochs"])
-        if r["subset"] is not None:
-            epochs += f" ({r['subset']} ex)"
-        diff = "—" if r["difference"] is None else f"{r['difference']:+.2f}"
-        lines.append(f"| {r['cell']} | {paper} | {ours} | {r['n']} | {epochs} | {diff} |")
-    if not table:
-        lines.append("| (no finished runs) | | | | | |")
-    return "\n".join(lines) + "\n"
-
-
 @click.command("report")
 @click.argument("experiment", type=_experiment_choice())
 @_store_option
 @click.option(
-    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file."
+    "--runs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_RUNS,
+    show_default=True,
+    help="Where the run directories are (the autoencoder figures load their checkpoints).",
 )
-def report(experiment: str, store_path: Path, output: Path | None) -> None:
-    """Print EXPERIMENT's table (ours mean ± std beside the paper's values) as Markdown."""
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory holding the dataset's IDX files (test digits of Figure 6).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write DIR/README.md, DIR/<experiment>.md, DIR/report.html and DIR/figures/*.png.",
+)
+def report(
+    experiment: str, store_path: Path, runs_dir: Path, data_dir: Path | None, output: Path | None
+) -> None:
+    """EXPERIMENT's tables (ours mean ± std beside the paper's values), figures and HTML page.
+
+    Without --output, print the tables as Markdown. With it, write an index (README.md, which
+    GitHub shows for the directory), one Markdown page per experiment, a self-contained
+    report.html and the figures.
+    """
     from gfalign.experiments import load
+    from gfalign.report import write_report
 
     store = _open(store_path)
+    names = _names(experiment)
     try:
-        sections = [render_report(load(n), store.list(n)) for n in _names(experiment)]
+        if output is None:
+            sections = [
+                render_report(
+                    load(n), store.list(n), None if n == "baselines" else store.list("baselines")
+                )
+                for n in names
+            ]
+            click.echo("# gfalign: ours beside the paper\n\n" + "\n".join(sections), nl=False)
+            return
+        written = write_report(names, store, output, runs_dir=runs_dir, data_dir=data_dir)
     except USER_ERRORS as error:
         raise click.ClickException(str(error)) from None
-    text = "# gfalign: ours beside the paper (test error %)\n\n" + "\n".join(sections)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-        click.echo(f"wrote {output}", err=True)
+    figures = sum(p.suffix == ".png" for p in written)
+    click.echo(
+        f"wrote {output / 'README.md'}, {output / 'report.html'}, "
+        f"{len(written) - 2 - figures} experiment pages and {figures} figures",
+        err=True,
+    )

@@ -1,0 +1,336 @@
+"""The report: tables beside the paper's numbers, figures, the HTML page, autoencoder figures."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gfalign import data, experiments, plots
+from gfalign import report as reports
+from gfalign.cli import main
+from gfalign.report import render_report, summarize, write_report
+from gfalign.runs import build, execute, load_checkpoint
+from gfalign.store import Store
+
+MACHINE = {
+    "processor": "x86_64",
+    "cpu_count": 2,
+    "torch_threads": 2,
+    "device": "cpu",
+    "torch": "2.13.0",
+    "python": "3.11.7",
+    "gfalign": "0.1.0",
+    "platform": "Linux",
+}
+
+
+def _history(final: float, epochs: int = 5, angles: bool = False) -> list[dict]:
+    """A falling test-error curve ending at ``final``."""
+    out = []
+    for epoch in range(1, epochs + 1):
+        record = {"epoch": epoch, "test_error": final + 2.0 * (epochs - epoch), "seconds": 1.0}
+        if angles:
+            record |= {"update_angle_1": 60.0 - epoch, "update_angle_2": 40.0 - epoch}
+        out.append(record)
+    return out
+
+
+def _fill(
+    store: Store,
+    name: str,
+    values: dict[str, list[float]],
+    *,
+    status: str = "finished",
+    angles: bool = False,
+    seconds: float = 1200.0,
+    **overrides,
+) -> None:
+    """Rows for the cells of ``values``, one per seed (0, 1, ...), final test error as given."""
+    experiment = experiments.load(name)
+    configs = experiment.expand(seeds=5, **overrides)
+    for config in configs:
+        cell = experiment.cell(config)
+        if cell in values and config.seed < len(values[cell]):
+            history = _history(values[cell][config.seed], angles=angles)
+            store.upsert(
+                config.key(),
+                experiment=name,
+                label=config.label(),
+                config=config.to_data(),
+                status=status,
+                epochs_done=len(history),
+                final=history[-1],
+                history=history,
+                seconds=seconds,
+                versions=MACHINE,
+            )
+
+
+def _line(text: str, start: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(lines) == 1, (start, lines)
+    return lines[0]
+
+
+def test_table_cells_pending_baselines_and_counts(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.2, 2.4], "2x200 relu s3": [3.0]})
+    _fill(store, "exp1", {"2x800 tanh s2": [9.0]}, status="diverged")
+    _fill(store, "baselines", {"2x800 tanh bp": [1.8, 1.9], "2x200 relu dfa": [2.6]})
+    exp1 = experiments.load("exp1")
+    rows, baselines = store.list("exp1"), store.list("baselines")
+
+    table = {(r["cell"], r["baseline"]): r for r in summarize(exp1, rows, baselines)}
+    row = table["2x800 tanh s1", False]
+    assert (row["n"], row["epochs"], row["paper"]) == (3, 100, 1.96)
+    assert row["mean"] == pytest.approx(2.2) and row["std"] == pytest.approx(0.2)
+    assert row["difference"] == pytest.approx(0.24)
+    assert table["2x800 tanh s2", False]["n"] == 0
+    assert table["2x800 tanh s2", False]["diverged"] == 1
+    assert table["2x800 tanh bp", True]["mean"] == pytest.approx(1.85)
+    assert table["2x800 tanh bp", True]["paper"] is None
+    assert len([k for k in table if not k[1]]) == 27  # every cell, pending ones included
+
+    text = render_report(exp1, rows, baselines)
+    assert (
+        _line(text, "| 2x800 tanh s1 |")
+        == "| 2x800 tanh s1 | 1.96 | 2.20 ± 0.20 | 3 | 100 | +0.24 |"
+    )
+    assert (
+        _line(text, "| 2x200 relu s3 |")
+        == "| 2x200 relu s3 | 2.75 | 3.00 ± 0.00 | 1 | 100 | +0.25 |"
+    )
+    assert _line(text, "| 2x400 tanh s1 |") == "| 2x400 tanh s1 | 2.02 | — | 0 | — | — |"
+    assert (
+        _line(text, "| 2x800 tanh s2 |") == "| 2x800 tanh s2 | 1.95 | — | 0 (+1 diverged) | — | — |"
+    )
+    assert (
+        _line(text, "| 2x800 tanh bp (baseline) |")
+        == "| 2x800 tanh bp (baseline) | — | 1.85 ± 0.07 | 2 | 100 | — |"
+    )
+    assert "| 2x800 tanh fa (baseline)" not in text  # a baseline without runs is not listed
+    order = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| 2x")]
+    assert order.index("2x800 tanh s3") + 1 == order.index("2x800 tanh bp (baseline)")
+    assert order.index("2x800 tanh bp (baseline)") + 1 == order.index("2x800 relu s1")
+    assert order.index("2x200 relu dfa (baseline)") + 1 == order.index("2x200 sigmoid s1")
+    assert "Runs: 4 of 135 planned finished (27 cells × 5 seeds, 100 epochs); 1 diverged." in text
+    store.close()
+
+
+def test_runs_of_another_protocol_are_their_own_rows_and_counted_apart(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _fill(store, "exp4", {"2x800 tanh dfa B4": [2.1, 2.3]})
+    _fill(store, "exp4", {"2x800 tanh dfa B4": [9.0]}, epochs=1, train_subset=512)
+    text = render_report(experiments.load("exp4"), store.list("exp4"))
+    assert "| 2x800 tanh dfa B4 | 2.04 | 2.20 ± 0.14 | 2 | 100 | +0.16 |" in text
+    assert "| 2x800 tanh dfa B4 | 2.04 | 9.00 ± 0.00 | 1 | 1 (512 ex) | +6.96 |" in text
+    assert "| 2x800 tanh fa B7 | — | — | 0 | — | — |" in text  # no paper value, no runs
+    assert "Runs: 2 of 70 planned finished" in text
+    assert "1 more finished outside the plan" in text
+
+
+def test_autoencoder_table_has_ours_only_in_reconstruction_error(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _fill(store, "exp3", {"2x128 sigmoid dfa": [0.0210, 0.0230]})
+    text = render_report(experiments.load("exp3"), store.list("exp3"))
+    assert "| cell | ours (mean ± std) | seeds | epochs |" in text
+    assert "| 2x128 sigmoid dfa | 0.0220 ± 0.0014 | 2 | 100 |" in text
+    assert "| 2x800 sigmoid s2 | — | 0 | — |" in text
+    assert "reconstruction error" in text and "paper" not in _line(text, "| cell |")
+
+
+def test_protocol_machine_and_compute_come_from_the_rows(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.2, 2.4]}, seconds=1200.0)
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    protocol = _line(text, "- Protocol:")
+    assert "100 epochs, batch size 32, sgd with lr 0.001, reduction sum" in protocol
+    assert "all of mnist" in protocol and "seeds 0–2 (3 runs)" in protocol
+    machine = _line(text, "- Machine:")
+    assert "x86_64, 2 CPUs, 2 torch threads, device cpu; torch 2.13.0" in machine
+    assert _line(text, "- Compute:") == "- Compute: 1.0 h of training in 3 runs"
+
+
+def test_mean_band_over_seeds():
+    first = [{"epoch": 1, "test_error": 4.0}, {"epoch": 2, "test_error": 2.0}]
+    second = [{"epoch": 1, "test_error": 6.0}]
+    epochs, mean, low, high = plots._mean_band([first, second], "test_error")
+    assert (epochs, mean, low, high) == ([1.0, 2.0], [5.0, 2.0], [4.0, 2.0], [6.0, 2.0])
+    with pytest.raises(ValueError, match="no 'test_error'"):
+        plots.plot_mean_curves({"a": {"b": [[{"epoch": 1}]]}}, "never.png")
+
+
+def _store_for_figures(path):
+    store = Store(path)
+    strategies = {f"2x800 tanh {r}": [2.0, 2.1] for r in ("s1", "s2", "s3")}
+    _fill(store, "exp1", strategies, angles=True)
+    _fill(store, "exp2", {f"2x800 tanh {r}-aux": [1.9, 2.0] for r in ("s1", "s2", "s3")})
+    _fill(store, "exp4", {f"2x800 tanh dfa B{n}": [2.2, 2.3] for n in range(1, 8)})
+    _fill(store, "exp4", {"2x800 tanh fa B1": [4.6]})
+    _fill(store, "baselines", {f"2x800 tanh {r}": [2.5, 2.4] for r in ("bp", "fa", "dfa")})
+    return store
+
+
+def test_written_report_has_every_figure_and_a_self_contained_page(tmp_path):
+    store = _store_for_figures(tmp_path / "runs.sqlite")
+    out = tmp_path / "report"
+    names = ["exp1", "exp2", "exp4", "baselines"]
+    written = write_report(names, store, out, runs_dir=tmp_path / "runs")
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert figures == {
+        "exp1-figure4.png",
+        "exp1-alignment.png",
+        "exp2-figure5.png",
+        "exp4-figure8.png",
+    }
+    assert set(written) == {
+        out / "README.md",
+        out / "report.html",
+        *(out / f"{n}.md" for n in names),
+        *(out / "figures" / f for f in figures),
+    }
+    for name in figures:
+        raw = (out / "figures" / name).read_bytes()
+        assert raw.startswith(b"\x89PNG") and len(raw) > 10_000
+
+    index = (out / "README.md").read_text()
+    for name in names:
+        assert f"[{name}]({name}.md)" in index
+    assert "| [exp1](exp1.md) |" in index and "| 6 / 135 |" in index
+    exp1 = (out / "exp1.md").read_text()
+    assert "![Figure 4 (exp1)](figures/exp1-figure4.png)" in exp1
+    assert "![Alignment (exp1, 2x800 tanh)](figures/exp1-alignment.png)" in exp1
+    for page in names:
+        for target in re.findall(r"\]\((figures/[^)]+)\)", (out / f"{page}.md").read_text()):
+            assert (out / target).exists()
+    assert "recorded no alignment angles" in (out / "exp2.md").read_text()
+
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(figures)
+    sources = re.findall(r'\bsrc="([^"]*)"', page)
+    assert len(sources) == len(figures) and all(
+        s.startswith("data:image/png;base64,") for s in sources
+    )
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in sources}
+    assert embedded == {(out / "figures" / f).read_bytes() for f in figures}
+    assert all(h.startswith("#") for h in re.findall(r'\bhref="([^"]*)"', page))
+    assert "<link" not in page and "<script" not in page and "figures/" not in page
+    assert "<td>2x800 tanh s1</td>" in page and "2.05 ± 0.07" in page
+    store.close()
+
+
+def test_an_empty_store_gives_an_honest_pending_report(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    write_report(["exp1", "exp3"], store, tmp_path / "out", runs_dir=tmp_path / "runs")
+    assert list((tmp_path / "out" / "figures").glob("*.png")) == []
+    index = (tmp_path / "out" / "README.md").read_text()
+    assert "| 0 / 135 |" in index and "| 0 / 50 |" in index
+    exp1 = (tmp_path / "out" / "exp1.md").read_text()
+    assert "| 2x800 tanh s1 | 1.96 | — | 0 | — | — |" in exp1
+    assert "Figure 4 (exp1): no finished 2x800 tanh runs yet." in exp1
+    exp3 = (tmp_path / "out" / "exp3.md").read_text()
+    assert "Figure 6: no finished autoencoder run with a checkpoint yet." in exp3
+    assert "data:image" not in (tmp_path / "out" / "report.html").read_text()
+
+
+def _autoencoder_runs(tmp_path):
+    """One-epoch exp3 runs on the synthetic set: bp, dfa, s1 trained; s2 has no directory."""
+    exp3 = experiments.load("exp3")
+    configs = [
+        c
+        for c in exp3.expand(
+            seeds=1, dataset="synthetic", train_subset=64, test_subset=50, epochs=1
+        )
+        if c.hidden == (128, 128) and c.rule_name in ("bp", "dfa", "s1", "s2")
+    ]
+    store = Store(tmp_path / "runs.sqlite")
+    for config in configs:
+        if config.rule_name == "s2":
+            history = _history(0.05, epochs=1)
+        else:
+            history = execute(config, tmp_path / "runs" / config.key()).history
+        store.upsert(
+            config.key(),
+            experiment="exp3",
+            label=config.label(),
+            config=config.to_data(),
+            status="finished",
+            epochs_done=1,
+            final=history[-1],
+            history=history,
+            seconds=1.0,
+        )
+    return store, {c.rule_name: c for c in configs}
+
+
+def test_autoencoder_figures_use_the_trained_networks(tmp_path, monkeypatch):
+    store, configs = _autoencoder_runs(tmp_path)
+    seen: dict[str, tuple] = {}
+
+    def spy(name):
+        real = getattr(plots, name)
+
+        def record(*args, **kwargs):
+            seen[name] = args
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(plots, name, record)
+
+    spy("plot_reconstructions")
+    spy("plot_filters")
+    out = tmp_path / "out"
+    write_report(["exp3"], store, out, runs_dir=tmp_path / "runs")
+    assert (out / "figures" / "exp3-figure6-784-128-128-784.png").exists()
+    assert (out / "figures" / "exp3-figure7-784-128-128-784.png").exists()
+    page = (out / "exp3.md").read_text()
+    assert "2x128 sigmoid s2: no checkpoint found" in page
+
+    test = data.synthetic(seed=0).test
+    firsts = [int(torch.nonzero(test.y == c)[0, 0]) for c in range(10)]
+    originals, reconstructions, _path = seen["plot_reconstructions"]
+    assert originals.shape == (10, 784)
+    assert torch.equal(torch.from_numpy(originals), test.x[firsts])
+    assert list(reconstructions) == ["bp", "dfa", "s1"]
+    for rule, images in reconstructions.items():
+        config = configs[rule]
+        checkpoint = load_checkpoint(tmp_path / "runs" / config.key() / "checkpoint.pt")
+        trained, _ = build(config)
+        trained.load_state_dict(checkpoint["net"])
+        fresh, _ = build(config)
+        assert torch.allclose(torch.from_numpy(images), trained.predict(test.x[firsts]))
+        assert not torch.allclose(torch.from_numpy(images), fresh.predict(test.x[firsts]))
+
+    panels, _path = seen["plot_filters"]
+    assert list(panels) == ["bp", "dfa", "s1"]
+    checkpoint = load_checkpoint(tmp_path / "runs" / configs["dfa"].key() / "checkpoint.pt")
+    assert panels["dfa"].shape == (36, 784)
+    assert torch.equal(torch.from_numpy(panels["dfa"]), checkpoint["net"]["layers.0.weight"][:36])
+    store.close()
+
+
+def test_cli_report_writes_a_directory_or_prints_markdown(tmp_path):
+    store = _store_for_figures(tmp_path / "runs.sqlite")
+    store.close()
+    runner = CliRunner()
+    args = ["report", "exp1", "--store", str(tmp_path / "runs.sqlite")]
+    printed = runner.invoke(main, args)
+    assert printed.exit_code == 0, printed.output
+    assert "| 2x800 tanh s1 | 1.96 | 2.05 ± 0.07 | 2 | 100 | +0.09 |" in printed.output
+    assert "| 2x800 tanh bp (baseline) | — | 2.45 ± 0.07 | 2 | 100 | — |" in printed.output
+    assert not (tmp_path / "out").exists()
+
+    result = runner.invoke(main, [*args, "--runs-dir", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "1 experiment pages and 2 figures" in result.output
+    assert (tmp_path / "out" / "exp1.md").exists() and (tmp_path / "out" / "report.html").exists()
+    assert not (tmp_path / "out" / "exp2.md").exists()
+
+
+def test_plain_text_survives_html_escaping():
+    page = reports.render_html([reports.Paragraph("a <b> & `code` [exp1](exp1.md)")], "t<i>tle")
+    assert 'a &lt;b&gt; &amp; <code>code</code> <a href="#exp1">exp1</a>' in page
+    assert "<title>t&lt;i&gt;tle</title>" in page
