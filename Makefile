@@ -11,9 +11,9 @@ $(BIN)/python:
 
 # torch==2.13.0 first, when no torch is present: any looser requirement may pull a multi-GB
 # CUDA build where a CPU wheel would do.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install -e ".[test,ray]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+from concurrent.futures import ALL_COMPLETED, wait
 
 import pytest
 from click.testing import CliRunner
@@ -142,6 +143,33 @@ def test_parallel_sweep_matches_sequential(tmp_path):
     assert len(_table(two, experiment)) == 3
 
 
+def test_two_workers_finishing_at_once_lose_nothing(tmp_path, monkeypatch):
+    experiment = _tiny()
+    configs = sweep.configs_for(experiment, seeds=2, quick=True, only=("2x8 tanh s1",))
+    assert len(configs) == 2
+    together = []
+
+    def wait_for_both(futures, return_when):
+        finished, pending = wait(futures, return_when=ALL_COMPLETED)
+        together.append(len(finished))
+        return finished, pending
+
+    monkeypatch.setattr(sweep, "wait", wait_for_both)
+    store = Store(tmp_path / "runs.sqlite")
+    events = []
+    counts = sweep.run_sweep(
+        experiment, store, tmp_path / "runs", configs=configs, jobs=2, progress=events.append
+    )
+    assert together == [2] and counts == {"finished": 2}
+    assert [e.done for e in events] == [1, 2]
+    rows = {r["key"]: r for r in store.list("exp1")}
+    assert set(rows) == {c.key() for c in configs}
+    for row in rows.values():
+        assert row["status"] == "finished" and row["epochs_done"] == 1
+        assert len(row["history"]) == 1 and row["versions"]["torch"]
+        assert row["final"]["test_error"] == row["history"][-1]["test_error"]
+
+
 def _fake_rows(store: Store, experiment, values: dict[str, list[float]]) -> None:
     for config in experiment.expand(seeds=5):
         cell = experiment.cell(config)
@@ -201,8 +229,6 @@ def test_cli_runs_and_errors(tmp_path):
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 3
     missing = runner.invoke(main, ["runs", "list", "--store", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
-    ray = runner.invoke(main, ["reproduce", "exp1", "--backend", "ray"])
-    assert ray.exit_code == 1 and "not yet available" in ray.output
 
 
 def test_only_keeps_the_matching_cells():

@@ -3,13 +3,15 @@
 Every run has its directory ``root_dir/<key>``; ``execute(..., resume=True)`` continues an
 unfinished one from its checkpoint, and a run the store already holds as finished (or
 diverged: deterministic, it would diverge again) is skipped. Only this coordinating process
-writes the store; with ``jobs > 1`` the runs go to a spawn process pool whose workers return
-their summaries and histories.
+writes the store: workers return their summaries, histories and versions to it. The ``local``
+backend runs in this process (``jobs=1``) or a spawn process pool; the ``ray`` backend makes
+each run one Ray task, on a Ray started here or on an existing cluster.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -21,10 +23,12 @@ from gfalign.config import RunConfig
 from gfalign.experiments import Experiment, load
 from gfalign.store import Store
 
-__all__ = ["DONE", "QUICK", "Progress", "configs_for", "run_sweep"]
+__all__ = ["BACKENDS", "DONE", "QUICK", "Progress", "configs_for", "run_sweep"]
 
 DONE = ("finished", "diverged")
 QUICK = {"train_subset": 512, "test_subset": 256, "epochs": 1}
+BACKENDS = ("local", "ray")
+NEEDS_RAY = "the ray backend needs Ray: pip install 'gfalign[ray]'"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def _execute(config: RunConfig, directory: Path, data_dir, dataset) -> dict:
     except DivergenceError:
         summary = json.loads((directory / SUMMARY).read_text())
         history = _history(directory)
-    return {"summary": summary, "history": history}
+    return {"summary": summary, "history": history, "versions": _versions(directory)}
 
 
 def _history(directory: Path) -> list[dict]:
@@ -106,7 +110,7 @@ def _versions(directory: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _record(store: Store, experiment: str, config: RunConfig, directory: Path, out: dict) -> str:
+def _record(store: Store, experiment: str, config: RunConfig, out: dict) -> str:
     summary, history = out["summary"], out["history"]
     status = str(summary.get("status", "unknown"))
     final = summary.get("final") or (dict(history[-1]) if history else {})
@@ -123,7 +127,7 @@ def _record(store: Store, experiment: str, config: RunConfig, directory: Path, o
         final=final,
         history=history,
         seconds=seconds,
-        versions=_versions(directory),
+        versions=out["versions"],
     )
     return status
 
@@ -138,6 +142,9 @@ def run_sweep(
     quick: bool = False,
     only: Sequence[str] = (),
     jobs: int = 1,
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_run: int = 1,
     data_dir: str | Path | None = None,
     progress: Callable[[Progress], None] | None = None,
     configs: Sequence[RunConfig] | None = None,
@@ -147,16 +154,28 @@ def run_sweep(
     Args:
         experiment: an ``Experiment`` or a preset name.
         store: where rows are written (by this process only).
-        root_dir: run directories go to ``root_dir/<key>``.
+        root_dir: run directories go to ``root_dir/<key>``; on a Ray cluster the workers write
+            there too, so resuming an unfinished run needs it on a shared filesystem.
         seeds: ``None`` the protocol's, an int N the first N, or a list.
         epochs: replaces the protocol's epoch count.
         quick: 512 training and 256 test examples, 1 epoch (hidden widths kept).
         only: keep the cells whose name contains any of these strings.
-        jobs: worker processes; 1 runs in this process.
+        jobs: ``local`` backend: worker processes; 1 runs in this process.
+        backend: ``local`` or ``ray`` (one Ray task per run; needs ``gfalign[ray]``).
+        address: ``ray`` backend: the cluster to join (``auto``, ``ray://host:10001``);
+            ``None`` starts a local Ray. A Ray already initialised here is used as it is.
+        cpus_per_run: ``ray`` backend: CPUs each run asks for (and its torch threads).
         data_dir: where the dataset files are.
         progress: called after each run (and each skip) with a ``Progress``.
         configs: the runs to do, instead of those ``seeds``/``epochs``/``quick`` give.
+
+    Raises:
+        ImportError: ``backend="ray"`` without Ray installed.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "ray":
+        _import_ray()
     if isinstance(experiment, str):
         experiment = load(experiment)
     if configs is None:
@@ -174,6 +193,11 @@ def run_sweep(
         if progress is not None:
             progress(Progress(state["done"], total, config, status, final))
 
+    def finish(config: RunConfig, out: dict) -> None:
+        """Store one run's result (every backend comes through here), then report it."""
+        status = _record(store, experiment.name, config, out)
+        report(config, status, store.get(config.key())["final"])
+
     todo: list[RunConfig] = []
     for config in configs:
         row = store.get(config.key())
@@ -182,15 +206,22 @@ def run_sweep(
         else:
             todo.append(config)
 
-    if jobs <= 1:
+    if not todo:
+        return counts
+    if backend == "ray":
+        _on_ray(todo, root, data, finish, address, cpus_per_run)
+    elif jobs > 1:
+        _in_pool(todo, root, data, finish, jobs)
+    else:
         cache: dict[tuple, Any] = {}
         for config in todo:
             directory = root / config.key()
-            out = _execute(config, directory, data, _dataset(config, data, cache))
-            status = _record(store, experiment.name, config, directory, out)
-            report(config, status, store.get(config.key())["final"])
-        return counts
+            finish(config, _execute(config, directory, data, _dataset(config, data, cache)))
+    return counts
 
+
+def _in_pool(todo, root: Path, data, finish, jobs: int) -> None:
+    """The runs in a spawn process pool of ``jobs`` workers, finished in completion order."""
     import multiprocessing
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -203,15 +234,52 @@ def run_sweep(
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    config = pending.pop(future)
-                    out = future.result()
-                    status = _record(store, experiment.name, config, root / config.key(), out)
-                    report(config, status, store.get(config.key())["final"])
+                    finish(pending.pop(future), future.result())
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
-    return counts
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(NEEDS_RAY) from None
+    return ray
+
+
+def _on_ray(todo, root: Path, data, finish, address: str | None, cpus_per_run: int) -> None:
+    """Each run as one Ray task asking for ``cpus_per_run`` CPUs (and a GPU for CUDA runs)."""
+    ray = _import_ray()
+    # workers need not share this process's working directory
+    root = root.resolve()
+    data = None if data is None else str(Path(data).resolve())
+    started = not ray.is_initialized()
+    if started:
+        local = {"include_dashboard": False} if address is None else {}
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **local)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        task = ray.remote(_work)
+        pending = {}
+        for config in todo:
+            cuda = config.device.startswith("cuda") or (config.device == "auto" and gpus)
+            options = task.options(num_cpus=cpus_per_run, num_gpus=int(cuda))
+            ref = options.remote(config.to_data(), str(root / config.key()), data, cpus_per_run)
+            pending[ref] = config
+        try:
+            while pending:
+                finished, _ = ray.wait(list(pending), num_returns=1)
+                for ref in finished:
+                    finish(pending.pop(ref), ray.get(ref))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _dataset(config: RunConfig, data_dir, cache: dict):

@@ -56,8 +56,32 @@ _store_option = click.option(
     metavar="TEXT",
     help="Only the cells whose name contains TEXT, e.g. '2x800 tanh' (repeatable: any of them).",
 )
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes of the local backend.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this machine; ray: one Ray task per run (pip install 'gfalign[ray]').",
+)
+@click.option(
+    "--address",
+    metavar="ADDR",
+    help="Ray cluster to run on (auto, ray://host:10001); default: start a local Ray.",
+)
+@click.option(
+    "--cpus-per-run",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="CPUs each Ray task asks for (a CUDA run also asks for one GPU).",
+)
 @_store_option
 @click.option(
     "--runs-dir",
@@ -80,6 +104,8 @@ def reproduce(
     only: tuple[str, ...],
     jobs: int,
     backend: str,
+    address: str | None,
+    cpus_per_run: int,
     store_path: Path,
     runs_dir: Path,
     data_dir: Path | None,
@@ -88,12 +114,19 @@ def reproduce(
     """Run EXPERIMENT's grid (exp1 exp2 exp3 exp4 baselines, or all) into the results store.
 
     Finished runs are skipped; an interrupted sweep continues where it stopped, resuming an
-    unfinished run from its checkpoint. Progress goes to stderr.
+    unfinished run from its checkpoint. Progress goes to stderr. With --backend ray only this
+    process writes the store; on a cluster, RUNS_DIR must be on a shared filesystem for
+    unfinished runs to resume.
     """
-    if backend == "ray":
-        raise click.ClickException("--backend ray is not yet available; use --backend local")
+    from importlib.util import find_spec
+
     from gfalign.store import Store
-    from gfalign.sweep import Progress, run_sweep
+    from gfalign.sweep import NEEDS_RAY, Progress, run_sweep
+
+    if address is not None and backend != "ray":
+        raise click.BadParameter("needs --backend ray", param_hint="--address")
+    if backend == "ray" and find_spec("ray") is None:
+        raise click.ClickException(NEEDS_RAY)
 
     def progress(event: Progress) -> None:
         if quiet:
@@ -130,6 +163,9 @@ def reproduce(
                     quick=quick,
                     only=only,
                     jobs=jobs,
+                    backend=backend,
+                    address=address,
+                    cpus_per_run=cpus_per_run,
                     data_dir=data_dir,
                     progress=progress,
                 )
