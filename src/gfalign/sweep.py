@@ -274,8 +274,10 @@ def _on_ray(todo, root: Path, data, finish, address: str | None, cpus_per_run: i
                 for ref in finished:
                     finish(pending.pop(ref), ray.get(ref))
         except BaseException:
+            # force: end the worker process. A task interrupted inside an import (torch
+            # imports lazily) would leave a half-initialized module to the next task there.
             for ref in pending:
-                ray.cancel(ref)
+                ray.cancel(ref, force=True)
             raise
     finally:
         if started:
