@@ -98,19 +98,20 @@ def test_table_cells_pending_baselines_and_counts(tmp_path):
     text = render_report(exp1, rows, baselines)
     assert (
         _line(text, "| 2x800 tanh s1 |")
-        == "| 2x800 tanh s1 | 1.96 | 2.20 ± 0.20 | 3 | 100 | +0.24 |"
+        == "| 2x800 tanh s1 | 1.96 | 2.20 ± 0.20 | 3 | 100 | +0.24 | — |"
     )
     assert (
         _line(text, "| 2x200 relu s3 |")
-        == "| 2x200 relu s3 | 2.75 | 3.00 ± 0.00 | 1 | 100 | +0.25 |"
+        == "| 2x200 relu s3 | 2.75 | 3.00 ± 0.00 | 1 | 100 | +0.25 | — |"
     )
-    assert _line(text, "| 2x400 tanh s1 |") == "| 2x400 tanh s1 | 2.02 | — | 0 | — | — |"
+    assert _line(text, "| 2x400 tanh s1 |") == "| 2x400 tanh s1 | 2.02 | — | 0 | — | — | — |"
     assert (
-        _line(text, "| 2x800 tanh s2 |") == "| 2x800 tanh s2 | 1.95 | — | 0 (+1 diverged) | — | — |"
+        _line(text, "| 2x800 tanh s2 |")
+        == "| 2x800 tanh s2 | 1.95 | — | 0 (+1 diverged) | — | — | — |"
     )
     assert (
         _line(text, "| 2x800 tanh bp (baseline) |")
-        == "| 2x800 tanh bp (baseline) | — | 1.85 ± 0.07 | 2 | 100 | — |"
+        == "| 2x800 tanh bp (baseline) | — | 1.85 ± 0.07 | 2 | 100 | — | — |"
     )
     assert "| 2x800 tanh fa (baseline)" not in text  # a baseline without runs is not listed
     order = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| 2x")]
@@ -334,3 +335,15 @@ def test_plain_text_survives_html_escaping():
     page = reports.render_html([reports.Paragraph("a <b> & `code` [exp1](exp1.md)")], "t<i>tle")
     assert 'a &lt;b&gt; &amp; <code>code</code> <a href="#exp1">exp1</a>' in page
     assert "<title>t&lt;i&gt;tle</title>" in page
+
+
+def test_train_error_column_is_the_mean_final_training_error(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.2]})
+    for row in store.list("exp1"):
+        final = dict(row["final"], train_error=0.01 + 0.02 * row["config"]["seed"])
+        kept = ("experiment", "label", "config", "status", "epochs_done", "history")
+        store.upsert(row["key"], final=final, **{name: row[name] for name in kept})
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    assert "| train error (mean) |" in _line(text, "| cell |")
+    assert _line(text, "| 2x800 tanh s1 |").endswith("| +0.14 | 0.02 |")  # (0.01 + 0.03) / 2

@@ -183,3 +183,15 @@ def test_sum_combiner_is_twice_the_mean():
     b = FeedbackRule(total, sizes, dtype=DT).deltas(net, x, y)
     # Layer 2 sees e from above in both; layer 1 mixes layer 2's delta, itself doubled.
     assert_close(b.deltas[2], 2 * a.deltas[2])
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 3e-7), (torch.float64, 1e-15)])
+def test_tanh_is_torch_tanh_up_to_rounding(dtype, tolerance):
+    from gfalign.network import tanh
+
+    a = torch.linspace(-20, 20, 10_001, dtype=dtype)
+    assert (tanh(a) - torch.tanh(a)).abs().max() <= tolerance
+    assert tanh(torch.zeros(1, dtype=dtype)).item() == 0.0
+    leaf = a.clone().requires_grad_()
+    tanh(leaf).sum().backward()  # autograd through the identity: the derivative 1 - tanh^2
+    assert torch.allclose(leaf.grad, 1 - torch.tanh(a) ** 2, atol=10 * tolerance)

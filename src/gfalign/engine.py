@@ -22,6 +22,7 @@ from torch import nn
 from gfalign import feedback as feedback_families
 from gfalign.feedback import FeedbackSpec
 from gfalign.network import MLP, OBJECTIVES, Activation
+from gfalign.network import tanh as network_tanh
 from gfalign.rules import ConfigError, RuleConfig, Term, resolve
 
 __all__ = [
@@ -410,6 +411,7 @@ def _addmm(
 # g * f'(a) in one pass by aten's kernels for autograd's own backward, where the activation is
 # one of torch's (three passes otherwise: f'(a) = 1 - h * h is two, the product a third).
 _FUSED_SLOPE: dict[Callable, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    network_tanh: lambda g, a, h: torch.ops.aten.tanh_backward(g, h),
     torch.tanh: lambda g, a, h: torch.ops.aten.tanh_backward(g, h),
     torch.sigmoid: lambda g, a, h: torch.ops.aten.sigmoid_backward(g, h),
     torch.relu: lambda g, a, h: torch.ops.aten.threshold_backward(g, a, 0),

@@ -41,10 +41,26 @@ class Activation:
     derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def tanh(a: torch.Tensor) -> torch.Tensor:
+    """``tanh(a)``, as ``2 sigmoid(2a) - 1`` on the CPU.
+
+    PyTorch's CPU sigmoid kernel is several times faster than its tanh kernel (at 128 x 800,
+    float32, on two cores: 57 us against 135 us, the largest cost of a step besides the matrix
+    products), and the identity is exact up to rounding: at most 2e-7 from ``torch.tanh`` in
+    float32, 4e-16 in float64. Elsewhere (CUDA) ``torch.tanh`` is the faster of the two.
+    """
+    if not a.is_cpu:
+        return torch.tanh(a)
+    s = torch.sigmoid(a * 2.0)
+    if s.requires_grad:  # autograd keeps sigmoid's output for its backward: no in-place ops
+        return s * 2.0 - 1.0
+    return s.mul_(2.0).sub_(1.0)
+
+
 ACTIVATIONS: dict[str, Activation] = {
     activation.name: activation
     for activation in (
-        Activation("tanh", torch.tanh, lambda a, h: 1.0 - h * h),
+        Activation("tanh", tanh, lambda a, h: 1.0 - h * h),
         Activation("sigmoid", torch.sigmoid, lambda a, h: h * (1.0 - h)),
         Activation("relu", torch.relu, lambda a, h: (a > 0).to(a.dtype)),
     )

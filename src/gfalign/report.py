@@ -220,14 +220,15 @@ def summarize(
     Each row holds ``cell``, ``paper`` (or None), ``mean``, ``std`` (sample standard deviation
     over seeds, 0 for one seed), ``n`` (seeds), ``epochs``, ``subset`` (training examples, None
     for all), ``difference`` (ours − paper), ``diverged`` (runs of the cell that diverged) and
-    ``baseline``. ``baselines``: the rows of the baselines experiment; those with an
-    architecture of this experiment's grid are listed after that architecture's cells.
+    ``baseline``, and ``train`` (the mean final training error, the paper's "below 0.01%"; None
+    where a run did not record it). ``baselines``: the rows of the baselines experiment; those
+    with an architecture of this experiment's grid are listed after that architecture's cells.
     Pending cells (no finished run) have ``n`` 0 and None for the numbers.
     """
     architectures = list(dict.fromkeys(_architecture(c) for c in experiment.points()))
     cell_order = {name: n for n, name in enumerate(experiment.cells())}
     baseline_order = _baseline_order() if baselines is not None else {}
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[tuple[float, float | None]]] = {}
     diverged: dict[str, int] = {}
     where = {cell(p): _architecture(p) for p in experiment.points()}
 
@@ -244,7 +245,9 @@ def summarize(
         value = row["final"].get(experiment.metric)
         if row["status"] != "finished" or value is None:
             return
-        groups.setdefault((name, baseline, _protocol(row["config"])), []).append(float(value))
+        train = row["final"].get(_TRAIN_METRIC.get(experiment.metric, ""))
+        key = (name, baseline, _protocol(row["config"]))
+        groups.setdefault(key, []).append((float(value), None if train is None else float(train)))
 
     for row in rows:
         add(row, False)
@@ -252,7 +255,9 @@ def summarize(
         add(row, True)
 
     out = []
-    for (name, baseline, (epochs, train_subset, _test)), values in groups.items():
+    for (name, baseline, (epochs, train_subset, _test)), pairs in groups.items():
+        values = [test for test, _ in pairs]
+        trains = [train for _, train in pairs]
         mean, std = _mean_std(values)
         paper = None if baseline else experiment.paper.get(name)
         out.append(
@@ -267,6 +272,7 @@ def summarize(
                 "difference": None if paper is None else mean - paper,
                 "diverged": diverged.get(name, 0),
                 "baseline": baseline,
+                "train": None if None in trains else statistics.fmean(trains),
             }
         )
     seen = {r["cell"] for r in out if not r["baseline"]}
@@ -284,6 +290,7 @@ def summarize(
                     "difference": None,
                     "diverged": diverged.get(name, 0),
                     "baseline": False,
+                    "train": None,
                 }
             )
 
@@ -303,6 +310,10 @@ def summarize(
     return sorted(out, key=position)
 
 
+# The training-set counterpart of each reported metric.
+_TRAIN_METRIC = {"test_error": "train_error"}
+
+
 def _is_autoencoder(experiment: Experiment) -> bool:
     return experiment.base.objective == "autoencoder"
 
@@ -320,6 +331,7 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
     paper_columns = bool(experiment.paper)
     header = ["cell"] + (["paper"] if paper_columns else [])
     header += ["ours (mean ± std)", "seeds", "epochs"] + (["difference"] if paper_columns else [])
+    header += ["train error (mean)"]
     rows = []
     for r in summary:
         name = f"{r['cell']} (baseline)" if r["baseline"] else r["cell"]
@@ -334,6 +346,7 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
         row += [ours, seeds, epochs]
         if paper_columns:
             row.append(PENDING if r["difference"] is None else f"{r['difference']:+.2f}")
+        row.append(PENDING if r["train"] is None else number(r["train"]))
         rows.append(tuple(row))
     numeric = (False,) + (True,) * (len(header) - 1)
     return Table(tuple(header), tuple(rows), numeric)
