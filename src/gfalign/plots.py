@@ -193,12 +193,7 @@ def plot_mean_curves(
         axes[0].yaxis.set_major_locator(FixedLocator(ticks))
         axes[0].yaxis.set_minor_locator(NullLocator())
         axes[0].yaxis.set_major_formatter("{x:g}")
-    if title:
-        figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return _save(figure, path, title)
 
 
 def _side(width: int) -> int:
@@ -248,12 +243,7 @@ def plot_reconstructions(
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize="medium")
         for spine in ax.spines.values():
             spine.set_visible(False)
-    if title:
-        figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return _save(figure, path, title)
 
 
 def _mosaic(filters, columns: int, gap: int = 1):
@@ -301,6 +291,11 @@ def plot_filters(
     for ax, (label, filters) in zip(axes, panels.items(), strict=False):
         ax.imshow(_mosaic(filters, columns), cmap="gray", vmin=0.0, vmax=1.0)
         ax.set_title(label)
+    return _save(figure, path, title)
+
+
+def _save(figure, path: str | Path, title: str | None) -> Path:
+    """Title ``figure`` and write it to ``path`` as a PNG, creating the directory."""
     if title:
         figure.suptitle(title)
     path = Path(path)

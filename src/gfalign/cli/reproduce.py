@@ -45,6 +45,13 @@ _store_option = click.option(
 )
 
 
+_data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory holding the dataset's IDX files.",
+)
+
+
 @click.command("reproduce")
 @click.argument("experiment", type=_experiment_choice())
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds per cell  [default: 5]")
@@ -90,11 +97,7 @@ _store_option = click.option(
     show_default=True,
     help="Run directories go to RUNS_DIR/<key>.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory holding the dataset's IDX files.",
-)
+@_data_dir_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def reproduce(
     experiment: str,
@@ -254,11 +257,7 @@ def _open(store_path: Path):
     show_default=True,
     help="Where the run directories are (the autoencoder figures load their checkpoints).",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory holding the dataset's IDX files (test digits of Figure 6).",
-)
+@_data_dir_option
 @click.option(
     "--output",
     "-o",
