@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 from concurrent.futures import ALL_COMPLETED, wait
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -131,6 +132,53 @@ def test_interrupted_sweep_continues_to_the_uninterrupted_table(tmp_path, counte
     assert parted.get(sixth.key())["epochs_done"] == 2
 
 
+_ORPHAN = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from gfalign.sweep import _watch_parent
+
+def pid_then_sleep(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, context, _watch_parent, (os.getpid(),))
+    pool.submit(pid_then_sleep, sys.argv[1])
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_pool_workers_end_with_a_killed_coordinator(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, marker = tmp_path / "coordinator.py", tmp_path / "worker.pid"
+    script.write_text(_ORPHAN)
+    coordinator = subprocess.Popen([sys.executable, str(script), str(marker)])
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(marker.read_text())
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.wait()
+    deadline = time.monotonic() + 10
+    status = Path(f"/proc/{worker}/status")
+    while time.monotonic() < deadline:
+        try:
+            if "State:\tZ" in status.read_text():  # ended, not yet reaped
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the pool worker outlived its killed coordinator")
+
+
 def test_parallel_sweep_matches_sequential(tmp_path):
     experiment = _tiny()
     experiment = dataclasses.replace(
@@ -229,6 +277,74 @@ def test_cli_runs_and_errors(tmp_path):
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 3
     missing = runner.invoke(main, ["runs", "list", "--store", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def _stored_rows(store: Store) -> dict[str, dict]:
+    return {r["key"]: {k: v for k, v in r.items() if k != "updated"} for r in store.list()}
+
+
+@pytest.mark.parametrize("name", ["runs.jsonl", "runs.jsonl.gz"])
+def test_export_and_import_rebuild_the_store(tmp_path, name):
+    experiment = experiments.load("exp4")
+    with Store(tmp_path / "a.sqlite") as store:
+        _fake_rows(store, experiment, {"2x800 tanh dfa B4": [2.5, 2.7], "2x800 tanh fa B1": [4.1]})
+        row = store.list()[0]
+        history = [{"epoch": 1, "test_error": 9.5}, {"epoch": 2, "test_error": 7.25}]
+        store.upsert(
+            row["key"],
+            **{k: row[k] for k in ("config", "experiment", "label", "status", "epochs_done")},
+            final={"test_error": 7.25, "train_error": 0.0},
+            history=history,
+            seconds=12.5,
+            versions={"torch": "x"},
+        )
+        assert store.export(tmp_path / name) == 3
+        original = _stored_rows(store)
+    runner = CliRunner()
+    rebuilt = tmp_path / "b.sqlite"
+    result = runner.invoke(main, ["runs", "import", str(tmp_path / name), "--store", str(rebuilt)])
+    assert result.exit_code == 0, result.output
+    assert "imported 3 runs" in result.output
+    with Store(rebuilt) as store:
+        assert _stored_rows(store) == original
+        assert store.get(row["key"])["history"] == history
+    again = runner.invoke(main, ["runs", "import", str(tmp_path / name), "--store", str(rebuilt)])
+    assert "imported 0 runs" in again.output and "3 already there" in again.output
+
+
+def test_import_of_the_csv_keeps_the_final_metrics(tmp_path):
+    experiment = experiments.load("exp4")
+    with Store(tmp_path / "a.sqlite") as store:
+        _fake_rows(store, experiment, {"2x800 tanh dfa B4": [2.5, 2.75]})
+        store.export(tmp_path / "runs.csv")
+        original = {r["key"]: r["final"] for r in store.list()}
+    with Store(tmp_path / "b.sqlite") as store:
+        assert store.import_file(tmp_path / "runs.csv") == (2, 0)
+        assert {r["key"]: r["final"] for r in store.list()} == original
+        table = {r["cell"]: r for r in summarize(experiment, store.list("exp4"))}
+        assert table["2x800 tanh dfa B4"]["mean"] == pytest.approx(2.625)
+
+
+def test_import_refuses_a_row_whose_key_is_not_its_configuration(tmp_path):
+    experiment = experiments.load("exp4")
+    with Store(tmp_path / "a.sqlite") as store:
+        _fake_rows(store, experiment, {"2x800 tanh dfa B4": [2.5]})
+        store.export(tmp_path / "runs.jsonl")
+    text = (tmp_path / "runs.jsonl").read_text().replace('"seed": 0', '"seed": 7')
+    (tmp_path / "edited.jsonl").write_text(text)
+    (tmp_path / "junk.jsonl").write_text("{not json\n")
+    runner = CliRunner()
+    for name, message in [
+        ("edited.jsonl", "line 1: key"),
+        ("junk.jsonl", "line 1: not a stored run"),
+        ("absent.jsonl", "no such file"),
+    ]:
+        result = runner.invoke(
+            main, ["runs", "import", str(tmp_path / name), "--store", str(tmp_path / "b.sqlite")]
+        )
+        assert result.exit_code == 1 and message in result.output, result.output
+    with Store(tmp_path / "b.sqlite") as store:
+        assert store.list() == []
 
 
 def test_only_keeps_the_matching_cells():

@@ -572,10 +572,22 @@ def _curves(
         if cell(RunConfig.from_data(r["config"])).startswith(prefix)
     ]
     short = title.split(":")[0]
+    notes = []
+    blind = [
+        r
+        for r in [*context.rows, *context.baselines]
+        if r["status"] == "finished"
+        and not r.get("history")
+        and cell(RunConfig.from_data(r["config"])).startswith(prefix)
+    ]
+    if blind:
+        notes.append(
+            f"{short}: {_count(len(blind), 'finished run')} without a per-epoch history "
+            "(imported from a CSV export) in the tables but not in the curves."
+        )
     protocol = _main_protocol(rows)
     if protocol is None:
-        return [], [f"{short}: no finished {prefix.strip()} runs yet."]
-    notes = []
+        return [], [*notes, f"{short}: no finished {prefix.strip()} runs with a history yet."]
     chosen = _by_cell(r for r in rows if _protocol_key(r) == protocol)
     others = {_protocol_key(r) for r in rows} - {protocol}
     if others:
@@ -592,13 +604,13 @@ def _curves(
     dashed = []
     for panel, wanted in panels.items():
         lines[panel] = {
-            label(c): [r["history"] for r in chosen[c]]
+            f"{label(c)} (n={len(chosen[c])})": [r["history"] for r in chosen[c]]
             for c in context.experiment.cells()
             if c in chosen and wanted(c)
         }
         for c in sorted(baseline_cells, key=_baseline_order().get):
             if baseline_panel.get(panel, lambda _: False)(c):
-                text = f"{label(c)} (baseline)"
+                text = f"{label(c)} (baseline, n={len(baseline_cells[c])})"
                 lines[panel][text] = [r["history"] for r in baseline_cells[c]]
                 dashed.append(text)
     lines = {p: v for p, v in lines.items() if v}
@@ -609,7 +621,10 @@ def _curves(
     path = plot_mean_curves(lines, context.path(name), title=title, dashed=dashed)
     epochs = protocol[1]
     subset = "" if protocol[6] == math.inf else f", {protocol[6]} training examples"
-    text = f"{caption} Mean over seeds, band from min to max; {_count(epochs, 'epoch')}{subset}."
+    text = (
+        f"{caption} Mean over the n seeds of each line, band from min to max; "
+        f"{_count(epochs, 'epoch')}{subset}."
+    )
     return [Image(path, text)], notes
 
 

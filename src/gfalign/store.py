@@ -8,6 +8,7 @@ the seconds spent and the versions the run used, so a report needs nothing but t
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import sqlite3
 import time
@@ -15,7 +16,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreError"]
+
+
+class StoreError(ValueError):
+    """A file that cannot be imported into the store: unknown format, bad line, wrong key."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -128,6 +134,22 @@ class Store:
             )
         return [_decode(r) for r in rows]
 
+    def export(self, path: str | Path, experiment: str | None = None) -> int:
+        """Write the runs to ``path``: CSV for ``.csv``, else JSON lines (gzipped for ``.gz``).
+
+        The CSV holds the final metrics only (a table to read); the JSON lines hold every column,
+        the per-epoch history included, so ``import_file`` rebuilds the store from them.
+        """
+        path = Path(path)
+        if _format(path) == "csv":
+            return self.export_csv(path, experiment)
+        rows = self.list(experiment)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _open_text(path, "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        return len(rows)
+
     def export_csv(self, path: str | Path, experiment: str | None = None) -> int:
         """Write one line per run (final metrics as columns, no history); returns the count."""
         rows = self.list(experiment)
@@ -148,6 +170,123 @@ class Store:
                     + [row["final"].get(m, "") for m in metrics]
                 )
         return len(rows)
+
+    def import_file(self, path: str | Path, *, replace: bool = False) -> tuple[int, int]:
+        """Add the runs of an ``export`` file; returns (imported, skipped).
+
+        A run already in the store is kept unless ``replace`` is set or the file's row has more
+        epochs done. Each row's key must be the hash of its configuration, so a hand-edited or
+        foreign row is refused with its line number. A CSV restores the final metrics but no
+        per-epoch history (the curves in a report need the JSON-lines export).
+        """
+        from gfalign.config import RunConfig
+        from gfalign.rules import ConfigError
+
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"{path}: no such file to import")
+        try:
+            rows = list(_read_rows(path))
+        except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
+            raise StoreError(f"{path}: cannot read it ({error})") from None
+        imported = skipped = 0
+        for line, row in rows:
+            where = f"{path}, line {line}"
+            try:
+                key = RunConfig.from_data(row["config"]).key()
+            except (ConfigError, TypeError, ValueError) as error:
+                raise StoreError(f"{where}: bad configuration ({error})") from None
+            if key != row["key"]:
+                raise StoreError(
+                    f"{where}: key {row['key']} is not the hash of its configuration ({key}); "
+                    "edited by hand, or written by a gfalign that hashes differently?"
+                )
+            present = self.get(key)
+            if present and not replace and present["epochs_done"] >= row["epochs_done"]:
+                skipped += 1
+                continue
+            self.upsert(
+                key,
+                config=row["config"],
+                status=row["status"],
+                experiment=row["experiment"] or None,
+                label=row["label"] or None,
+                epochs_done=row["epochs_done"],
+                final=row["final"],
+                history=row["history"],
+                seconds=row["seconds"],
+                versions=row["versions"],
+            )
+            imported += 1
+        return imported, skipped
+
+
+def _format(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    return "csv" if suffixes and suffixes[-1] == ".csv" else "jsonl"
+
+
+def _open_text(path: Path, mode: str):
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, mode + "t", encoding="utf-8", newline="")
+    return path.open(mode, encoding="utf-8", newline="")
+
+
+def _number(text: str) -> float | int | None:
+    if text == "":
+        return None
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def _run(row: Mapping[str, Any], **columns: Any) -> dict[str, Any]:
+    """One export row in the shape ``upsert`` takes; ``columns`` are the already decoded ones."""
+    return {
+        "key": row["key"],
+        "status": row["status"],
+        "experiment": row.get("experiment"),
+        "label": row.get("label"),
+        "epochs_done": int(row.get("epochs_done") or 0),
+        "seconds": row.get("seconds"),
+        "final": {},
+        "history": [],
+        "versions": {},
+        **columns,
+    }
+
+
+def _read_rows(path: Path):
+    """(line number, row) pairs of an export file, in the shape ``upsert`` takes."""
+    with _open_text(path, "r") as handle:
+        if _format(path) == "jsonl":
+            for line, text in enumerate(handle, 1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                    decoded = {n: row[n] for n in ("final", "history", "versions") if row.get(n)}
+                    yield line, _run(row, config=row["config"], **decoded)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                    raise StoreError(f"{path}, line {line}: not a stored run ({error})") from None
+            return
+        reader = csv.DictReader(handle)
+        missing = {"key", "config", "status"} - set(reader.fieldnames or [])
+        if missing:
+            raise StoreError(f"{path}: not a runs export (no column {', '.join(sorted(missing))})")
+        for line, row in enumerate(reader, 2):
+            try:
+                final = {
+                    name[len("final_") :]: value
+                    for name, text in row.items()
+                    if name.startswith("final_") and (value := _number(text)) is not None
+                }
+                config = json.loads(row["config"])
+                seconds = _number(row.get("seconds") or "")
+                yield line, _run(row, config=config, final=final, seconds=seconds)
+            except (json.JSONDecodeError, TypeError, ValueError) as error:
+                raise StoreError(f"{path}, line {line}: not a stored run ({error})") from None
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

@@ -72,6 +72,24 @@ def configs_for(
     return configs
 
 
+def _watch_parent(parent: int, interval: float = 1.0) -> None:
+    """In a pool worker: end this process when the coordinator ``parent`` is gone.
+
+    A coordinator killed outright (SIGKILL, SIGTERM, a closed terminal) cannot stop its pool,
+    and an orphaned worker would go on training a run nobody stores, beside the worker of a
+    resumed sweep writing the same run directory.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gfalign-parent-watch", daemon=True).start()
+
+
 def _work(config_data: dict, directory: str, data_dir: str | None, threads: int) -> dict:
     """One run in a worker process; returns plain data for the coordinator to store."""
     import torch
@@ -226,7 +244,9 @@ def _in_pool(todo, root: Path, data, finish, jobs: int) -> None:
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
+    ) as pool:
         pending = {
             pool.submit(_work, c.to_data(), str(root / c.key()), data, threads): c for c in todo
         }

@@ -229,9 +229,40 @@ def runs_show(key: str, store_path: Path, history: bool) -> None:
 @_store_option
 @click.option("--experiment", "-e", help="Only this experiment's runs.")
 def runs_export(out: Path, store_path: Path, experiment: str | None) -> None:
-    """Write one CSV line per run (final metrics as columns) to OUT."""
-    count = _open(store_path).export_csv(out, experiment)
+    """Write the runs to OUT: a CSV table of final metrics for OUT.csv, else every column with
+    the per-epoch history as JSON lines (gzipped for OUT.jsonl.gz), which `runs import` reads
+    back."""
+    count = _open(store_path).export(out, experiment)
     click.echo(f"wrote {count} runs to {out}", err=True)
+
+
+@runs.command("import")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--store",
+    "store_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="The SQLite results store (created if missing).",
+)
+@click.option("--replace", is_flag=True, help="Overwrite runs the store already has.")
+def runs_import(source: Path, store_path: Path, replace: bool) -> None:
+    """Add the runs of an export (CSV or JSON lines) to the store, e.g. to rebuild it from the
+    committed results/runs.jsonl.gz. Runs the store already has are kept unless the file has
+    more epochs of them (or --replace); `reproduce` then skips the finished ones."""
+    from gfalign.store import Store, StoreError
+
+    with Store(store_path) as store:
+        try:
+            imported, skipped = store.import_file(source, replace=replace)
+        except StoreError as error:
+            raise click.ClickException(str(error)) from None
+    click.echo(
+        f"imported {imported} runs from {source} into {store_path}"
+        + (f" ({skipped} already there, kept)" if skipped else ""),
+        err=True,
+    )
 
 
 def _open(store_path: Path):
