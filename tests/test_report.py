@@ -232,7 +232,7 @@ def test_an_empty_store_gives_an_honest_pending_report(tmp_path):
     assert "| 0 / 135 |" in index and "| 0 / 50 |" in index
     exp1 = (tmp_path / "out" / "exp1.md").read_text()
     assert "| 2x800 tanh s1 | 1.96 | — | 0 | — | — |" in exp1
-    assert "Figure 4 (exp1): no finished 2x800 tanh runs yet." in exp1
+    assert "Figure 4 (exp1): no finished 2x800 tanh runs with a history yet." in exp1
     exp3 = (tmp_path / "out" / "exp3.md").read_text()
     assert "Figure 6: no finished autoencoder run with a checkpoint yet." in exp3
     assert "data:image" not in (tmp_path / "out" / "report.html").read_text()

@@ -15,7 +15,7 @@ from gfalign.cli import main
 from gfalign.cli.reproduce import render_report, summarize
 from gfalign.store import Store
 
-PER_SEED = {"exp1": 27, "exp2": 27, "exp3": 10, "exp4": 14, "baselines": 27}
+PER_SEED = {"exp1": 27, "exp2": 27, "exp3": 10, "exp4": 14, "baselines": 27, "fashion": 9}
 
 
 @pytest.mark.parametrize("name", experiments.EXPERIMENTS)
@@ -45,6 +45,11 @@ def test_preset_contents():
     assert exp4.paper["2x800 tanh dfa B4"] == 2.04
     assert exp4.paper["2x800 tanh fa B1"] == 4.64
     assert [c.seed for c in exp1.expand(seeds=7)[:7]] == list(range(7))
+    fashion = experiments.load("fashion")
+    assert {(c.dataset, c.hidden, c.activation) for c in fashion.configs} == {
+        ("fashion-mnist", (800, 800), "tanh")
+    }
+    assert fashion.paper == {} and "fashion" not in experiments.PAPER
 
 
 def _tiny(name: str = "exp1") -> experiments.Experiment:

@@ -642,6 +642,25 @@ def _figure_strategies(context: _Context, number: int) -> tuple[list[Block], lis
     )
 
 
+def _figure_fashion(context: _Context) -> tuple[list[Block], list[str]]:
+    def feedback(c: str) -> bool:
+        return _rule(c) in ("bp", "fa", "dfa")
+
+    return _curves(
+        context,
+        "2x800 tanh ",
+        {
+            "bp, fa, dfa": feedback,
+            "general feedback s1-s3": lambda c: not feedback(c) and "aux" not in c,
+            "with auxiliary errors": lambda c: "aux" in c,
+        },
+        {},
+        "figure-fashion",
+        "Fashion-MNIST: test error of the 2x800 tanh network",
+        "Fashion-MNIST: test error (%) per epoch of the 2x800 tanh network per rule, log scale.",
+    )
+
+
 def _figure_families(context: _Context) -> tuple[list[Block], list[str]]:
     rules = ("dfa", "fa")
     return _curves(
@@ -861,6 +880,8 @@ def _figures(context: _Context) -> tuple[list[Block], list[str]]:
         makers += [_figure_reconstructions, _figure_filters]
     elif name == "exp4":
         makers.append(_figure_families)
+    elif name == "fashion":
+        makers.append(_figure_fashion)
     makers.append(_figure_alignment)
     blocks: list[Block] = []
     notes: list[str] = []
