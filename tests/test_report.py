@@ -236,6 +236,11 @@ def test_an_empty_store_gives_an_honest_pending_report(tmp_path):
     exp3 = (tmp_path / "out" / "exp3.md").read_text()
     assert "Figure 6: no finished autoencoder run with a checkpoint yet." in exp3
     assert "data:image" not in (tmp_path / "out" / "report.html").read_text()
+    assert "discussion.md" not in index
+    (tmp_path / "out" / "discussion.md").write_text("# Discussion\n")
+    write_report(["exp1"], store, tmp_path / "out")
+    assert "[discussion.md](discussion.md)" in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "discussion.md").read_text() == "# Discussion\n"
 
 
 def _autoencoder_runs(tmp_path):

@@ -51,6 +51,7 @@ __all__ = [
 
 PENDING = "—"
 BASELINES = "baselines"
+DISCUSSION = "discussion.md"  # a hand-written page beside the report, linked from the index
 
 # ---------------------------------------------------------------------------- document blocks
 
@@ -962,6 +963,7 @@ def _index(
     rows: Mapping[str, list[dict[str, Any]]],
     *,
     html_page: bool,
+    discussion: bool = False,
 ) -> list[Block]:
     everything = [r for name in rows for r in _done(rows[name])]
     lines = []
@@ -1006,6 +1008,15 @@ def _index(
                 + (f"Compute: {compute(everything)} (sum of the runs' training times)",)
             ),
         ]
+    if discussion:
+        blocks += [
+            Heading(2, "Discussion"),
+            Paragraph(
+                f"Which cells agree with the paper within seed noise, which do not and why: "
+                f"[{DISCUSSION}]({DISCUSSION}), written from these tables (the report "
+                "does not regenerate it)."
+            ),
+        ]
     return blocks
 
 
@@ -1036,7 +1047,8 @@ def write_report(
     rows = {e.name: _with_environment(store.list(e.name), runs) for e in experiments}
     baselines = store.list(BASELINES)
     written: list[Path] = []
-    html_blocks = _index(experiments, rows, html_page=True)
+    discussion = (output / DISCUSSION).is_file()
+    html_blocks = _index(experiments, rows, html_page=True, discussion=discussion)
     for experiment in experiments:
         others = None if experiment.name == BASELINES else baselines
         blocks = section(
@@ -1058,7 +1070,8 @@ def write_report(
         html_blocks += [_demote(b) for b in blocks]
         written += [b.path for b in blocks if isinstance(b, Image)]
     index = output / "README.md"
-    index.write_text(render_markdown(_index(experiments, rows, html_page=False), output))
+    blocks = _index(experiments, rows, html_page=False, discussion=discussion)
+    index.write_text(render_markdown(blocks, output))
     page = output / "report.html"
     page.write_text(render_html(html_blocks, TITLE))
     return [index, page, *written]

@@ -242,19 +242,13 @@ def runs_export(out: Path, store_path: Path, experiment: str | None) -> None:
 
 @runs.command("import")
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--store",
-    "store_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_STORE,
-    show_default=True,
-    help="The SQLite results store (created if missing).",
-)
+@_store_option
 @click.option("--replace", is_flag=True, help="Overwrite runs the store already has.")
 def runs_import(source: Path, store_path: Path, replace: bool) -> None:
-    """Add the runs of an export (CSV or JSON lines) to the store, e.g. to rebuild it from the
-    committed results/runs.jsonl.gz. Runs the store already has are kept unless the file has
-    more epochs of them (or --replace); `reproduce` then skips the finished ones."""
+    """Add the runs of an export (CSV or JSON lines) to the store (created if missing), e.g. to
+    rebuild it from the committed results/runs.jsonl.gz. Runs the store already has are kept
+    unless the file has more epochs of them (or --replace); `reproduce` then skips the
+    finished ones."""
     from gfalign.store import Store, StoreError
 
     with Store(store_path) as store:
