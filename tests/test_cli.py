@@ -75,6 +75,17 @@ def test_train_writes_the_run_directory(tmp_path):
     assert config.hidden == (16, 16) and config.train.epochs == 3 and config.dataset == "synthetic"
 
 
+def test_an_autoencoder_reports_its_reconstruction_error(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", *TINY, "--objective", "autoencoder", "--out", out)
+    assert result.exit_code == 0, result.output
+    final = runs.read_metrics(out)[-1]["test_error"]
+    assert "test error" not in result.stderr
+    assert f"reconstruction error {final:.3g} after 3 epochs" in result.stderr
+    assert "train reconstruction error" not in result.stderr  # "train error", unit-less
+    assert "  train error " in result.stderr
+
+
 def test_json_summary_is_clean_stdout(tmp_path):
     out = tmp_path / "run"
     result = invoke("train", *TINY, "--out", out, "--json")

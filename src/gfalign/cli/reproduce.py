@@ -9,12 +9,11 @@ pages, figures and a self-contained HTML file (``gfalign.report``).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
 
-from gfalign.cli.train import USER_ERRORS
+from gfalign.cli.train import USER_ERRORS, error_text
 from gfalign.report import render_report, summarize
 
 __all__ = ["render_report", "report", "reproduce", "runs", "summarize"]
@@ -138,10 +137,10 @@ def reproduce(
     def progress(event: Progress) -> None:
         if quiet:
             return
-        error = event.final.get("test_error", math.nan)
+        error = error_text(event.config.objective, event.final.get("test_error"))
         click.echo(
             f"[{event.done}/{event.total}] {event.status:<8} {event.config.label()}  "
-            f"test error {error:.2f}  {event.config.key()}",
+            f"{error}  {event.config.key()}",
             err=True,
         )
 
@@ -195,14 +194,15 @@ def runs() -> None:
 @_store_option
 @click.option("--experiment", "-e", help="Only this experiment's runs.")
 def runs_list(store_path: Path, experiment: str | None) -> None:
-    """One line per run: key, experiment, status, epochs, test error, label."""
+    """One line per run: key, experiment, status, epochs, final error, label."""
     store = _open(store_path)
     rows = store.list(experiment)
     for row in rows:
-        error = row["final"].get("test_error", math.nan)
+        objective = row["config"].get("objective", "classification")
+        error = error_text(objective, row["final"].get("test_error"), 5)
         click.echo(
             f"{row['key']}  {row['experiment'] or '-':<9} {row['status']:<9} "
-            f"{row['epochs_done']:>4}  {error:7.2f}  {row['label']}"
+            f"{row['epochs_done']:>4}  {error:<29}  {row['label']}"
         )
     if not rows:
         click.echo(f"no runs in {store_path}", err=True)
