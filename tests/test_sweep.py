@@ -252,7 +252,7 @@ def test_report_cells(tmp_path):
 
     text = render_report(experiment, store.list("exp1"))
     assert "| 2x800 tanh s1 | 1.96 | 2.20 ± 0.20 | 3 | 100 | +0.24 |" in text
-    assert "| 2x200 relu s3 | 2.75 | 3.00 ± 0.00 | 1 | 100 | +0.25 |" in text
+    assert "| 2x200 relu s3 | 2.75 | 3.00 | 1 | 100 | +0.25 |" in text
     assert "| 2x400 tanh s1 | 2.02 | — | 0 | — | — |" in text
     store.close()
 

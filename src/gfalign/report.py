@@ -326,7 +326,8 @@ def _number(experiment: Experiment) -> Callable[[float], str]:
 def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table:
     """The summary as a table; the paper and difference columns only where the paper has numbers.
 
-    Baseline cells carry ``(baseline)``; pending cells show "—" for the numbers and 0 seeds.
+    Baseline cells carry ``(baseline)``; pending cells show "—" for the numbers and 0 seeds; a
+    cell with one seed shows its value without a spread.
     """
     number = _number(experiment)
     paper_columns = bool(experiment.paper)
@@ -336,7 +337,12 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
     rows = []
     for r in summary:
         name = f"{r['cell']} (baseline)" if r["baseline"] else r["cell"]
-        ours = PENDING if r["mean"] is None else f"{number(r['mean'])} ± {number(r['std'])}"
+        if r["mean"] is None:
+            ours = PENDING
+        elif r["n"] == 1:  # one seed has no spread to show
+            ours = number(r["mean"])
+        else:
+            ours = f"{number(r['mean'])} ± {number(r['std'])}"
         seeds = str(r["n"]) + (f" (+{r['diverged']} diverged)" if r["diverged"] else "")
         epochs = PENDING if r["epochs"] is None else str(r["epochs"])
         if r["subset"] is not None:
