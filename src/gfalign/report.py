@@ -611,13 +611,13 @@ def _curves(
     dashed = []
     for panel, wanted in panels.items():
         lines[panel] = {
-            f"{label(c)} (n={len(chosen[c])})": [r["history"] for r in chosen[c]]
+            label(c): [r["history"] for r in chosen[c]]
             for c in context.experiment.cells()
             if c in chosen and wanted(c)
         }
         for c in sorted(baseline_cells, key=_baseline_order().get):
             if baseline_panel.get(panel, lambda _: False)(c):
-                text = f"{label(c)} (baseline, n={len(baseline_cells[c])})"
+                text = f"{label(c)} (baseline)"
                 lines[panel][text] = [r["history"] for r in baseline_cells[c]]
                 dashed.append(text)
     lines = {p: v for p, v in lines.items() if v}
@@ -629,7 +629,7 @@ def _curves(
     epochs = protocol[1]
     subset = "" if protocol[6] == math.inf else f", {protocol[6]} training examples"
     text = (
-        f"{caption} Mean over the n seeds of each line, band from min to max; "
+        f"{caption} Mean over the seeds each legend entry names, band from min to max; "
         f"{_count(epochs, 'epoch')}{subset}."
     )
     return [Image(path, text)], notes
