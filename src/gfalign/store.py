@@ -235,10 +235,13 @@ def _open_text(path: Path, mode: str):
 
 
 def _number(text: str) -> float | int | None:
+    """A CSV cell as the number it was written from (``""``: None)."""
     if text == "":
         return None
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _run(row: Mapping[str, Any], **columns: Any) -> dict[str, Any]:
