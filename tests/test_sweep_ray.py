@@ -125,3 +125,20 @@ def test_address_needs_the_ray_backend(tmp_path):
         main, ["reproduce", "exp1", "--address", "auto", "--store", str(tmp_path / "s.sqlite")]
     )
     assert result.exit_code == 2 and "needs --backend ray" in result.output
+
+
+def test_stacked_jobs_on_ray(tmp_path, ray):
+    experiment = _tiny()
+    configs = sweep.configs_for(experiment, seeds=2, quick=True, only=("s2",))
+    local, on_ray = Store(tmp_path / "local.sqlite"), Store(tmp_path / "ray.sqlite")
+    sweep.run_sweep(experiment, local, tmp_path / "local", configs=configs, stack=2)
+    counts = sweep.run_sweep(
+        experiment, on_ray, tmp_path / "ray", configs=configs, stack=2, backend="ray"
+    )
+    assert counts == {"finished": 2}
+    ours, theirs = _table(on_ray), _table(local)  # equal up to rounding (threads differ)
+    assert set(ours) == set(theirs)
+    for key, row in ours.items():
+        assert row[:3] == theirs[key][:3] and row[6] == theirs[key][6]
+        assert row[3:6] == pytest.approx(theirs[key][3:6], rel=1e-5)
+    assert {r["history"][-1]["stacked"] for r in on_ray.list()} == {2}

@@ -24,7 +24,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,10 @@ __all__ = [
     "build",
     "environment",
     "execute",
+    "execute_stacked",
     "load_checkpoint",
     "read_metrics",
+    "stack_marker",
 ]
 
 CONFIG, CHECKPOINT, SUMMARY = "config.toml", "checkpoint.pt", "summary.json"
@@ -223,6 +225,91 @@ def default_directory(config: RunConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{stamp}-{config.rule_name}-{config.key()[:8]}"
 
 
+class _Record:
+    """One run directory while its run goes: opened (resuming), advanced, closed.
+
+    Opening builds the network, rule and ``Trainer`` (loading the checkpoint when resuming)
+    and writes ``config.toml``, ``environment.json``, the metric files and a ``running``
+    summary; each finished epoch appends a metrics row and, every ``checkpoint_every`` epochs
+    and at ``target``, a checkpoint; closing writes the final summary.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig | None,
+        directory: Path,
+        *,
+        resume: bool,
+        dataset,
+        data_dir,
+        metrics: Sequence[Callable[[Trainer], Mapping[str, float]]],
+        quiet: bool,
+    ) -> None:
+        checkpoint = None
+        if resume:
+            if config is None:
+                config = RunConfig.from_toml(directory / CONFIG)
+            if (directory / CHECKPOINT).exists():
+                checkpoint = load_checkpoint(directory / CHECKPOINT)
+        if config is None:
+            raise ConfigError("execute needs a configuration unless it resumes a run directory")
+        device = resolve_device(config.device)
+        _prepare_directory(directory)
+
+        if dataset is None:
+            dataset = load_data(config, device, data_dir=data_dir, quiet=quiet)
+        else:
+            dataset = dataset.to(device=device, dtype=config.torch_dtype)
+        net, rule = build(config, device)
+        probes = list(metrics)
+        if config.alignment:
+            from gfalign.alignment import alignment_metric
+
+            probes.append(alignment_metric(dataset, size=config.alignment_probe))
+        trainer = Trainer(net, rule, dataset, config.train, metrics=probes)
+        if checkpoint is not None:
+            if RunConfig.from_data(checkpoint["config"]).key() != config.key():
+                raise RunError(f"{directory / CHECKPOINT} belongs to another configuration")
+            trainer.load_state_dict(checkpoint)
+
+        (directory / CONFIG).write_text(config.to_toml())
+        _write_json(directory / ENVIRONMENT, environment(device))
+        _rewrite_metrics(directory, trainer.history)
+        self.summary: dict[str, Any] = {
+            "status": "running",
+            "key": config.key(),
+            "label": config.label(),
+        }
+        _write_json(directory / SUMMARY, self.summary)
+        self.config, self.directory, self.trainer = config, directory, trainer
+        self.started = time.perf_counter()
+
+    def epoch_done(self, checkpoint_every: int, target: int) -> None:
+        """Record the epoch the trainer has just finished."""
+        trainer = self.trainer
+        _append_metrics(self.directory, trainer.history)
+        if trainer.epoch % checkpoint_every == 0 or trainer.epoch == target:
+            _save_checkpoint(self.directory, trainer, self.config)
+
+    def stop(self, status: str, **details: Any) -> None:
+        """Mark the run ``diverged`` or ``interrupted``; its finished epochs stay recorded."""
+        self.summary.update(status=status, epochs=self.trainer.epoch, **details)
+        _write_json(self.directory / SUMMARY, self.summary)
+
+    def close(self) -> RunResult:
+        trainer, summary = self.trainer, self.summary
+        finished = trainer.epoch >= self.config.train.epochs
+        summary.update(
+            status="finished" if finished else "stopped",
+            epochs=trainer.epoch,
+            seconds=time.perf_counter() - self.started,
+            train_seconds=sum(r["seconds"] for r in trainer.history),
+            final=dict(trainer.history[-1]) if trainer.history else {},
+        )
+        _write_json(self.directory / SUMMARY, summary)
+        return RunResult(self.directory, self.config, list(trainer.history), summary)
+
+
 def execute(
     config: RunConfig | None,
     directory: str | Path,
@@ -257,65 +344,127 @@ def execute(
         RunError: an unusable directory or checkpoint.
         DivergenceError: a non-finite loss; the finished epochs stay recorded.
     """
-    directory = Path(directory)
-    checkpoint = None
-    if resume:
-        if config is None:
-            config = RunConfig.from_toml(directory / CONFIG)
-        if (directory / CHECKPOINT).exists():
-            checkpoint = load_checkpoint(directory / CHECKPOINT)
-    if config is None:
-        raise ConfigError("execute needs a configuration unless it resumes a run directory")
-    device = resolve_device(config.device)
-    _prepare_directory(directory)
-
-    if dataset is None:
-        dataset = load_data(config, device, data_dir=data_dir, quiet=quiet)
-    else:
-        dataset = dataset.to(device=device, dtype=config.torch_dtype)
-    net, rule = build(config, device)
-    probes = list(metrics)
-    if config.alignment:
-        from gfalign.alignment import alignment_metric
-
-        probes.append(alignment_metric(dataset, size=config.alignment_probe))
-    trainer = Trainer(net, rule, dataset, config.train, metrics=probes)
-    if checkpoint is not None:
-        if RunConfig.from_data(checkpoint["config"]).key() != config.key():
-            raise RunError(f"{directory / CHECKPOINT} belongs to another configuration")
-        trainer.load_state_dict(checkpoint)
-
-    (directory / CONFIG).write_text(config.to_toml())
-    _write_json(directory / ENVIRONMENT, environment(device))
-    _rewrite_metrics(directory, trainer.history)
-    summary: dict[str, Any] = {"status": "running", "key": config.key(), "label": config.label()}
-    _write_json(directory / SUMMARY, summary)
-
-    target = config.train.epochs if stop_after is None else min(stop_after, config.train.epochs)
-    started = time.perf_counter()
+    run = _Record(
+        config,
+        Path(directory),
+        resume=resume,
+        dataset=dataset,
+        data_dir=data_dir,
+        metrics=metrics,
+        quiet=quiet,
+    )
+    trainer, epochs = run.trainer, run.config.train.epochs
+    target = epochs if stop_after is None else min(stop_after, epochs)
     try:
         while trainer.epoch < target:
             record = trainer.train_epoch(on_batch)
-            _append_metrics(directory, trainer.history)
-            if trainer.epoch % checkpoint_every == 0 or trainer.epoch == target:
-                _save_checkpoint(directory, trainer, config)
+            run.epoch_done(checkpoint_every, target)
             if on_epoch is not None:
                 on_epoch(record)
     except DivergenceError as problem:
-        summary.update(status="diverged", error=str(problem), epochs=trainer.epoch)
-        _write_json(directory / SUMMARY, summary)
+        run.stop("diverged", error=str(problem))
         raise
     except KeyboardInterrupt:
-        summary.update(status="interrupted", epochs=trainer.epoch)
-        _write_json(directory / SUMMARY, summary)
+        run.stop("interrupted")
         raise
-    finished = trainer.epoch >= config.train.epochs
-    summary.update(
-        status="finished" if finished else "stopped",
-        epochs=trainer.epoch,
-        seconds=time.perf_counter() - started,
-        train_seconds=sum(r["seconds"] for r in trainer.history),
-        final=dict(trainer.history[-1]) if trainer.history else {},
-    )
-    _write_json(directory / SUMMARY, summary)
-    return RunResult(directory, config, list(trainer.history), summary)
+    return run.close()
+
+
+def stack_marker(config: RunConfig) -> str:
+    """Runs with the same marker can train stacked (``execute_stacked``): they differ only in
+    the seed and the feedback family."""
+    return replace(config, seed=0, feedback="uniform").key()
+
+
+def execute_stacked(
+    configs: Sequence[RunConfig],
+    directories: Sequence[str | Path],
+    *,
+    resume: bool = False,
+    data_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    on_epoch: Callable[[dict[int, dict[str, float]]], None] | None = None,
+    stop_after: int | None = None,
+    quiet: bool = True,
+    dataset=None,
+) -> list[RunResult | DivergenceError]:
+    """Run (or resume) several configurations as one stacked computation (``EnsembleTrainer``).
+
+    Each run keeps its own directory, written exactly as ``execute`` writes it, and can be
+    resumed by either function. The configurations may differ only in ``seed`` and
+    ``feedback`` (``stack_marker``). Members resumed at different epochs first catch up alone.
+    A member's results equal its ``execute`` run up to floating-point rounding; its records
+    carry ``stacked`` (the members of that epoch's stack) and ``seconds`` is its share of
+    the stack's time, so summed seconds stay the compute spent.
+
+    Returns:
+        One entry per configuration: its ``RunResult``, or the ``DivergenceError`` of a member
+        whose loss stopped being finite (its directory says ``diverged``; the others go on).
+
+    Raises:
+        ConfigError: configurations that cannot stack, or as for ``execute``.
+        RunError: as for ``execute``.
+    """
+    from gfalign.ensemble import EnsembleTrainer
+
+    configs, directories = list(configs), [Path(d) for d in directories]
+    if not configs or len(configs) != len(directories):
+        raise ConfigError(
+            f"execute_stacked needs one directory per configuration, "
+            f"got {len(configs)} configurations and {len(directories)} directories"
+        )
+    marker = stack_marker(configs[0])
+    for config in configs[1:]:
+        if stack_marker(config) != marker:
+            raise ConfigError(
+                f"{config.label()} cannot stack with {configs[0].label()}: stacked runs may "
+                "differ only in seed and feedback family"
+            )
+    if dataset is None:
+        device = resolve_device(configs[0].device)
+        dataset = load_data(configs[0], device, data_dir=data_dir, quiet=quiet)
+    runs = [
+        _Record(c, d, resume=resume, dataset=dataset, data_dir=data_dir, metrics=(), quiet=quiet)
+        for c, d in zip(configs, directories, strict=True)
+    ]
+    # Every member trains on one dataset object, which the ensemble requires.
+    shared = runs[0].trainer.data
+    for run in runs:
+        run.trainer.data = shared
+    epochs = configs[0].train.epochs
+    target = epochs if stop_after is None else min(stop_after, epochs)
+    outcome: dict[int, RunResult | DivergenceError] = {}
+    try:
+        # Members resumed behind the others catch up alone (at most a few epochs).
+        level = min(max(run.trainer.epoch for run in runs), target)
+        for k, run in enumerate(runs):
+            try:
+                while run.trainer.epoch < level:
+                    run.trainer.train_epoch()
+                    run.epoch_done(checkpoint_every, target)
+            except DivergenceError as problem:
+                run.stop("diverged", error=str(problem))
+                outcome[k] = problem
+        members = [k for k in range(len(runs)) if k not in outcome]
+        if members and level < target:
+            ensemble = EnsembleTrainer.from_trainers([runs[k].trainer for k in members])
+            while ensemble.active and ensemble.epoch < target:
+                size = len(ensemble.active)
+                records = ensemble.train_epoch()
+                for position, record in records.items():
+                    record["seconds"] /= size
+                    record["stacked"] = size
+                    runs[members[position]].epoch_done(checkpoint_every, target)
+                for position, problem in ensemble.errors.items():
+                    k = members[position]
+                    if k not in outcome:
+                        runs[k].stop("diverged", error=str(problem))
+                        outcome[k] = problem
+                if on_epoch is not None:
+                    on_epoch({members[position]: r for position, r in records.items()})
+    except KeyboardInterrupt:
+        for k, run in enumerate(runs):
+            if k not in outcome:
+                run.stop("interrupted")
+        raise
+    return [outcome[k] if k in outcome else run.close() for k, run in enumerate(runs)]

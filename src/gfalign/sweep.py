@@ -5,7 +5,8 @@ unfinished one from its checkpoint, and a run the store already holds as finishe
 diverged: deterministic, it would diverge again) is skipped. Only this coordinating process
 writes the store: workers return their summaries, histories and versions to it. The ``local``
 backend runs in this process (``jobs=1``) or a spawn process pool; the ``ray`` backend makes
-each run one Ray task, on a Ray started here or on an existing cluster.
+each job one Ray task, on a Ray started here or on an existing cluster. A job is one run, or
+with ``stack`` several seeds of a cell trained as one stacked computation (``gfalign.ensemble``).
 """
 
 from __future__ import annotations
@@ -50,11 +51,14 @@ def configs_for(
     epochs: int | None = None,
     quick: bool = False,
     only: Sequence[str] = (),
+    device: str | None = None,
 ) -> list[RunConfig]:
     """The runs a sweep does: grid x seeds, ``quick`` cutting data and epochs (CI speed).
 
     ``quick`` never enlarges a subset the experiment's base already sets. ``only`` keeps the
-    runs whose cell name (``"2x800 tanh s1"``) contains any of its strings.
+    runs whose cell name (``"2x800 tanh s1"``) contains any of its strings. ``device``
+    (``cpu``, ``cuda``, ``auto``) replaces the experiment's; it is not part of a run's key, so
+    a run started on one device can finish on another.
     """
     overrides: dict[str, Any] = {}
     if quick:
@@ -66,6 +70,8 @@ def configs_for(
                 overrides[name] = min(given, QUICK[name])
     if epochs is not None:
         overrides["epochs"] = epochs
+    if device is not None:
+        overrides["device"] = device
     configs = experiment.expand(seeds, **overrides)
     if only:
         configs = [c for c in configs if any(text in experiment.cell(c) for text in only)]
@@ -90,13 +96,30 @@ def _watch_parent(parent: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="gfalign-parent-watch", daemon=True).start()
 
 
-def _work(config_data: dict, directory: str, data_dir: str | None, threads: int) -> dict:
-    """One run in a worker process; returns plain data for the coordinator to store."""
+def _work(group: list[dict], directories: list[str], data_dir: str | None, threads: int) -> list:
+    """One job in a worker process (a run, or runs to stack); plain data for the coordinator."""
     import torch
 
     torch.set_num_threads(threads)
-    config = RunConfig.from_data(config_data)
-    return _execute(config, Path(directory), data_dir, None)
+    configs = [RunConfig.from_data(data) for data in group]
+    return _execute_group(configs, [Path(d) for d in directories], data_dir, None)
+
+
+def _execute_group(configs: list[RunConfig], directories: list[Path], data_dir, dataset) -> list:
+    """A job: one run as ``execute`` does it, or several stacked (``execute_stacked``)."""
+    from gfalign.runs import SUMMARY, execute_stacked
+
+    if len(configs) == 1:
+        return [_execute(configs[0], directories[0], data_dir, dataset)]
+    results = execute_stacked(configs, directories, resume=True, data_dir=data_dir, dataset=dataset)
+    outs = []
+    for result, directory in zip(results, directories, strict=True):
+        if isinstance(result, Exception):  # diverged: its directory says so
+            summary, history = json.loads((directory / SUMMARY).read_text()), _history(directory)
+        else:
+            summary, history = result.summary, result.history
+        outs.append({"summary": summary, "history": history, "versions": _versions(directory)})
+    return outs
 
 
 def _execute(config: RunConfig, directory: Path, data_dir, dataset) -> dict:
@@ -166,6 +189,8 @@ def run_sweep(
     data_dir: str | Path | None = None,
     progress: Callable[[Progress], None] | None = None,
     configs: Sequence[RunConfig] | None = None,
+    stack: int = 1,
+    device: str | None = None,
 ) -> dict[str, int]:
     """Run every configuration not yet done; returns counts by status (``skipped`` ...).
 
@@ -179,25 +204,35 @@ def run_sweep(
         quick: 512 training and 256 test examples, 1 epoch (hidden widths kept).
         only: keep the cells whose name contains any of these strings.
         jobs: ``local`` backend: worker processes; 1 runs in this process.
-        backend: ``local`` or ``ray`` (one Ray task per run; needs ``gfalign[ray]``).
+        backend: ``local`` or ``ray`` (one Ray task per job; needs ``gfalign[ray]``).
         address: ``ray`` backend: the cluster to join (``auto``, ``ray://host:10001``);
             ``None`` starts a local Ray. A Ray already initialised here is used as it is.
-        cpus_per_run: ``ray`` backend: CPUs each run asks for (and its torch threads).
+        cpus_per_run: ``ray`` backend: CPUs each job asks for (and its torch threads).
         data_dir: where the dataset files are.
         progress: called after each run (and each skip) with a ``Progress``.
         configs: the runs to do, instead of those ``seeds``/``epochs``/``quick`` give.
+        stack: train up to this many runs of a cell (its seeds; exp4's feedback families too)
+            as one stacked computation (``gfalign.runs.execute_stacked``), one job for a
+            worker. Faster for small networks and on a GPU; each run's numbers equal its
+            unstacked run's up to floating-point rounding.
+        device: where the runs train (``cpu``, ``cuda``, ``auto``), instead of the
+            experiment's; not part of a run's key.
 
     Raises:
         ImportError: ``backend="ray"`` without Ray installed.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if stack < 1:
+        raise ValueError(f"stack must be at least 1, got {stack}")
     if backend == "ray":
         _import_ray()
     if isinstance(experiment, str):
         experiment = load(experiment)
     if configs is None:
-        configs = configs_for(experiment, seeds=seeds, epochs=epochs, quick=quick, only=only)
+        configs = configs_for(
+            experiment, seeds=seeds, epochs=epochs, quick=quick, only=only, device=device
+        )
     root = Path(root_dir)
     root.mkdir(parents=True, exist_ok=True)
     data = None if data_dir is None else str(data_dir)
@@ -226,20 +261,41 @@ def run_sweep(
 
     if not todo:
         return counts
+    groups = _groups(todo, stack)
     if backend == "ray":
-        _on_ray(todo, root, data, finish, address, cpus_per_run)
+        _on_ray(groups, root, data, finish, address, cpus_per_run)
     elif jobs > 1:
-        _in_pool(todo, root, data, finish, jobs)
+        _in_pool(groups, root, data, finish, jobs)
     else:
         cache: dict[tuple, Any] = {}
-        for config in todo:
-            directory = root / config.key()
-            finish(config, _execute(config, directory, data, _dataset(config, data, cache)))
+        for group in groups:
+            dataset = _dataset(group[0], data, cache)
+            directories = [root / c.key() for c in group]
+            for config, out in zip(
+                group, _execute_group(group, directories, data, dataset), strict=True
+            ):
+                finish(config, out)
     return counts
 
 
-def _in_pool(todo, root: Path, data, finish, jobs: int) -> None:
-    """The runs in a spawn process pool of ``jobs`` workers, finished in completion order."""
+def _groups(todo: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
+    """The jobs: runs that can stack (``stack_marker``) in groups of at most ``stack``."""
+    from gfalign.runs import stack_marker
+
+    if stack == 1:
+        return [[config] for config in todo]
+    by_marker: dict[str, list[RunConfig]] = {}
+    for config in todo:
+        by_marker.setdefault(stack_marker(config), []).append(config)
+    return [
+        members[start : start + stack]
+        for members in by_marker.values()
+        for start in range(0, len(members), stack)
+    ]
+
+
+def _in_pool(groups, root: Path, data, finish, jobs: int) -> None:
+    """The jobs in a spawn process pool of ``jobs`` workers, stored in completion order."""
     import multiprocessing
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -247,18 +303,22 @@ def _in_pool(todo, root: Path, data, finish, jobs: int) -> None:
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
     ) as pool:
-        pending = {
-            pool.submit(_work, c.to_data(), str(root / c.key()), data, threads): c for c in todo
-        }
+        pending = {pool.submit(_work, *_job(group, root), data, threads): group for group in groups}
         try:
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    finish(pending.pop(future), future.result())
+                    group = pending.pop(future)
+                    for config, out in zip(group, future.result(), strict=True):
+                        finish(config, out)
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
+
+
+def _job(group: list[RunConfig], root: Path) -> tuple[list[dict], list[str]]:
+    return [c.to_data() for c in group], [str(root / c.key()) for c in group]
 
 
 def _import_ray():
@@ -269,8 +329,8 @@ def _import_ray():
     return ray
 
 
-def _on_ray(todo, root: Path, data, finish, address: str | None, cpus_per_run: int) -> None:
-    """Each run as one Ray task asking for ``cpus_per_run`` CPUs (and a GPU for CUDA runs)."""
+def _on_ray(groups, root: Path, data, finish, address: str | None, cpus_per_run: int) -> None:
+    """Each job as one Ray task asking for ``cpus_per_run`` CPUs (and a GPU for CUDA runs)."""
     ray = _import_ray()
     # workers need not share this process's working directory
     root = root.resolve()
@@ -283,16 +343,18 @@ def _on_ray(todo, root: Path, data, finish, address: str | None, cpus_per_run: i
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         task = ray.remote(_work)
         pending = {}
-        for config in todo:
-            cuda = config.device.startswith("cuda") or (config.device == "auto" and gpus)
+        for group in groups:
+            device = group[0].device
+            cuda = device.startswith("cuda") or (device == "auto" and gpus)
             options = task.options(num_cpus=cpus_per_run, num_gpus=int(cuda))
-            ref = options.remote(config.to_data(), str(root / config.key()), data, cpus_per_run)
-            pending[ref] = config
+            pending[options.remote(*_job(group, root), data, cpus_per_run)] = group
         try:
             while pending:
                 finished, _ = ray.wait(list(pending), num_returns=1)
                 for ref in finished:
-                    finish(pending.pop(ref), ray.get(ref))
+                    group = pending.pop(ref)
+                    for config, out in zip(group, ray.get(ref), strict=True):
+                        finish(config, out)
         except BaseException:
             # force: end the worker process. A task interrupted inside an import (torch
             # imports lazily) would leave a half-initialized module to the next task there.

@@ -91,6 +91,20 @@ _data_dir_option = click.option(
     show_default=True,
     help="CPUs each Ray task asks for (a CUDA run also asks for one GPU).",
 )
+@click.option(
+    "--device",
+    metavar="DEVICE",
+    help="cpu, cuda, cuda:1 or auto, instead of the experiment's cpu (not part of a run's key).",
+)
+@click.option(
+    "--stack",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="K",
+    help="Train up to K runs of a cell (its seeds; exp4's feedback families) as one stacked "
+    "computation: faster for small networks and on a GPU, equal up to rounding.",
+)
 @_store_option
 @click.option(
     "--runs-dir",
@@ -111,6 +125,8 @@ def reproduce(
     backend: str,
     address: str | None,
     cpus_per_run: int,
+    device: str | None,
+    stack: int,
     store_path: Path,
     runs_dir: Path,
     data_dir: Path | None,
@@ -172,6 +188,8 @@ def reproduce(
                     backend=backend,
                     address=address,
                     cpus_per_run=cpus_per_run,
+                    stack=stack,
+                    device=device,
                     data_dir=data_dir,
                     progress=progress,
                 )
