@@ -200,3 +200,25 @@ def test_a_stacked_sweep_on_cuda_matches_the_cpu(tmp_path):
     for key, row in ours.items():
         assert row[:2] == theirs[key][:2]
         assert row[2] == pytest.approx(theirs[key][2], abs=1.0)  # float64: same to rounding
+
+
+@pytest.mark.parametrize("stack", [1, 2])
+def test_a_sweep_stores_a_diverged_run_from_its_directory(tmp_path, stack, monkeypatch):
+    real_build = runs.build
+
+    def build(config, device="cpu"):  # seed 1 starts with a NaN weight: loss not finite
+        net, rule = real_build(config, device)
+        if config.seed == 1:
+            with torch.no_grad():
+                net.weight(1)[0, 0] = float("nan")
+        return net, rule
+
+    monkeypatch.setattr(runs, "build", build)
+    store = Store(tmp_path / "runs.sqlite")
+    configs = sweep.configs_for(_tiny(), seeds=2, quick=True, epochs=2, only=("dfa B1",))
+    counts = sweep.run_sweep(_tiny(), store, tmp_path / "runs", configs=configs, stack=stack)
+    assert counts == {"finished": 1, "diverged": 1}
+    rows = {r["config"]["seed"]: r for r in store.list()}
+    assert rows[1]["status"] == "diverged" and rows[1]["epochs_done"] == 0
+    assert rows[1]["history"] == [] and rows[1]["versions"]["torch"]
+    assert rows[0]["status"] == "finished" and len(rows[0]["history"]) == 2

@@ -225,7 +225,7 @@ def default_directory(config: RunConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{stamp}-{config.rule_name}-{config.key()[:8]}"
 
 
-class _Record:
+class _OpenRun:
     """One run directory while its run goes: opened (resuming), advanced, closed.
 
     Opening builds the network, rule and ``Trainer`` (loading the checkpoint when resuming)
@@ -344,7 +344,7 @@ def execute(
         RunError: an unusable directory or checkpoint.
         DivergenceError: a non-finite loss; the finished epochs stay recorded.
     """
-    run = _Record(
+    run = _OpenRun(
         config,
         Path(directory),
         resume=resume,
@@ -424,7 +424,7 @@ def execute_stacked(
         device = resolve_device(configs[0].device)
         dataset = load_data(configs[0], device, data_dir=data_dir, quiet=quiet)
     runs = [
-        _Record(c, d, resume=resume, dataset=dataset, data_dir=data_dir, metrics=(), quiet=quiet)
+        _OpenRun(c, d, resume=resume, dataset=dataset, data_dir=data_dir, metrics=(), quiet=quiet)
         for c, d in zip(configs, directories, strict=True)
     ]
     # Every member trains on one dataset object, which the ensemble requires.
@@ -435,7 +435,7 @@ def execute_stacked(
     target = epochs if stop_after is None else min(stop_after, epochs)
     outcome: dict[int, RunResult | DivergenceError] = {}
     try:
-        # Members resumed behind the others catch up alone (at most a few epochs).
+        # Members resumed behind the others catch up alone.
         level = min(max(run.trainer.epoch for run in runs), target)
         for k, run in enumerate(runs):
             try:

@@ -107,31 +107,38 @@ def _work(group: list[dict], directories: list[str], data_dir: str | None, threa
 
 def _execute_group(configs: list[RunConfig], directories: list[Path], data_dir, dataset) -> list:
     """A job: one run as ``execute`` does it, or several stacked (``execute_stacked``)."""
-    from gfalign.runs import SUMMARY, execute_stacked
+    from gfalign.runs import execute_stacked
+    from gfalign.train import DivergenceError
 
     if len(configs) == 1:
         return [_execute(configs[0], directories[0], data_dir, dataset)]
     results = execute_stacked(configs, directories, resume=True, data_dir=data_dir, dataset=dataset)
-    outs = []
-    for result, directory in zip(results, directories, strict=True):
-        if isinstance(result, Exception):  # diverged: its directory says so
-            summary, history = json.loads((directory / SUMMARY).read_text()), _history(directory)
-        else:
-            summary, history = result.summary, result.history
-        outs.append({"summary": summary, "history": history, "versions": _versions(directory)})
-    return outs
+    return [
+        _out(directory, None if isinstance(result, DivergenceError) else result)
+        for result, directory in zip(results, directories, strict=True)
+    ]
 
 
 def _execute(config: RunConfig, directory: Path, data_dir, dataset) -> dict:
-    from gfalign.runs import SUMMARY, execute
+    from gfalign.runs import execute
     from gfalign.train import DivergenceError
 
     try:
         result = execute(config, directory, resume=True, data_dir=data_dir, dataset=dataset)
-        summary, history = result.summary, result.history
     except DivergenceError:
-        summary = json.loads((directory / SUMMARY).read_text())
-        history = _history(directory)
+        result = None
+    return _out(directory, result)
+
+
+def _out(directory: Path, result) -> dict:
+    """What the coordinator stores of a run: summary, history and versions, read back from
+    its directory when it diverged (``result`` None)."""
+    from gfalign.runs import SUMMARY
+
+    if result is None:
+        summary, history = json.loads((directory / SUMMARY).read_text()), _history(directory)
+    else:
+        summary, history = result.summary, result.history
     return {"summary": summary, "history": history, "versions": _versions(directory)}
 
 
