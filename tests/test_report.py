@@ -351,3 +351,25 @@ def test_train_error_column_is_the_mean_final_training_error(tmp_path):
     text = render_report(experiments.load("exp1"), store.list("exp1"))
     assert "| train error (mean) |" in _line(text, "| cell |")
     assert _line(text, "| 2x800 tanh s1 |").endswith("| +0.14 | 0.02 |")  # (0.01 + 0.03) / 2
+
+
+def test_runs_without_history_are_noted_only_on_their_own_dataset(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _fill(store, "fashion", {"2x800 tanh bp": [10.4, 10.3]})
+    _fill(store, "baselines", {"2x800 tanh bp": [1.8, 1.9]})
+    for row in store.list("baselines"):  # as imported from a CSV export: final metrics only
+        store.upsert(
+            row["key"],
+            experiment="baselines",
+            config=row["config"],
+            status="finished",
+            epochs_done=100,
+            final=row["final"],
+        )
+    _fill(store, "exp1", {"2x800 tanh s1": [1.9]})
+    write_report(["exp1", "fashion"], store, tmp_path / "out")
+    note = "2 finished runs without a per-epoch history"
+    assert note in (tmp_path / "out" / "exp1.md").read_text()
+    assert note not in (tmp_path / "out" / "fashion.md").read_text()
+    assert "without a per-epoch history" not in (tmp_path / "out" / "fashion.md").read_text()
+    store.close()

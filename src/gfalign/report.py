@@ -580,11 +580,13 @@ def _curves(
     ]
     short = title.split(":")[0]
     notes = []
+    dataset = context.experiment.base.dataset
     blind = [
         r
         for r in [*context.rows, *context.baselines]
         if r["status"] == "finished"
         and not r.get("history")
+        and r["config"].get("dataset", dataset) == dataset
         and cell(RunConfig.from_data(r["config"])).startswith(prefix)
     ]
     if blind:
