@@ -86,17 +86,23 @@ def test_members_resumed_at_different_epochs_catch_up_then_stack(tmp_path):
     assert stacked == [[3, 1, 3], [3, 1, 3], [3, 1, 3]]  # epoch 2 of 0 and 1 ran alone
 
 
-def test_a_diverging_member_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+def _poison_seed_1(monkeypatch, layer: int):
+    """Make ``runs.build`` give seed 1 a NaN weight in ``layer``: its loss is not finite."""
     real_build = runs.build
 
     def build(config, device="cpu"):
         net, rule = real_build(config, device)
         if config.seed == 1:
             with torch.no_grad():
-                net.weight(2)[0, 0] = float("nan")
+                net.weight(layer)[0, 0] = float("nan")
         return net, rule
 
     monkeypatch.setattr(runs, "build", build)
+    return real_build
+
+
+def test_a_diverging_member_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    real_build = _poison_seed_1(monkeypatch, layer=2)
     directories = [tmp_path / f"stacked{c.seed}" for c in CONFIGS]
     results = runs.execute_stacked(CONFIGS, directories)
     assert isinstance(results[1], DivergenceError)
@@ -204,16 +210,7 @@ def test_a_stacked_sweep_on_cuda_matches_the_cpu(tmp_path):
 
 @pytest.mark.parametrize("stack", [1, 2])
 def test_a_sweep_stores_a_diverged_run_from_its_directory(tmp_path, stack, monkeypatch):
-    real_build = runs.build
-
-    def build(config, device="cpu"):  # seed 1 starts with a NaN weight: loss not finite
-        net, rule = real_build(config, device)
-        if config.seed == 1:
-            with torch.no_grad():
-                net.weight(1)[0, 0] = float("nan")
-        return net, rule
-
-    monkeypatch.setattr(runs, "build", build)
+    _poison_seed_1(monkeypatch, layer=1)
     store = Store(tmp_path / "runs.sqlite")
     configs = sweep.configs_for(_tiny(), seeds=2, quick=True, epochs=2, only=("dfa B1",))
     counts = sweep.run_sweep(_tiny(), store, tmp_path / "runs", configs=configs, stack=stack)

@@ -586,7 +586,7 @@ def _curves(
         for r in [*context.rows, *context.baselines]
         if r["status"] == "finished"
         and not r.get("history")
-        and r["config"].get("dataset", dataset) == dataset
+        and RunConfig.from_data(r["config"]).dataset == dataset
         and cell(RunConfig.from_data(r["config"])).startswith(prefix)
     ]
     if blind:
