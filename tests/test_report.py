@@ -138,7 +138,7 @@ def test_autoencoder_table_has_ours_only_in_reconstruction_error(tmp_path):
     _fill(store, "exp3", {"2x128 sigmoid dfa": [0.0210, 0.0230]})
     text = render_report(experiments.load("exp3"), store.list("exp3"))
     assert "| cell | ours (mean ± std) | seeds | epochs |" in text
-    assert "| 2x128 sigmoid dfa | 0.0220 ± 0.0014 | 2 | 100 |" in text
+    assert "| 2x128 sigmoid dfa | 0.02200 ± 0.00141 | 2 | 100 |" in text
     assert "| 2x800 sigmoid s2 | — | 0 | — |" in text
     assert "reconstruction error" in text and "paper" not in _line(text, "| cell |")
 

@@ -320,7 +320,7 @@ def _is_autoencoder(experiment: Experiment) -> bool:
 
 
 def _number(experiment: Experiment) -> Callable[[float], str]:
-    return (lambda v: f"{v:.4f}") if _is_autoencoder(experiment) else (lambda v: f"{v:.2f}")
+    return (lambda v: f"{v:.5f}") if _is_autoencoder(experiment) else (lambda v: f"{v:.2f}")
 
 
 def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table:
