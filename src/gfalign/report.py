@@ -503,7 +503,8 @@ def _done(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 @dataclass
 class _Context:
-    """What a figure needs: the experiment, its rows, the baselines' rows, where to write."""
+    """What a figure needs: the experiment, its rows, the baselines' rows on its dataset, where
+    to write."""
 
     experiment: Experiment
     rows: list[dict[str, Any]]
@@ -580,13 +581,11 @@ def _curves(
     ]
     short = title.split(":")[0]
     notes = []
-    dataset = context.experiment.base.dataset
     blind = [
         r
         for r in [*context.rows, *context.baselines]
         if r["status"] == "finished"
         and not r.get("history")
-        and RunConfig.from_data(r["config"]).dataset == dataset
         and cell(RunConfig.from_data(r["config"])).startswith(prefix)
     ]
     if blind:
@@ -919,7 +918,12 @@ def section(
     ``figures``: the directory to draw the figures into; ``None`` draws none.
     """
     rows = _with_environment([dict(r) for r in rows], runs_dir)
-    baseline_rows = [dict(r) for r in baselines] if baselines is not None else None
+    baseline_rows = None
+    if baselines is not None:  # only those on this experiment's dataset, for tables and figures
+        dataset = experiment.base.dataset
+        baseline_rows = [
+            dict(r) for r in baselines if RunConfig.from_data(r["config"]).dataset == dataset
+        ]
     summary = summarize(experiment, rows, baseline_rows)
     done = _done(rows)
     blocks: list[Block] = [
