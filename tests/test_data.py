@@ -28,6 +28,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import gfalign.data.files
 from gfalign import data
 from gfalign.cli.data import data as data_command
 from gfalign.data import (
@@ -442,6 +443,31 @@ def test_a_complete_user_directory_is_used_in_place(tmp_path, use_spec, cache, m
     assert all(report.good for report in data.verify("tiny", root=argument))
 
 
+def test_a_named_directory_comes_before_the_fast_cache(tmp_path, use_spec, monkeypatch, caplog):
+    """The README's order: with GFALIGN_DATA set, its files are read (verified) on every load,
+    even when the fast cache could answer alone."""
+    use_spec(tiny_spec())
+    root = write_files(tmp_path / "mine")
+    first = data.load("tiny", root=root)
+    assert tensor_path(data.get_spec("tiny")).is_file()
+    monkeypatch.setenv("GFALIGN_DATA", str(root))
+    read = []
+    verify_directory = gfalign.data.files.verify_directory
+    monkeypatch.setattr(
+        "gfalign.data.files.verify_directory",
+        lambda spec, directory, *rest: (
+            read.append(directory) or verify_directory(spec, directory, *rest)
+        ),
+    )
+    torch.testing.assert_close(data.load("tiny").train.x, first.train.x, rtol=0, atol=0)
+    assert read == [root]
+    # A damaged file there is named, then the cache (its fast file) answers.
+    (root / f"{NAMES[2]}.gz").write_bytes(gzip.compress(b"junk"))
+    with caplog.at_level(logging.WARNING, logger="gfalign.data"):
+        torch.testing.assert_close(data.load("tiny").test.x, first.test.x, rtol=0, atol=0)
+    assert f"data directory {root}" in caplog.text and NAMES[2] in caplog.text
+
+
 def test_a_bad_user_file_is_kept_and_the_next_source_used(
     tmp_path, server, use_spec, cache, caplog
 ):
@@ -588,7 +614,9 @@ def test_the_fast_cache_is_used_then_rebuilt_when_stale(tiny_source, use_spec, m
     for name in NAMES:
         (path.parent / name).unlink()
     with monkeypatch.context() as patch:
-        patch.setattr("gfalign.data.dataset.fetch", lambda *a, **k: pytest.fail("fetched"))
+        patch.setattr(
+            "gfalign.data.dataset.fetch_into_cache", lambda *a, **k: pytest.fail("fetched")
+        )
         second = data.load("tiny")
     torch.testing.assert_close(first.train.x, second.train.x, rtol=0, atol=0)
     # A fast cache built from other files is stale: load goes back to the (restored) files.
@@ -663,8 +691,12 @@ def test_real_mnist(monkeypatch):
     assert torch.bincount(dataset.train.y).tolist() == MNIST_TRAIN_COUNTS
     assert torch.bincount(dataset.test.y).tolist() == MNIST_TEST_COUNTS
     assert all(report.good for report in data.verify("mnist", root=REAL_MNIST))
-    # The second load reads the fast cache alone.
-    monkeypatch.setattr("gfalign.data.dataset.fetch", lambda *a, **k: pytest.fail("fetched"))
+    # The second load verifies the named files again but parses nothing: the fast cache holds
+    # the arrays of files with these pinned checksums.
+    monkeypatch.setattr(
+        "gfalign.data.dataset.fetch_into_cache", lambda *a, **k: pytest.fail("fetched")
+    )
+    monkeypatch.setattr("gfalign.data.dataset._parse", lambda *a, **k: pytest.fail("parsed"))
     started = time.monotonic()
     split = data.load("mnist", validation=10_000)
     second_load = time.monotonic() - started

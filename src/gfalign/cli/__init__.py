@@ -2,11 +2,19 @@
 
 Subcommands live in their own modules and are imported only when used, so ``gfalign --help``
 starts fast and a subcommand's dependencies stay its own.
+
+An error the user can cause (a bad configuration, damaged data, a busy or damaged run directory,
+a damaged store, a path that cannot be written, a full disk) ends the command with one line,
+``Error: ...``, and exit status 1; ``gfalign --debug COMMAND`` (or ``GFALIGN_DEBUG=1``) shows its
+traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import sqlite3
+import traceback
 
 import click
 
@@ -24,8 +32,58 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# (module, class): the exceptions a user can cause, whose message is the whole story
+USER_ERRORS = (
+    ("gfalign.rules", "ConfigError"),
+    ("gfalign.data.errors", "DataError"),
+    ("gfalign.runs", "RunError"),
+    ("gfalign.claims", "RunBusyError"),
+    ("gfalign.train", "DivergenceError"),
+    ("gfalign.store", "StoreError"),
+    ("gfalign.bench", "BenchError"),
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The classes of ``USER_ERRORS`` (imported now: a command that failed has loaded them)."""
+    return tuple(getattr(importlib.import_module(m), name) for m, name in USER_ERRORS)
+
+
+def describe(error: BaseException) -> str | None:
+    """One line for an error the user can cause, or None for a bug (which keeps its traceback)."""
+    if isinstance(error, user_errors()):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f" {error.filename}" if error.filename else ""
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENOSPC:
+            return f"disk full writing{where}: {reason}; free some space and run this again"
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write{where}: {reason}; choose a writable location"
+        return f"{where.strip() or 'file system'}: {reason}"
+    if isinstance(error, sqlite3.DatabaseError):
+        return f"results store: {error}"
+    return None
+
+
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use."""
+    """A group whose subcommands are imported on first use, and whose errors are one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as error:
+            cause = error.__cause__ or error.__context__
+            if ctx.params.get("debug") and cause is not None:
+                traceback.print_exception(cause)
+            raise
+        except Exception as error:
+            message = describe(error)
+            if message is None or ctx.params.get("debug"):
+                raise
+            raise click.ClickException(message) from error
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -44,5 +102,11 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gfalign")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="GFALIGN_DEBUG",
+    help="Show the full traceback of an error instead of its one-line message.",
+)
+def main(debug: bool) -> None:
     """gfalign: backprop, feedback alignment, DFA and the general feedback alignment rule."""

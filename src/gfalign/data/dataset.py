@@ -11,7 +11,8 @@ import torch
 
 from gfalign.data import idx
 from gfalign.data.errors import DataError
-from gfalign.data.files import fetch
+from gfalign.data.files import fetch_into_cache, named_directory
+from gfalign.data.progress import progress_bar
 from gfalign.data.registry import get_spec
 from gfalign.data.sources import find_file
 from gfalign.data.specs import DatasetSpec
@@ -121,9 +122,17 @@ def load(
     spec = get_spec(name)
     if not dtype.is_floating_point:
         raise DataError(f"inputs need a floating dtype, not {dtype}")
-    tensors = read_tensors(spec)
+    tensors, attempts = None, []
+    # The README's order: the user's directory (verified on every load), the cache (the fast
+    # tensor file, else the IDX files), the sources. The fast file records the pinned checksums
+    # of the files it was parsed from, so once the user's files verify against the same
+    # checksums it holds their content, and parsing them again is skipped.
+    with progress_bar(quiet) as progress:
+        directory = named_directory(spec, root, progress, attempts)
+        tensors = read_tensors(spec)
+        if tensors is None and directory is None:
+            directory = fetch_into_cache(spec, progress, download=download, attempts=attempts)
     if tensors is None:
-        directory = fetch(spec.name, root=root, quiet=quiet, download=download)
         tensors = _parse(spec, directory)
         try:
             write_tensors(spec, tensors)

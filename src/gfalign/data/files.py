@@ -277,35 +277,67 @@ def fetch(
     """
     spec = get_spec(name)
     attempts: list[str] = []
-    user = user_directory(root)
     with progress_bar(quiet) as progress:
-        if user is not None and not user.is_dir():
-            _attempt(attempts, f"data directory {user}", "no such directory")
-        elif user is not None:
-            directory = dataset_directory(user, spec)
-            reports = verify_directory(spec, directory, progress)
-            problems = "; ".join(report.detail for report in reports if not report.good)
-            if not problems:
-                return directory
-            _attempt(attempts, f"data directory {directory}", problems)
-        cache = cache_directory(spec)
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise DataError(f"cannot create the cache directory {cache} ({error})") from None
-        with FileLock(cache / ".lock"):
-            _remove_leftovers(spec, cache)
-            missing = _missing_from_cache(spec, cache, progress)
+        named = named_directory(spec, root, progress, attempts)
+        if named is not None:
+            return named
+        return fetch_into_cache(spec, progress, download=download, attempts=attempts)
+
+
+def named_directory(
+    spec: DatasetSpec,
+    root: str | os.PathLike | None,
+    progress: Progress,
+    attempts: list[str] | None = None,
+) -> Path | None:
+    """The directory the user named (``root``, else ``$GFALIGN_DATA``) when it holds all of the
+    dataset's files, each verified; else None, with the reason logged in one line (and added to
+    ``attempts``). None too when no directory is named."""
+    user = user_directory(root)
+    if user is None:
+        return None
+    attempts = [] if attempts is None else attempts
+    if not user.is_dir():
+        _attempt(attempts, f"data directory {user}", "no such directory")
+        return None
+    directory = dataset_directory(user, spec)
+    reports = verify_directory(spec, directory, progress)
+    problems = "; ".join(report.detail for report in reports if not report.good)
+    if problems:
+        _attempt(attempts, f"data directory {directory}", problems)
+        return None
+    return directory
+
+
+def fetch_into_cache(
+    spec: DatasetSpec,
+    progress: Progress,
+    *,
+    download: bool = True,
+    attempts: list[str] | None = None,
+) -> Path:
+    """The cache directory, once it holds the dataset's four verified files: what it lacks is
+    fetched from the dataset's sources in order (see ``fetch``, which looks at the user's
+    directory first)."""
+    attempts = [] if attempts is None else attempts
+    cache = cache_directory(spec)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create the cache directory {cache} ({error})") from None
+    with FileLock(cache / ".lock"):
+        _remove_leftovers(spec, cache)
+        missing = _missing_from_cache(spec, cache, progress)
+        if not missing:
+            return cache
+        if not download:
+            names = ", ".join(file.name for file in missing)
+            attempts.append(f"cache {cache}: missing {names}, and downloads are off")
+            raise DataError(_give_up(spec, attempts))
+        for source in spec.sources:
+            missing = _fetch_from(source, missing, cache, progress, attempts)
             if not missing:
                 return cache
-            if not download:
-                names = ", ".join(file.name for file in missing)
-                attempts.append(f"cache {cache}: missing {names}, and downloads are off")
-                raise DataError(_give_up(spec, attempts))
-            for source in spec.sources:
-                missing = _fetch_from(source, missing, cache, progress, attempts)
-                if not missing:
-                    return cache
     raise DataError(_give_up(spec, attempts))
 
 
