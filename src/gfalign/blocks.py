@@ -1,0 +1,313 @@
+"""The Jacobian products of a block's pieces, for rules on any model (DESIGN.md section 9).
+
+A block ``i`` is a parametrised *linear part* ``phi_i`` (``nn.Linear``, ``nn.Conv2d`` or any
+module with parameters), an element-wise activation and a parameter-free *tail* ``tau_i``
+(flatten, max or average pooling, identity, or any parameter-free module):
+
+    a^i = phi_i(h^{i-1}; theta_i),    h^i = tau_i(f_i(a^i)).
+
+Every term of a rule is one of a few products at the forward pass's point:
+
+    input_vjp(params, x, g) = J_x phi(x; params)^T g      above (params fixed, random) and
+                                                          backprop (params = theta) terms
+    input_jvp(params, x, v) = J_x phi(x; params) v        below terms
+    param_vjp(x, d)         = J_theta phi(x; theta)^T d   the block's own, local gradient
+    tail.vjp(g) = J_tau^T g,   tail.jvp(v) = J_tau v      a signal through a tail
+
+``linear_products(module)`` gives the products of a linear part: direct ones for ``nn.Linear``
+and ``nn.Conv2d`` (the kernels autograd itself calls), ``torch.func`` ones for anything else.
+``Tail.forward`` runs a tail and returns, beside its output, what its linearisation needs (a
+max-pool's argmax positions, a flatten's shape), so a signal routed back or forward through it
+takes the forward pass's path. Tails carry no weights: routing a signal through them
+transports none.
+
+    >>> conv = nn.Conv2d(1, 2, 3)
+    >>> x, g = torch.rand(4, 1, 6, 6), torch.rand(4, 2, 4, 4)
+    >>> products = linear_products(conv)
+    >>> products.input_vjp(conv, dict(conv.named_parameters()), x, g).shape
+    torch.Size([4, 1, 6, 6])
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+from torch.nn import functional
+
+__all__ = ["LinearProducts", "TAIL_STEPS", "Tail", "TailStep", "linear_products"]
+
+Parameters = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LinearProducts:
+    """The three products of one kind of linear part (see the module docstring).
+
+    Attributes:
+        input_vjp: ``(module, params, x, g) -> J_x^T g``, in the shape of ``x``.
+        input_jvp: ``(module, params, x, v) -> J_x v``, in the shape of the output. For an
+            affine part it is the part applied to ``v`` without its bias.
+        param_vjp: ``(module, x, d) -> {name: J_theta^T d}`` for every parameter of the module,
+            summed over the batch.
+    """
+
+    input_vjp: Callable[[nn.Module, Parameters, torch.Tensor, torch.Tensor], torch.Tensor]
+    input_jvp: Callable[[nn.Module, Parameters, torch.Tensor, torch.Tensor], torch.Tensor]
+    param_vjp: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _linear_param_vjp(module: nn.Module, x: torch.Tensor, d: torch.Tensor) -> dict:
+    # (out, N) @ (N, in): the batch folded into one product
+    grads = {"weight": d.reshape(-1, d.shape[-1]).t() @ x.reshape(-1, x.shape[-1])}
+    if module.bias is not None:
+        grads["bias"] = d.reshape(-1, d.shape[-1]).sum(0)
+    return grads
+
+
+LINEAR = LinearProducts(
+    input_vjp=lambda module, params, x, g: g @ params["weight"],
+    input_jvp=lambda module, params, x, v: v @ params["weight"].t(),
+    param_vjp=_linear_param_vjp,
+)
+
+
+def _conv_options(module: nn.Conv2d) -> dict[str, Any]:
+    return {
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+    }
+
+
+def _conv_param_vjp(module: nn.Conv2d, x: torch.Tensor, d: torch.Tensor) -> dict:
+    grads = {
+        "weight": torch.nn.grad.conv2d_weight(x, module.weight.shape, d, **_conv_options(module))
+    }
+    if module.bias is not None:
+        grads["bias"] = d.sum((0, 2, 3))
+    return grads
+
+
+CONV2D = LinearProducts(
+    # The transposed convolution autograd runs for conv2d's input gradient.
+    input_vjp=lambda module, params, x, g: torch.nn.grad.conv2d_input(
+        x.shape, params["weight"], g, **_conv_options(module)
+    ),
+    input_jvp=lambda module, params, x, v: functional.conv2d(
+        v, params["weight"], None, **_conv_options(module)
+    ),
+    param_vjp=_conv_param_vjp,
+)
+
+
+def _generic_input_vjp(module, params, x, g):
+    _, pullback = vjp(lambda inputs: functional_call(module, dict(params), (inputs,)), x)
+    return pullback(g)[0]
+
+
+def _forward_mode(function: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` of ``function`` at ``x`` by forward-mode autodiff (``torch.func.jvp``)."""
+    with warnings.catch_warnings():
+        # torch.func's first jvp scripts its decompositions through the deprecated jit: torch's
+        # own warning, not ours.
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        return jvp(function, (x,), (v,))[1]
+
+
+def _generic_input_jvp(module, params, x, v):
+    return _forward_mode(lambda inputs: functional_call(module, dict(params), (inputs,)), x, v)
+
+
+def _generic_param_vjp(module, x, d):
+    own = {name: p.detach() for name, p in module.named_parameters()}
+    _, pullback = vjp(lambda values: functional_call(module, values, (x,)), own)
+    return dict(pullback(d)[0])
+
+
+GENERIC = LinearProducts(_generic_input_vjp, _generic_input_jvp, _generic_param_vjp)
+
+
+def linear_products(module: nn.Module) -> LinearProducts:
+    """The products of ``module``: direct ones for a plain ``nn.Linear`` or a zero-padded
+    ``nn.Conv2d`` with numeric padding, ``torch.func`` ones for any other module.
+
+    Exact types only: a subclass may change ``forward``, so it takes the general path.
+    """
+    kind = type(module)
+    if kind is nn.Linear:
+        return LINEAR
+    if kind is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return CONV2D
+    return GENERIC
+
+
+# ------------------------------------------------------------------------------------ tails
+
+
+@dataclass(frozen=True)
+class TailStep:
+    """One parameter-free step of a tail.
+
+    ``forward(module, z) -> (h, state)`` runs it and keeps what its linearisation at ``z``
+    needs; ``vjp(module, state, g)`` and ``jvp(module, state, v)`` are ``J^T g`` (in ``z``'s
+    shape) and ``J v`` (in ``h``'s shape) at that point.
+    """
+
+    forward: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, Any]]
+    vjp: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+    jvp: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+
+
+def _max_pool_options(module: nn.MaxPool2d) -> tuple:
+    return module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
+
+
+def _max_pool_forward(module: nn.MaxPool2d, z: torch.Tensor):
+    h, indices = functional.max_pool2d(
+        z,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        ceil_mode=module.ceil_mode,
+        return_indices=True,
+    )
+    return h, (z, indices)
+
+
+def _max_pool_vjp(module: nn.MaxPool2d, state, g: torch.Tensor) -> torch.Tensor:
+    z, indices = state
+    kernel, stride, padding, dilation, ceil_mode = _max_pool_options(module)
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        g,
+        z,
+        _pair(kernel),
+        _pair(stride if stride is not None else kernel),
+        _pair(padding),
+        _pair(dilation),
+        ceil_mode,
+        indices,
+    )
+
+
+def _max_pool_jvp(module: nn.MaxPool2d, state, v: torch.Tensor) -> torch.Tensor:
+    _, indices = state  # (N, C, H', W') positions in each (H, W) plane
+    return v.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+
+
+def _avg_pool(module: nn.AvgPool2d, z: torch.Tensor) -> torch.Tensor:
+    return functional.avg_pool2d(
+        z,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.ceil_mode,
+        module.count_include_pad,
+        module.divisor_override,
+    )
+
+
+def _avg_pool_vjp(module: nn.AvgPool2d, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    kernel = _pair(module.kernel_size)
+    return torch.ops.aten.avg_pool2d_backward(
+        g,
+        z,
+        kernel,
+        _pair(module.stride) if module.stride else kernel,
+        _pair(module.padding),
+        module.ceil_mode,
+        module.count_include_pad,
+        module.divisor_override,
+    )
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+
+
+def _generic_tail_forward(module: nn.Module, z: torch.Tensor):
+    h, pullback = vjp(module, z)
+    return h, (z, pullback)
+
+
+TAIL_STEPS: dict[type[nn.Module], TailStep] = {
+    nn.Identity: TailStep(
+        lambda module, z: (z, None), lambda module, s, g: g, lambda module, s, v: v
+    ),
+    nn.Flatten: TailStep(
+        lambda module, z: (module(z), z.shape),
+        lambda module, shape, g: g.reshape(shape),
+        lambda module, shape, v: module(v),
+    ),
+    nn.MaxPool2d: TailStep(_max_pool_forward, _max_pool_vjp, _max_pool_jvp),
+    nn.AvgPool2d: TailStep(
+        lambda module, z: (_avg_pool(module, z), z),
+        _avg_pool_vjp,
+        lambda module, z, v: _avg_pool(module, v),
+    ),
+}
+"""The tail steps with direct products, by exact module type; any other parameter-free module
+goes through ``torch.func`` at the forward point."""
+
+GENERIC_TAIL = TailStep(
+    _generic_tail_forward,
+    lambda module, state, g: state[1](g)[0],
+    lambda module, state, v: _forward_mode(module, state[0], v),
+)
+
+
+@dataclass(frozen=True)
+class Tail:
+    """A block's parameter-free tail: its steps, applied in order.
+
+    ``forward`` returns the output and the state of every step at that point, which ``vjp``
+    and ``jvp`` take back, so a tail holds no state of its own.
+
+    Example:
+        >>> tail = Tail((nn.MaxPool2d(2), nn.Flatten()))
+        >>> h, state = tail.forward(torch.rand(3, 2, 4, 4))  # h: (3, 8)
+        >>> tail.vjp(state, torch.ones_like(h)).shape         # to the argmax positions
+        torch.Size([3, 2, 4, 4])
+    """
+
+    modules: tuple[nn.Module, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", tuple(self.modules))
+        for module in self.modules:
+            if any(True for _ in module.parameters()):
+                raise ValueError(
+                    f"a tail is parameter-free; {type(module).__name__} has parameters: make "
+                    "it the linear part of a block of its own"
+                )
+
+    @staticmethod
+    def _step(module: nn.Module) -> TailStep:
+        return TAIL_STEPS.get(type(module), GENERIC_TAIL)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """``(tau(z), state)``, the state being what ``vjp`` and ``jvp`` need at ``z``."""
+        states = []
+        for module in self.modules:
+            z, state = self._step(module).forward(module, z)
+            states.append(state)
+        return z, tuple(states)
+
+    def vjp(self, state: tuple, g: torch.Tensor) -> torch.Tensor:
+        """``J_tau^T g`` at the forward point: from ``h``'s shape back to ``z``'s."""
+        for module, step_state in zip(reversed(self.modules), reversed(state), strict=True):
+            g = self._step(module).vjp(module, step_state, g)
+        return g
+
+    def jvp(self, state: tuple, v: torch.Tensor) -> torch.Tensor:
+        """``J_tau v`` at the forward point: from ``z``'s shape forward to ``h``'s."""
+        for module, step_state in zip(self.modules, state, strict=True):
+            v = self._step(module).jvp(module, step_state, v)
+        return v
