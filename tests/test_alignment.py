@@ -335,7 +335,8 @@ def test_identity_is_perfectly_conditioned_and_carries_everything():
 
 
 def test_ones_carry_no_softmax_error():
-    ones = draw("B5:width=0", (10, 800), torch.Generator().manual_seed(0))
+    ones = draw("B4:density=1", (10, 800), torch.Generator().manual_seed(0))
+    assert torch.equal(ones, torch.ones(10, 800, dtype=DT))
     e = softmax_errors()
     assert (e @ ones).abs().max() < 1e-12
     report = diagnose(ones)
@@ -438,7 +439,9 @@ def test_cli_shows_a_family():
     assert data["family"] == "B6:density=0.2" and data["shape"] == [20, 30]
     expected = diagnose(draw("B6:density=0.2", (20, 30), torch.Generator().manual_seed(3)))
     assert data["rank"] == expected.rank
-    ones = json.loads(CliRunner().invoke(main, ["feedback", "show", "B5:width=0", "--json"]).output)
+    ones = json.loads(
+        CliRunner().invoke(main, ["feedback", "show", "B4:density=1", "--json"]).output
+    )
     assert ones["error_rank"] == 0 and ones["condition_number"] is None
 
 

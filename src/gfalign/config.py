@@ -19,8 +19,10 @@ store, so a sweep recognises a run it has already done.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,8 +31,8 @@ from typing import Any
 
 import torch
 
-from gfalign.feedback import FeedbackSpec
-from gfalign.rules import ConfigError, resolve
+from gfalign.network import ACTIVATIONS, BIAS_INITS, OBJECTIVES, WEIGHT_INITS
+from gfalign.rules import ConfigError, Limit, check_fields, feedback_spec, render, resolve
 from gfalign.train import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -44,9 +46,38 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _INPUT_WIDTH = 784  # MNIST and Fashion-MNIST images, flattened
 
 
+def _datasets() -> list[str]:
+    from gfalign.data.registry import SPECS  # datasets may be registered at run time
+
+    return [*SPECS, "synthetic"]
+
+
+# Ranges and names beyond the types of RunConfig's annotations (gfalign.rules.check_fields).
+_LIMITS = {
+    "dataset": Limit(choices=_datasets),
+    "train_subset": Limit(minimum=1, absent="all training examples"),
+    "test_subset": Limit(minimum=1, absent="all test examples"),
+    "validation": Limit(minimum=0),
+    "hidden": Limit(minimum=1, example="[800, 800]"),
+    "activation": Limit(choices=lambda: ACTIVATIONS),
+    "objective": Limit(choices=lambda: OBJECTIVES),
+    "weight_init": Limit(choices=WEIGHT_INITS),
+    "bias_init": Limit(choices=BIAS_INITS),
+    "rule": Limit(example='"s1" or a rule table'),
+    "feedback": Limit(example='"uniform" or "B6:density=0.2"'),
+    "seed": Limit(minimum=0),
+    "dtype": Limit(choices=DTYPES),
+    "alignment_probe": Limit(minimum=1),
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run. Every field has the default of the paper's 2x800 tanh ``s1`` network.
+
+    Making one checks every field by type and range before anything runs: a ``ConfigError`` of
+    one line names the key, the value and what is allowed (``hidden = "32"``, ``epochs = 0``,
+    ``alignment = "no"`` and ``train_subset = 0`` are refused, never converted).
 
     Attributes:
         dataset: ``mnist``, ``fashion-mnist`` or ``synthetic`` (a small learnable fake set).
@@ -58,7 +89,8 @@ class RunConfig:
         objective: ``classification`` or ``autoencoder`` (784-...-784, sigmoid output).
         weight_init, bias_init: see ``gfalign.network.MLP``.
         rule: a preset name or a configuration table.
-        feedback: the default feedback family, e.g. ``"uniform"`` or ``"B6:density=0.2"``.
+        feedback: the default feedback family, e.g. ``"uniform"`` or ``"B6:density=0.2"``
+            (or a table ``{family = "B6", density = 0.2}``).
         seed: seeds the weights, the feedback matrices and the data order.
         train: the training protocol (its own ``seed`` is replaced by ``seed``).
         device: ``cpu``, ``cuda`` or ``auto``; not part of ``key()``.
@@ -77,7 +109,7 @@ class RunConfig:
     weight_init: str = "xavier_uniform"
     bias_init: str = "normal"
     rule: str | Mapping[str, Any] = "s1"
-    feedback: str = "uniform"
+    feedback: str | Mapping[str, Any] = "uniform"
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
@@ -86,17 +118,22 @@ class RunConfig:
     alignment_probe: int = 1000
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(n) for n in self.hidden))
-        if not self.hidden:
-            raise ConfigError("hidden: give at least one hidden layer width")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        # Every field's type and range, so nothing wrong reaches the data or the network.
+        check_fields(self, _LIMITS)
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"device must be cpu, cuda or auto, got {self.device!r}; allowed: cpu, auto, "
+                "cuda or cuda:N (GPU number N)"
+            )
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", replace(self.train, seed=self.seed))
         # Resolving checks the rule and the feedback family now, before any data is loaded.
-        self.rule_config()
+        rule = self.rule_config()
+        if rule.uses_auxiliary and not OBJECTIVES[self.objective].uses_labels:
+            raise ConfigError(
+                f"rule {rule.name!r} uses auxiliary errors, which need class labels; "
+                f'objective = "{self.objective}" has none; allowed: objective = "classification"'
+            )
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -109,7 +146,8 @@ class RunConfig:
 
     def rule_config(self):
         """The resolved ``RuleConfig`` for this network's depth."""
-        return resolve(self.rule, len(self.hidden), FeedbackSpec.parse(self.feedback))
+        feedback = feedback_spec(self.feedback, f"feedback = {render(self.feedback)}: ")
+        return resolve(self.rule, len(self.hidden), feedback)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,33 +167,20 @@ class RunConfig:
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> RunConfig:
-        """Read plain data; unknown keys are refused with the list of known ones."""
+        """Read plain data, checking every key and value (``ConfigError`` naming the first bad
+        one, what it is and what is allowed); unknown keys get the close known ones."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a run configuration must be a table, got {render(data)}")
         data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(
-                f"unknown configuration key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        train = dict(data.pop("train", {}) or {})
-        train_known = {f.name for f in fields(TrainConfig)} - {"seed"}
-        unknown = set(train) - train_known
-        if unknown:
-            raise ConfigError(
-                f"unknown [train] key(s) {sorted(unknown)}; known: {', '.join(sorted(train_known))}"
-            )
-        try:
-            train_config = TrainConfig(**train, seed=int(data.get("seed", 0)))
-        except (TypeError, ValueError) as problem:
-            raise ConfigError(f"[train]: {problem}") from None
-        if "hidden" in data:
-            data["hidden"] = tuple(data["hidden"])
-        try:
-            return cls(**data, train=train_config)
-        except (TypeError, ValueError) as problem:
-            if isinstance(problem, ConfigError):
-                raise
-            raise ConfigError(str(problem)) from None
+        _refuse_unknown(data, [f.name for f in fields(cls)], "configuration key")
+        train = data.pop("train", {})
+        if not isinstance(train, Mapping):
+            raise ConfigError(f"train = {render(train)}: not a table; allowed: a [train] table")
+        train = dict(train)
+        known = [f.name for f in fields(TrainConfig) if f.name != "seed"]
+        _refuse_unknown(train, known, "[train] key", {"seed": "the seed is set at the top level"})
+        # The top-level seed replaces TrainConfig's in __post_init__, once it is checked.
+        return cls(**data, train=TrainConfig(**train))
 
     def to_toml(self) -> str:
         import tomli_w
@@ -195,6 +220,24 @@ class RunConfig:
         )
         family = "" if self.feedback == "uniform" else f" {self.feedback}"
         return f"{self.rule_name}{family} {shape} {self.activation} seed{self.seed}"
+
+
+def _refuse_unknown(
+    data: Mapping[str, Any], known: list[str], what: str, notes: Mapping[str, str] | None = None
+) -> None:
+    """``unknown configuration key 'hiden' (did you mean 'hidden'?); known: ...``."""
+    unknown = [key for key in data if key not in known]
+    if not unknown:
+        return
+    names = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        note = (notes or {}).get(key) or (f"did you mean {close[0]!r}?" if close else "")
+        names.append(f"{key!r}" + (f" ({note})" if note else ""))
+    plural = "s" if len(unknown) > 1 else ""
+    raise ConfigError(
+        f"unknown {what}{plural} {', '.join(names)}; known: {', '.join(sorted(known))}"
+    )
 
 
 def _plain(value: Any) -> Any:

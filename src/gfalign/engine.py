@@ -13,6 +13,7 @@ The engine never looks at a rule's name: only at its terms.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from gfalign import feedback as feedback_families
 from gfalign.feedback import FeedbackSpec
-from gfalign.network import MLP, OBJECTIVES, Activation
+from gfalign.network import MLP, OBJECTIVES, Activation, widths
 from gfalign.network import tanh as network_tanh
 from gfalign.rules import ConfigError, RuleConfig, Term, resolve
 
@@ -145,7 +146,12 @@ class FeedbackRule(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.sizes = tuple(int(n) for n in sizes)
+        try:
+            self.sizes = widths(sizes)
+        except ValueError as problem:
+            raise ConfigError(str(problem)) from None
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         if len(self.sizes) < 3:
             raise ConfigError(
                 f"a feedback rule needs at least one hidden layer; sizes {list(self.sizes)}"
@@ -273,8 +279,14 @@ class FeedbackRule(nn.Module):
 
     # ----------------------------------------------------------------------------- the rule
 
-    def check(self, net: MLP) -> None:
-        """Refuse a network this rule was not built for."""
+    def check(self, net: MLP, x: torch.Tensor | None = None) -> None:
+        """Refuse a network this rule was not built for, and a batch ``x`` it cannot take."""
+        if x is not None and (x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != self.sizes[0]):
+            problem = "an empty batch" if x.dim() == 2 and x.shape[0] == 0 else "a batch"
+            raise ConfigError(
+                f"{problem} of shape {tuple(x.shape)}: give inputs of shape (N, {self.sizes[0]}) "
+                "with N >= 1"
+            )
         if tuple(net.sizes) != self.sizes:
             raise ConfigError(
                 f"rule {self.config.name!r} was built for sizes {list(self.sizes)}, the network "
@@ -295,7 +307,7 @@ class FeedbackRule(nn.Module):
             target: labels (N,) for classification, ignored for the autoencoder (its target
                 is ``x``).
         """
-        self.check(net)
+        self.check(net, x)
         with torch.no_grad():
             cache = net.forward_cache(x)
             return self._deltas(net, cache, x if not net.objective.uses_labels else target)
@@ -309,8 +321,8 @@ class FeedbackRule(nn.Module):
         ``"sum"`` drops the ``1/N``, so SGD with learning rate ``lr`` takes the step that ``N``
         per-example updates at ``lr`` take to first order (the paper's per-example SGD).
         """
+        self.check(net, x)
         scale = _scale(reduction, x.shape[0])
-        self.check(net)
         with torch.no_grad():
             cache = net.forward_cache(x)
             step = self._deltas(net, cache, x if not net.objective.uses_labels else target)
@@ -350,8 +362,8 @@ class FeedbackRule(nn.Module):
         Example:
             >>> step = rule.sgd_step(net, x, y, lr=1e-3, reduction="sum")
         """
+        self.check(net, x)
         scale = _scale(reduction, x.shape[0])
-        self.check(net)
         with torch.no_grad():
             cache = net.forward_cache(x)
             step = self._deltas(net, cache, x if not net.objective.uses_labels else target)

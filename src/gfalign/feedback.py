@@ -16,8 +16,12 @@ probability ``density`` (default 0.1), and a non-square identity is ones on the 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
+import json
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -126,6 +130,53 @@ def noise(shape, generator, *, std: float = 0.01) -> torch.Tensor:
     return _normal(shape, generator, std)
 
 
+# What every family parameter of a name allows: (lower bound, inclusive?, upper bound).
+_PARAMETER_RANGES: dict[str, tuple[float, bool, float]] = {
+    "density": (0.0, False, 1.0),  # a probability of keeping an entry: (0, 1]
+    "std": (0.0, False, math.inf),  # a standard deviation: > 0
+    "width": (0.0, False, math.inf),  # the half-width of a uniform interval: > 0
+}
+
+
+def _range_text(name: str) -> str:
+    low, inclusive, high = _PARAMETER_RANGES.get(name, (-math.inf, True, math.inf))
+    if high < math.inf:
+        return f"a number in {'[' if inclusive else '('}{low:g}, {high:g}]"
+    if low > -math.inf:
+        return f"a number {'>=' if inclusive else '>'} {low:g}"
+    return "a finite number"
+
+
+def _check_params(name: str, params: Mapping[str, object]) -> None:
+    """Refuse parameters ``name``'s function does not take, and values out of their range."""
+    signature = inspect.signature(FAMILIES[name])
+    known = {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    where = f"bad parameters for feedback family {name!r}: "
+    for key, value in params.items():
+        if key not in known:
+            if not known:
+                raise ValueError(f"{where}it takes none, got {key!r}")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}unknown parameter {key!r}{hint}; known: {', '.join(known)}")
+        allowed = _range_text(key)
+        shown = json.dumps(value) if isinstance(value, str) else value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{where}{key} = {shown} is not a number; allowed: {allowed}")
+        low, inclusive, high = _PARAMETER_RANGES.get(key, (-math.inf, True, math.inf))
+        inside = (value >= low if inclusive else value > low) and value <= high
+        if not math.isfinite(value) or not inside:
+            raise ValueError(f"{where}{key} = {shown} is out of range; allowed: {allowed}")
+    if "low" in known and "high" in known:
+        low, high = params.get("low", known["low"]), params.get("high", known["high"])
+        if not low < high:
+            raise ValueError(f"{where}low = {low} and high = {high}; allowed: low < high")
+
+
 def _parse_value(text: str) -> float | int | str:
     for kind in (int, float):
         try:
@@ -137,21 +188,31 @@ def _parse_value(text: str) -> float | int | str:
 
 @dataclass(frozen=True)
 class FeedbackSpec:
-    """A family name with its parameters; ``FeedbackSpec.parse("sparse:density=0.2")``."""
+    """A family name with its parameters; ``FeedbackSpec.parse("sparse:density=0.2")``.
+
+    Unknown families and parameters are refused with the known ones; a density must lie in
+    (0, 1], a standard deviation (``std``) and a half-width (``width``) must be positive, every
+    parameter must be a finite number, and ``low < high``.
+    """
 
     family: str = "uniform"
     params: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.family, str):
+            raise ValueError(
+                f"feedback family {self.family!r} is not a name; known: {', '.join(FAMILIES)}"
+            )
         if self.family not in FAMILIES:
-            import difflib
-
             close = difflib.get_close_matches(self.family, FAMILIES, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(
                 f"unknown feedback family {self.family!r}{hint}; known: {', '.join(FAMILIES)}"
             )
+        if not isinstance(self.params, Mapping):
+            raise ValueError(f"feedback parameters must be a table, got {self.params!r}")
         object.__setattr__(self, "params", dict(self.params))
+        _check_params(self.family, self.params)
 
     @classmethod
     def parse(cls, value: str | Mapping | FeedbackSpec) -> FeedbackSpec:

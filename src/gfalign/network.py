@@ -11,7 +11,8 @@ and the output is ``g(a^L)`` with ``g`` the softmax (classification) or the logi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,14 @@ from torch.nn import functional
 
 __all__ = [
     "ACTIVATIONS",
+    "BIAS_INITS",
     "OBJECTIVES",
+    "WEIGHT_INITS",
     "Activation",
     "ForwardCache",
     "MLP",
     "Objective",
+    "widths",
 ]
 
 
@@ -136,10 +140,31 @@ class ForwardCache:
         return self.post[layer]
 
 
+WEIGHT_INITS = ("xavier_uniform", "xavier_normal", "default")
+BIAS_INITS = ("normal", "zeros", "default")
+
+
+def widths(sizes: Iterable[int]) -> tuple[int, ...]:
+    """``sizes`` as a tuple of ints >= 1; a ``ValueError`` otherwise.
+
+    A string, a float, a bool or a width below 1 is refused, never converted (``"32"`` is not a
+    network of widths 3 and 2).
+    """
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise ValueError(f"sizes must be a list of integer widths >= 1, got {sizes!r}")
+    sizes = list(sizes)
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(
+                f"sizes must be a list of integer widths >= 1, got {sizes!r} (entry {size!r})"
+            )
+    return tuple(int(size) for size in sizes)
+
+
 def _lookup(table: dict, key: str, what: str):
     try:
         return table[key]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown {what} {key!r}; known: {', '.join(sorted(table))}") from None
 
 
@@ -178,16 +203,17 @@ class MLP(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        sizes = [int(n) for n in sizes]
-        if len(sizes) < 2 or any(n < 1 for n in sizes):
+        sizes = list(widths(sizes))
+        if len(sizes) < 2:
             raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
-        if weight_init not in ("xavier_uniform", "xavier_normal", "default"):
+        if weight_init not in WEIGHT_INITS:
             raise ValueError(
-                f"unknown weight_init {weight_init!r}; known: default, xavier_normal, "
-                "xavier_uniform"
+                f"unknown weight_init {weight_init!r}; known: {', '.join(WEIGHT_INITS)}"
             )
-        if bias_init not in ("normal", "zeros", "default"):
-            raise ValueError(f"unknown bias_init {bias_init!r}; known: default, normal, zeros")
+        if bias_init not in BIAS_INITS:
+            raise ValueError(f"unknown bias_init {bias_init!r}; known: {', '.join(BIAS_INITS)}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.sizes = tuple(sizes)
         self.activation = _lookup(ACTIVATIONS, activation, "activation")
         self.objective = _lookup(OBJECTIVES, objective, "objective")

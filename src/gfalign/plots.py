@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,10 +71,7 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title or f"{_LABELS.get(metric, metric)} against epoch")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return _write(figure, path)
 
 
 # Baseline colours, so bp, fa and dfa look the same in every figure.
@@ -298,7 +297,19 @@ def _save(figure, path: str | Path, title: str | None) -> Path:
     """Title ``figure`` and write it to ``path`` as a PNG, creating the directory."""
     if title:
         figure.suptitle(title)
+    return _write(figure, path)
+
+
+def _write(figure, path: str | Path) -> Path:
+    """Write ``figure`` to ``path`` (its directory created; PNG unless the suffix names another
+    format), whole or not at all: drawn beside it, then renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(temporary, dpi=120, format=path.suffix[1:].lower() or "png")
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
     return path

@@ -21,9 +21,11 @@ Example:
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
+import os
 import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1045,7 +1047,8 @@ def write_report(
     Args:
         names: the experiments (``exp1`` ... ``baselines``).
         store: a ``gfalign.store.Store``.
-        output: the directory (created).
+        output: the directory (created); each page and figure is written beside its path and
+            renamed into place, so a failed write leaves the previous file whole.
         runs_dir: where the run directories are (``<runs_dir>/<key>``), for the autoencoder
             figures and for environments the store lacks.
         data_dir: where the dataset's files are, for the test digits of Figure 6.
@@ -1073,20 +1076,32 @@ def write_report(
             data_dir=data,
         )
         page = output / f"{experiment.name}.md"
-        page.write_text(
+        _write_text(
+            page,
             render_markdown(
                 [blocks[0], Paragraph("[All experiments](README.md)"), *blocks[1:]], output
-            )
+            ),
         )
         written.append(page)
         html_blocks += [_demote(b) for b in blocks]
         written += [b.path for b in blocks if isinstance(b, Image)]
     index = output / "README.md"
     blocks = _index(experiments, rows, html_page=False, discussion=discussion)
-    index.write_text(render_markdown(blocks, output))
+    _write_text(index, render_markdown(blocks, output))
     page = output / "report.html"
-    page.write_text(render_html(html_blocks, TITLE))
+    _write_text(page, render_html(html_blocks, TITLE))
     return [index, page, *written]
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a page whole or not at all: beside ``path``, then renamed into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def _demote(block: Block) -> Block:

@@ -32,8 +32,15 @@ table ``{kind = "above", source = "direct-only", feedback = "B1"}``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+import json
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,8 +51,11 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "LayerRule",
+    "Limit",
     "RuleConfig",
     "Term",
+    "check_fields",
+    "feedback_spec",
     "preset",
     "resolve",
 ]
@@ -57,7 +67,231 @@ COMBINERS = ("mean", "sum")
 
 
 class ConfigError(ValueError):
-    """A rule configuration that cannot be trained; the message names the layer and problem."""
+    """A configuration that cannot be trained; one line naming the key or layer and the problem."""
+
+
+# ------------------------------------------------------------------------------ field checks
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a configuration field allows beyond the type its annotation gives.
+
+    Attributes:
+        minimum, maximum: inclusive bounds of a number (of every entry of a ``tuple[int, ...]``).
+        above: exclusive lower bound (``lr`` > 0, a standard deviation > 0).
+        choices: the allowed strings, or a function returning them (registries grow).
+        absent: what ``None`` means, for an optional field (``"all examples"``).
+        example: shown after the allowed values (``[800, 800]``).
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    choices: Iterable[str] | Callable[[], Iterable[str]] | None = None
+    absent: str = ""
+    example: str = ""
+
+
+def check_fields(config: Any, limits: Mapping[str, Limit], where: str = "") -> None:
+    """Check every field of a frozen dataclass against its annotation and its ``Limit``.
+
+    The annotation decides the type: ``int`` is an integer and never a bool, a float or a
+    string; ``float`` is a finite real number (an int is accepted and kept as given, so the
+    configuration's key does not change); ``bool`` is ``True`` or ``False`` only; ``str`` is a
+    string from ``choices`` where given; ``tuple[int, ...]`` is a non-empty list or tuple of
+    integers (stored as a tuple); ``X | None`` also allows ``None``; other annotations are
+    checked by ``isinstance``. Integers are stored as plain ``int``.
+
+    Raises:
+        ConfigError: ``{where}{key} = {value}: {problem}; allowed: {what is allowed}``.
+
+    Example:
+        >>> @dataclass(frozen=True)
+        ... class Small:
+        ...     epochs: int = 1
+        >>> check_fields(Small(0), {"epochs": Limit(minimum=1)}, "[train] ")
+        Traceback (most recent call last):
+        gfalign.rules.ConfigError: [train] epochs = 0: out of range; allowed: an integer >= 1
+    """
+    hints = _hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        checked = _check(where, item.name, value, hints[item.name], limits.get(item.name, Limit()))
+        if checked is not value:
+            object.__setattr__(config, item.name, checked)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def render(value: Any) -> str:
+    """A value as a TOML file would spell it: ``"32"``, ``true``, ``inf``, ``[800, 800]``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_key(k)} = {render(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(render(v) for v in value) + "]"
+    if value is None:
+        return "none"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _key(key: Any) -> str:
+    """A table key, bare where TOML allows it."""
+    text = str(key)
+    bare = text and all(c.isascii() and (c.isalnum() or c in "_-") for c in text)
+    return text if bare else json.dumps(text, ensure_ascii=False)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, numbers.Integral):
+        return "an integer"
+    if isinstance(value, numbers.Real):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _bounds(limit: Limit) -> list[str]:
+    if limit.minimum is not None and limit.maximum is not None:
+        return [f"in [{limit.minimum:g}, {limit.maximum:g}]"]
+    if limit.above is not None and limit.maximum is not None:
+        return [f"in ({limit.above:g}, {limit.maximum:g}]"]
+    parts = []
+    if limit.minimum is not None:
+        parts.append(f">= {limit.minimum:g}")
+    if limit.above is not None:
+        parts.append(f"> {limit.above:g}")
+    if limit.maximum is not None:
+        parts.append(f"<= {limit.maximum:g}")
+    return parts
+
+
+def _choices(limit: Limit) -> list[str]:
+    choices = limit.choices() if callable(limit.choices) else limit.choices
+    return list(choices or ())
+
+
+def _allowed(hint: Any, limit: Limit) -> str:
+    """What a field allows, in words: ``an integer >= 1``, ``one of tanh, sigmoid, relu``."""
+    return _type_words(hint, limit) + (f", e.g. {limit.example}" if limit.example else "")
+
+
+def _type_words(hint: Any, limit: Limit) -> str:
+    args = typing.get_args(hint)
+    if _is_union(hint):
+        rest = [a for a in args if a is not type(None)]
+        text = " or ".join(_type_words(a, limit) for a in rest)
+        if type(None) in args:
+            text += ", or leave it out" + (f" for {limit.absent}" if limit.absent else "")
+        return text
+    if typing.get_origin(hint) is tuple:
+        text = "a list of " + " ".join(["integers", *_bounds(limit)]) + ", at least one"
+    elif hint is int:
+        text = " ".join(["an integer", *_bounds(limit)])
+    elif hint is float:
+        text = " ".join(["a finite number", *_bounds(limit)])
+    elif hint is bool:
+        text = "true or false"
+    elif hint is str:
+        choices = _choices(limit)
+        text = "one of " + ", ".join(choices) if choices else "a string"
+    else:
+        origin = typing.get_origin(hint) or hint
+        text = "a table" if origin is Mapping else f"a {getattr(origin, '__name__', origin)}"
+    return text
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _check(where: str, name: str, value: Any, hint: Any, limit: Limit) -> Any:
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(
+            f"{where}{name} = {render(value)}: {problem}; allowed: {_allowed(hint, limit)}"
+        )
+
+    if _is_union(hint):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return value
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            try:
+                return _check(where, name, value, rest[0], limit)
+            except ConfigError:
+                raise refuse(_problem(value, rest[0], limit)) from None
+        if not any(isinstance(value, typing.get_origin(a) or a) for a in rest):
+            raise refuse(f"{_kind(value)}, wrong type")
+        return value
+    problem = _problem(value, hint, limit)
+    if problem:
+        raise refuse(problem)
+    if hint is int:
+        return int(value)
+    if typing.get_origin(hint) is tuple:
+        return tuple(int(entry) for entry in value)
+    return value
+
+
+def _problem(value: Any, hint: Any, limit: Limit) -> str:
+    """Why ``value`` does not fit; an empty string when it does."""
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            return f"{_kind(value)}, not a list"
+        if not value:
+            return "empty"
+        for entry in value:
+            problem = _problem(entry, int, limit)
+            if problem:
+                return f"entry {render(entry)}: {problem}"
+        return ""
+    if hint is bool:
+        return "" if isinstance(value, bool) else f"{_kind(value)}, not true or false"
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return f"{_kind(value)}, not an integer"
+        return _range(value, limit)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"{_kind(value)}, not a number"
+        if not math.isfinite(value):
+            return "not finite"
+        return _range(value, limit)
+    if hint is str:
+        if not isinstance(value, str):
+            return f"{_kind(value)}, not a string"
+        choices = _choices(limit)
+        if choices and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=2)
+            hint = " or ".join(render(c) for c in close)
+            return "unknown" + (f" (did you mean {hint}?)" if close else "")
+        return ""
+    origin = typing.get_origin(hint) or hint
+    if isinstance(origin, type) and not isinstance(value, origin):
+        return f"{_kind(value)}, wrong type"
+    return ""
+
+
+def _range(value: float, limit: Limit) -> str:
+    low_ok = limit.minimum is None or value >= limit.minimum
+    above_ok = limit.above is None or value > limit.above
+    high_ok = limit.maximum is None or value <= limit.maximum
+    return "" if low_ok and above_ok and high_ok else "out of range"
 
 
 @dataclass(frozen=True)
@@ -115,10 +349,7 @@ class Term:
             raise ConfigError(f"{where}only above/below terms take a source option, not {kind}")
         feedback = fields.get("feedback")
         if feedback is not None:
-            try:
-                feedback = FeedbackSpec.parse(feedback)
-            except ValueError as problem:
-                raise ConfigError(f"{where}{problem}") from None
+            feedback = feedback_spec(feedback, where)
         if kind == "backprop" and feedback is not None:
             raise ConfigError(f"{where}a backprop term uses W^(i+1) and takes no feedback")
         return cls(kind, source, error, feedback)
@@ -198,7 +429,7 @@ class RuleConfig:
         return any(t.error == "auxiliary" for layer in self.layers for t in layer.terms)
 
     def with_feedback(self, feedback: FeedbackSpec | str) -> RuleConfig:
-        return replace(self, feedback=FeedbackSpec.parse(feedback))
+        return replace(self, feedback=feedback_spec(feedback, f"rule {self.name!r}: "))
 
     def dependencies(self) -> dict[int, set[int]]:
         """For every hidden layer, the hidden layers whose *final* delta it needs."""
@@ -302,6 +533,19 @@ class RuleConfig:
         return "\n".join(lines)
 
 
+def feedback_spec(value: Any, where: str = "") -> FeedbackSpec:
+    """``FeedbackSpec.parse(value)``, its refusal a ``ConfigError`` prefixed by ``where``."""
+    if not isinstance(value, (str, Mapping, FeedbackSpec)):
+        raise ConfigError(
+            f"{where}feedback = {render(value)}: {_kind(value)}, wrong type; allowed: a family "
+            'name with optional parameters, e.g. "uniform" or "B6:density=0.2"'
+        )
+    try:
+        return FeedbackSpec.parse(value)
+    except ValueError as problem:
+        raise ConfigError(f"{where}{problem}") from None
+
+
 def _suggest(word: object, known: Iterable[str]) -> str:
     known = list(known)
     close = difflib.get_close_matches(str(word), known, n=3, cutoff=0.4)
@@ -318,14 +562,24 @@ def _layer_rule(data: Mapping, where: str) -> LayerRule:
     terms = data.get("terms")
     if isinstance(terms, (str, Mapping)):
         terms = [terms]
+    if terms is not None and not isinstance(terms, (list, tuple)):
+        raise ConfigError(
+            f"{where}terms = {render(terms)}: {_kind(terms)}, wrong type; allowed: a list of "
+            'terms, e.g. ["direct", "above"]'
+        )
     if not terms:
         raise ConfigError(f"{where}no terms; every hidden layer needs at least one")
     combine = data.get("combine", "mean")
     if not isinstance(combine, str):
-        try:
-            combine = tuple(float(w) for w in combine)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}combine must be mean, sum or a list of numbers") from None
+        if not isinstance(combine, (list, tuple)) or not all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w)
+            for w in combine
+        ):
+            raise ConfigError(
+                f"{where}combine = {render(combine)}: wrong type; allowed: mean, sum or a list "
+                "of finite numbers, one per term"
+            )
+        combine = tuple(float(w) for w in combine)
     return LayerRule(tuple(Term.parse(t, where) for t in terms), combine)
 
 
@@ -402,6 +656,8 @@ def _from_data(data: Mapping, depth: int) -> RuleConfig:
     layers: list[LayerRule] = []
     if "template" in data:
         template = data["template"]
+        if not isinstance(template, Mapping):
+            raise ConfigError(f"rule {name!r}: 'template' must be a table, got {render(template)}")
         extra = set(template) - set(_TEMPLATE_KEYS)
         if extra:
             raise ConfigError(
@@ -435,10 +691,7 @@ def _from_data(data: Mapping, depth: int) -> RuleConfig:
             if i not in numbered:
                 raise ConfigError(f"rule {name!r}, layer {i}: missing; give every hidden layer")
             layers.append(_layer_rule(numbered[i], f"rule {name!r}, layer {i}: "))
-    try:
-        feedback = FeedbackSpec.parse(data.get("feedback", "uniform"))
-    except ValueError as problem:
-        raise ConfigError(f"rule {name!r}: {problem}") from None
+    feedback = feedback_spec(data.get("feedback", "uniform"), f"rule {name!r}: ")
     return RuleConfig(name, tuple(layers), feedback, str(data.get("description", "")))
 
 

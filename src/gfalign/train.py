@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gfalign.data.errors import DataError
 from gfalign.engine import FeedbackRule
 from gfalign.network import MLP
+from gfalign.rules import ConfigError, Limit, check_fields, render
 
 if TYPE_CHECKING:
     from gfalign.data import Dataset, Split
@@ -27,6 +29,7 @@ __all__ = [
     "DivergenceError",
     "TrainConfig",
     "Trainer",
+    "check_data",
     "evaluate",
     "make_optimizer",
     "train",
@@ -39,6 +42,42 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
 }
+
+
+# Ranges and names beyond the types of TrainConfig's annotations (gfalign.rules.check_fields).
+_TRAIN_LIMITS = {
+    "epochs": Limit(minimum=1),
+    "batch_size": Limit(minimum=1),
+    "lr": Limit(above=0),
+    "optimizer": Limit(choices=lambda: OPTIMIZERS),
+    "reduction": Limit(choices=("sum", "mean")),
+    "seed": Limit(minimum=0),
+    "eval_batch_size": Limit(minimum=1),
+}
+
+
+def _check_optimizer_options(config: TrainConfig) -> None:
+    """Refuse options the optimizer does not take, or values it refuses, before any run."""
+    import difflib
+    import inspect
+
+    optimizer, options = OPTIMIZERS[config.optimizer], config.optimizer_options
+    known = [p for p in inspect.signature(optimizer).parameters if p not in ("params", "lr")]
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"[train] optimizer_options: unknown option {key!r} of {config.optimizer}{hint}; "
+                f"known: {', '.join(known)}"
+            )
+    try:  # the optimizer's own checks (momentum >= 0 ...) on a stand-in parameter
+        optimizer([torch.zeros(1, requires_grad=True)], lr=config.lr, **options)
+    except (TypeError, ValueError) as problem:
+        raise ConfigError(
+            f"[train] optimizer_options = {render(options)}: {config.optimizer} refuses them "
+            f"({problem})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -71,30 +110,40 @@ class TrainConfig:
     eval_batch_size: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}"
-            )
-        if self.reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < (0 if name == "epochs" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_fields(self, _TRAIN_LIMITS, "[train] ")
         object.__setattr__(self, "optimizer_options", dict(self.optimizer_options))
+        _check_optimizer_options(self)
 
     def to_data(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss; ``history`` holds every finished epoch."""
+    """Training produced a non-finite loss; ``history`` holds every finished epoch.
 
-    def __init__(self, epoch: int, step: int, loss: float, history: list[dict]) -> None:
+    ``step`` is the training step whose batch loss was not finite, or None when the batch
+    losses were finite and the end-of-epoch evaluation's ``measured`` loss was not.
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        step: int | None,
+        loss: float,
+        history: list[dict],
+        *,
+        measured: str = "evaluation loss",
+    ) -> None:
+        if step is None:
+            where = (
+                f"the {measured} at the end-of-epoch evaluation is {loss} "
+                "(the batch losses were finite)"
+            )
+        else:
+            where = f"step {step}: loss is {loss}"
         super().__init__(
-            f"training diverged at epoch {epoch}, step {step}: loss is {loss}. The "
-            f"{len(history)} finished epoch(s) are kept; try a smaller learning rate"
+            f"training diverged at epoch {epoch}, {where}. The {len(history)} finished "
+            "epoch(s) are kept; try a smaller learning rate"
         )
         self.epoch, self.step, self.loss, self.history = epoch, step, loss, history
 
@@ -136,10 +185,15 @@ def evaluate(net: MLP, split: Split, batch_size: int = 10_000) -> tuple[float, f
     For classification ``error`` is the misclassification rate in percent; for the autoencoder
     it is the mean squared reconstruction error per pixel. ``loss`` is the training loss
     (cross-entropy, or half the squared error summed over pixels), averaged over examples.
+
+    Raises:
+        DataError: the split is empty.
     """
+    n = len(split)
+    if n == 0:
+        raise DataError("cannot evaluate on an empty split: it holds no examples")
     total_loss = torch.zeros((), dtype=torch.float64, device=split.x.device)
     total_error = torch.zeros((), dtype=torch.float64, device=split.x.device)
-    n = len(split)
     with torch.no_grad():
         for start in range(0, n, batch_size):
             x = split.x[start : start + batch_size]
@@ -159,6 +213,28 @@ def evaluate(net: MLP, split: Split, batch_size: int = 10_000) -> tuple[float, f
 Metric = Callable[["Trainer"], Mapping[str, float]]
 
 
+def check_data(data: Dataset) -> None:
+    """Refuse data a run cannot learn from: an empty split, or inputs holding NaN or inf.
+
+    Checked once, before training, so that damaged data are not mistaken for a divergence.
+
+    Raises:
+        DataError: naming the split and what is wrong with it.
+    """
+    for name, split in (("training", data.train), ("test", data.test)):
+        if len(split) == 0:
+            raise DataError(
+                f"the {name} split is empty: there is nothing to "
+                f"{'train on' if name == 'training' else 'evaluate'}; give it examples"
+            )
+        bad = int((~torch.isfinite(split.x)).sum()) if split.x.is_floating_point() else 0
+        if bad:
+            raise DataError(
+                f"{name} inputs hold {bad} non-finite values (NaN/inf): the data are damaged, "
+                "not the learning rate; check them (gfalign data verify) or fetch them again"
+            )
+
+
 class Trainer:
     """Trains ``net`` with ``rule`` on ``data`` according to ``config``.
 
@@ -174,6 +250,9 @@ class Trainer:
             rounding, without writing ``.grad`` or an optimizer pass over the weights (the
             largest overhead at small batches). ``False`` always fills ``.grad`` and calls the
             optimizer.
+
+    Raises:
+        DataError: an empty split, or inputs holding NaN or inf (``check_data``).
 
     Example:
         >>> trainer = Trainer(net, rule, data, TrainConfig(epochs=1))
@@ -192,6 +271,7 @@ class Trainer:
         fused_sgd: bool = True,
     ) -> None:
         rule.check(net)
+        check_data(data)
         self.net, self.rule, self.data, self.config = net, rule, data, config
         self.metrics = tuple(metrics)
         self.fused_sgd = fused_sgd
@@ -265,7 +345,8 @@ class Trainer:
         member it trained, so both keep the same records.
 
         Raises:
-            DivergenceError: a batch loss is not finite; ``history`` keeps the finished epochs.
+            DivergenceError: a batch loss, or the train or test loss of the evaluation, is not
+                finite; ``history`` keeps the finished epochs.
         """
         config = self.config
         finite = torch.isfinite(losses)
@@ -285,6 +366,12 @@ class Trainer:
         record["test_loss"], record["test_error"] = evaluate(
             self.net, self.data.test, config.eval_batch_size
         )
+        for name in ("train_loss", "test_loss"):
+            if name in record and not math.isfinite(record[name]):
+                measured = name.replace("_", " ")
+                raise DivergenceError(
+                    self.epoch + 1, None, record[name], self.history, measured=measured
+                )
         for metric in self.metrics:
             record.update(metric(self))
         self.history.append(record)

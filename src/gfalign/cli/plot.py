@@ -78,6 +78,11 @@ def plot(
             from gfalign.plots import plot_curves
 
             path = plot_curves(histories, output, metric, title=title)
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot write the plot to {output} ({error.strerror or error}); "
+            "choose a writable --output path"
+        ) from error
     except ValueError as error:
         hint = " (train with --alignment to record angles)" if alignment else ""
         raise click.ClickException(f"{error}{hint}") from None

@@ -1,9 +1,11 @@
 """``gfalign reproduce``, ``gfalign runs`` and ``gfalign report``: the paper's experiments.
 
 ``reproduce`` runs an experiment's grid into a SQLite results store (skipping finished runs,
-resuming unfinished ones from their run directories); ``runs`` lists, shows and exports the
-store; ``report`` puts our mean ± std beside the paper's numbers, as Markdown on stdout or as
-pages, figures and a self-contained HTML file (``gfalign.report``).
+resuming unfinished ones from their run directories; two at once on one store share the work,
+``gfalign.sweep``); ``runs`` lists, shows, exports and imports the store; ``report`` puts our
+mean ± std beside the paper's numbers, as Markdown on stdout or as pages, figures and a
+self-contained HTML file (``gfalign.report``). The commands that only read (``runs list``,
+``show``, ``export``, ``report``) open the store read-only, so it may lie on read-only media.
 """
 
 from __future__ import annotations
@@ -136,13 +138,16 @@ def reproduce(
     2x800 tanh network with every rule on Fashion-MNIST) into the results store.
 
     Finished runs are skipped; an interrupted sweep continues where it stopped, resuming an
-    unfinished run from its checkpoint. Progress goes to stderr. With --backend ray only this
-    process writes the store; on a cluster, RUNS_DIR must be on a shared filesystem for
-    unfinished runs to resume.
+    unfinished run from its checkpoint. Two sweeps on the same store and runs directory share
+    the work: a run another process is training is left to it (shown as busy) and taken up
+    again at the end, stored by the other sweep or resumed if that one died. Progress goes to
+    stderr. With --backend ray only this process writes the store; on a cluster, RUNS_DIR must
+    be on a shared filesystem for unfinished runs to resume.
     """
     from importlib.util import find_spec
 
-    from gfalign.store import Store
+    from gfalign.claims import RunBusyError
+    from gfalign.store import Store, StoreError
     from gfalign.sweep import NEEDS_RAY, Progress, run_sweep
 
     if address is not None and backend != "ray":
@@ -153,10 +158,18 @@ def reproduce(
     def progress(event: Progress) -> None:
         if quiet:
             return
+        if event.status == "busy":
+            click.echo(
+                f"[{event.done}/{event.total}] busy     {event.config.label()}  {event.detail}; "
+                f"coming back to it  {event.config.key()}",
+                err=True,
+            )
+            return
         error = error_text(event.config.objective, event.final.get("test_error"))
+        detail = f"  ({event.detail})" if event.detail else ""
         click.echo(
             f"[{event.done}/{event.total}] {event.status:<8} {event.config.label()}  "
-            f"{error}  {event.config.key()}",
+            f"{error}  {event.config.key()}{detail}",
             err=True,
         )
 
@@ -196,8 +209,8 @@ def reproduce(
                 if not quiet:
                     text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                     click.echo(f"{name}: {text or 'nothing to do'}", err=True)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    except (*USER_ERRORS, StoreError, RunBusyError) as error:
+        raise click.ClickException(str(error)) from error
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to continue.", err=True)
         raise SystemExit(130) from None
@@ -213,8 +226,8 @@ def runs() -> None:
 @click.option("--experiment", "-e", help="Only this experiment's runs.")
 def runs_list(store_path: Path, experiment: str | None) -> None:
     """One line per run: key, experiment, status, epochs, final error, label."""
-    store = _open(store_path)
-    rows = store.list(experiment)
+    with _open(store_path) as store:
+        rows = store.list(experiment)
     for row in rows:
         objective = row["config"].get("objective", "classification")
         error = error_text(objective, row["final"].get("test_error"), 5)
@@ -232,8 +245,8 @@ def runs_list(store_path: Path, experiment: str | None) -> None:
 @click.option("--history", is_flag=True, help="Include the per-epoch history.")
 def runs_show(key: str, store_path: Path, history: bool) -> None:
     """Print the stored row of run KEY (a unique key prefix is enough) as JSON."""
-    store = _open(store_path)
-    rows = store.find(key)
+    with _open(store_path) as store:
+        rows = store.find(key)
     if not rows:
         raise click.ClickException(f"no run with key {key!r} in {store_path}")
     if len(rows) > 1:
@@ -253,8 +266,9 @@ def runs_show(key: str, store_path: Path, history: bool) -> None:
 def runs_export(out: Path, store_path: Path, experiment: str | None) -> None:
     """Write the runs to OUT: a CSV table of final metrics for OUT.csv, else every column with
     the per-epoch history as JSON lines (gzipped for OUT.jsonl.gz), which `runs import` reads
-    back."""
-    count = _open(store_path).export(out, experiment)
+    back. The file is written whole or not at all."""
+    with _open(store_path) as store:
+        count = store.export(out, experiment)
     click.echo(f"wrote {count} runs to {out}", err=True)
 
 
@@ -266,14 +280,14 @@ def runs_import(source: Path, store_path: Path, replace: bool) -> None:
     """Add the runs of an export (CSV or JSON lines) to the store (created if missing), e.g. to
     rebuild it from the committed results/runs.jsonl.gz. Runs the store already has are kept
     unless the file has more epochs of them (or --replace); `reproduce` then skips the
-    finished ones."""
+    finished ones. Every row is checked first and all go in, in one transaction, or none."""
     from gfalign.store import Store, StoreError
 
-    with Store(store_path) as store:
-        try:
+    try:
+        with Store(store_path) as store:
             imported, skipped = store.import_file(source, replace=replace)
-        except StoreError as error:
-            raise click.ClickException(str(error)) from None
+    except StoreError as error:
+        raise click.ClickException(str(error)) from error
     click.echo(
         f"imported {imported} runs from {source} into {store_path}"
         + (f" ({skipped} already there, kept)" if skipped else ""),
@@ -282,13 +296,13 @@ def runs_import(source: Path, store_path: Path, replace: bool) -> None:
 
 
 def _open(store_path: Path):
-    from gfalign.store import Store
+    """The store, read-only (it may lie on read-only media)."""
+    from gfalign.store import Store, StoreError
 
-    if not store_path.exists():
-        raise click.ClickException(
-            f"results store {store_path} does not exist; run `gfalign reproduce` first"
-        )
-    return Store(store_path)
+    try:
+        return Store(store_path, readonly=True)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from error
 
 
 # ---------------------------------------------------------------------------- report
@@ -322,25 +336,44 @@ def report(
     """
     from gfalign.experiments import load
     from gfalign.report import write_report
+    from gfalign.store import StoreError
 
-    store = _open(store_path)
     names = _names(experiment, every=True)
+    if output is not None:
+        _writable_directory(output, "--output")
     try:
-        if output is None:
-            sections = [
-                render_report(
-                    load(n), store.list(n), None if n == "baselines" else store.list("baselines")
-                )
-                for n in names
-            ]
-            click.echo("# gfalign: ours beside the paper\n\n" + "\n".join(sections), nl=False)
-            return
-        written = write_report(names, store, output, runs_dir=runs_dir, data_dir=data_dir)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+        with _open(store_path) as store:
+            if output is None:
+                sections = [
+                    render_report(
+                        load(n),
+                        store.list(n),
+                        None if n == "baselines" else store.list("baselines"),
+                    )
+                    for n in names
+                ]
+                click.echo("# gfalign: ours beside the paper\n\n" + "\n".join(sections), nl=False)
+                return
+            written = write_report(names, store, output, runs_dir=runs_dir, data_dir=data_dir)
+    except (*USER_ERRORS, StoreError) as error:
+        raise click.ClickException(str(error)) from error
     figures = sum(p.suffix == ".png" for p in written)
     click.echo(
         f"wrote {output / 'README.md'}, {output / 'report.html'}, "
         f"{len(written) - 2 - figures} experiment pages and {figures} figures",
         err=True,
     )
+
+
+def _writable_directory(directory: Path, option: str) -> None:
+    """Create ``directory`` (and its figures/) or say, in one line, why it cannot be."""
+    try:
+        (directory / "figures").mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot write the report to {directory} ({error.strerror or error}); "
+            f"choose a writable {option} directory"
+        ) from error

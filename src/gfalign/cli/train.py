@@ -1,4 +1,10 @@
-"""``gfalign train``: one run from flags or a TOML configuration, recorded in a run directory."""
+"""``gfalign train``: one run from flags or a TOML configuration, recorded in a run directory.
+
+``--out DIR`` starts a run and refuses a directory that already holds one unless
+``--overwrite``; ``--resume DIR`` continues one from its checkpoint, ``--resume DIR
+--from-previous`` from the checkpoint before it (when the last one is refused as corrupted,
+truncated or missing), and ``--resume DIR --restart`` starts its recorded configuration over.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,14 @@ from typing import Any
 
 import click
 
+from gfalign.claims import RunBusyError
 from gfalign.config import RunConfig, load_toml
 from gfalign.data import DataError
 from gfalign.rules import ConfigError
 from gfalign.runs import CONFIG, RunError, default_directory, execute
 from gfalign.train import DivergenceError
 
-USER_ERRORS = (ConfigError, DataError, RunError, DivergenceError)
+USER_ERRORS = (ConfigError, DataError, RunError, DivergenceError, RunBusyError)
 
 # flag -> RunConfig / TrainConfig field; these describe the run, so --resume refuses them
 CONFIG_FLAGS = (
@@ -121,6 +128,18 @@ def rule_value(value: str) -> str | dict[str, Any]:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Continue the run in this directory from its last checkpoint.",
 )
+@click.option(
+    "--from-previous",
+    is_flag=True,
+    help="With --resume: continue from the checkpoint before the last (checkpoint.prev.pt), "
+    "when the last one is refused.",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="With --resume: discard the run's epochs and start its configuration over.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the run that the --out directory holds.")
 @click.option("--tensorboard", is_flag=True, help="Also log every metric to RUN_DIR/tensorboard.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -130,6 +149,9 @@ def train(
     out: Path | None,
     checkpoint_every: int,
     resume: Path | None,
+    from_previous: bool,
+    restart: bool,
+    overwrite: bool,
     tensorboard: bool,
     quiet: bool,
     as_json: bool,
@@ -140,13 +162,20 @@ def train(
 
     Defaults are the paper's: 2x800 tanh, rule s1, 100 epochs, batch 32, SGD, lr 0.001,
     summed updates. Progress goes to stderr, so --json output on stdout stays clean.
+    A directory that already holds a run is refused unless --overwrite; a checkpoint that is
+    corrupted, truncated or missing is refused, and the message names --from-previous or
+    --restart.
     """
+    _check_modes(out, resume, from_previous, restart, overwrite)
+    start = {
+        "resume": resume is not None and not restart,
+        "overwrite": overwrite or restart,
+        "from_previous": from_previous,
+    }
     try:
         config, directory = _configure(config_file, out, resume, device, flags)
         writer = _tensorboard(directory) if tensorboard else None
-        result = _run(
-            config, directory, resume is not None, data_dir, checkpoint_every, writer, quiet
-        )
+        result = _run(config, directory, start, data_dir, checkpoint_every, writer, quiet)
     except USER_ERRORS as error:
         raise click.ClickException(str(error)) from None
 
@@ -171,6 +200,21 @@ def train(
             f"{result.summary['status']} {config.label()}: {error} after "
             f"{result.summary['epochs']} epochs ({result.directory})",
             err=True,
+        )
+
+
+def _check_modes(
+    out: Path | None, resume: Path | None, from_previous: bool, restart: bool, overwrite: bool
+) -> None:
+    if resume is None and (from_previous or restart):
+        flag = "--from-previous" if from_previous else "--restart"
+        raise click.UsageError(f"{flag} applies to a run being resumed: add --resume DIR")
+    if from_previous and restart:
+        raise click.UsageError("--from-previous continues the run and --restart starts it over")
+    if overwrite and resume is not None:
+        raise click.UsageError(
+            "--overwrite replaces the run of --out DIR; to start the run in a --resume "
+            "directory over, use --resume DIR --restart"
         )
 
 
@@ -217,7 +261,7 @@ def _tensorboard(directory: Path):
 def _run(
     config: RunConfig,
     directory: Path,
-    resume: bool,
+    start: Mapping[str, bool],
     data_dir: Path | None,
     checkpoint_every: int,
     tensorboard,
@@ -286,8 +330,11 @@ def _run(
                     writer.add_scalar(key, value, int(record["epoch"]))
             writer.flush()
 
+    def on_note(note: str) -> None:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+
     if not quiet:
-        verb = "resuming" if resume else "training"
+        verb = "resuming" if start["resume"] else "training"
         console.print(
             f"{verb} {config.label()} on {config.dataset} -> {directory}", highlight=False
         )
@@ -296,11 +343,12 @@ def _run(
             return execute(
                 config,
                 directory,
-                resume=resume,
+                **start,
                 data_dir=data_dir,
                 checkpoint_every=checkpoint_every,
                 on_epoch=on_epoch,
                 on_batch=on_batch,
+                on_note=on_note,
                 quiet=quiet,
             )
     except KeyboardInterrupt:
