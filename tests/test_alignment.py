@@ -10,11 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from block_models import CLASSES, user_net
 from gfalign import MLP, FeedbackRule
 from gfalign.alignment import (
     AlignmentProbe,
     alignment_metric,
     angle,
+    backprop_reference,
     diagnose,
     measure,
     plot_alignment,
@@ -24,6 +26,7 @@ from gfalign.alignment import (
 )
 from gfalign.cli import main
 from gfalign.feedback import FAMILIES, draw
+from gfalign.models import build
 from gfalign.train import TrainConfig, Trainer
 
 DT = torch.float64
@@ -272,6 +275,240 @@ def test_alignment_metric_chooses_a_fixed_subset():
     assert len(alignment_metric(data, size=10_000).x) == len(data.train)
     with pytest.raises(ValueError):
         alignment_metric(data, size=0)
+
+
+# ------------------------------------------------------------------ any model of blocks
+
+CONV_NET = {
+    "input": [1, 10, 10],
+    "activation": "tanh",
+    "blocks": [
+        {"conv": 3, "kernel": 3, "pool": "max:2"},  # a1 (3, 8, 8), h1 (3, 4, 4)
+        {"conv": 4, "kernel": 2},  # a2 (4, 3, 3), h2 = flatten(f(a2)) (36,)
+        {"linear": 6},
+        {"linear": CLASSES},
+    ],
+}
+
+
+def conv_net():
+    return build(CONV_NET, seed=3, dtype=DT)
+
+
+BLOCK_MODELS = {"conv net": conv_net, "user module": user_net}
+# The hidden blocks whose path to the output is Linear blocks with identity or flatten tails.
+LINEAR_PATHS = {"conv net": {2, 3}, "user module": {2, 3}}
+
+
+def image_data(n_train=48, n_test=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        x = torch.rand(n, 1, 10, 10, generator=generator, dtype=DT)
+        return Split(x, torch.randint(0, CLASSES, (n,), generator=generator))
+
+    return Dataset(split(n_train), split(n_test))
+
+
+def image_batch():
+    return image_data(n_train=20, n_test=1, seed=7).train
+
+
+def hidden_blocks(net):
+    return range(1, net.depth)
+
+
+def by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    cosine = torch.dot(a, b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+    return math.degrees(math.acos(float(cosine)))
+
+
+def transported_fa(net):
+    """FA with every above term's fixed parameters set to the forward ones it stands for."""
+    rule = FeedbackRule("fa", net, seed=4, dtype=DT)
+    for i in hidden_blocks(net):
+        forward = dict(net.blocks[i].linear.named_parameters())
+        rule.set_feedback(i, 0, {name: forward[name] for name in rule.feedback(i, 0)})
+    return rule
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+def test_backprop_reference_is_autograd_of_the_summed_loss(model):
+    net = BLOCK_MODELS[model]()
+    batch = image_batch()
+    reference = backprop_reference(net, batch.x, batch.y)
+    assert all(p.grad is None for p in net.parameters())  # the reference writes no .grad
+    # The model's own forward, each a^i kept by a hook, and the loss itself differentiated.
+    kept = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        kept.append(output)
+
+    handles = [block.linear.register_forward_hook(keep) for block in net.blocks]
+    try:
+        loss = torch.nn.functional.cross_entropy(net(batch.x), batch.y, reduction="sum")
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, block in enumerate(net.blocks, start=1):
+        assert reference.deltas[i].shape == kept[i - 1].shape
+        torch.testing.assert_close(reference.deltas[i], kept[i - 1].grad, rtol=0, atol=1e-12)
+        assert list(reference.gradients[i]) == [name for name, _ in block.linear.named_parameters()]
+        for name, parameter in block.linear.named_parameters():
+            torch.testing.assert_close(
+                reference.gradients[i][name], parameter.grad, rtol=0, atol=1e-12
+            )
+    net.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+def test_bp_and_transported_fa_align_on_blocks(model):
+    net = BLOCK_MODELS[model]()
+    batch = image_batch()
+    for rule in (FeedbackRule("bp", net, dtype=DT), transported_fa(net)):
+        record = measure(net, rule, batch.x, batch.y)
+        for i in hidden_blocks(net):
+            assert abs(record[f"update_angle_{i}"]) < 1e-6, (rule.config.name, i, record)
+            assert abs(record[f"delta_angle_{i}"]) < 1e-6, (rule.config.name, i, record)
+            if rule.config.name == "fa":
+                assert abs(record[f"weight_angle_{i}_above"]) < 1e-6
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+@pytest.mark.parametrize("config", ["fa", "dfa"])
+def test_random_feedback_does_not_align_on_blocks(model, config):
+    net = BLOCK_MODELS[model]()
+    rule = FeedbackRule(config, net, seed=4, dtype=DT)
+    batch = image_batch()
+    record = measure(net, rule, batch.x, batch.y)
+    for i in hidden_blocks(net):
+        assert 5.0 < record[f"update_angle_{i}"] < 175.0, (i, record)
+        assert 5.0 < record[f"delta_angle_{i}"] < 175.0, (i, record)
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+def test_update_angle_compares_the_weight_or_every_parameter(model):
+    net = BLOCK_MODELS[model]()
+    rule = FeedbackRule("dfa", net, seed=4, dtype=DT)
+    batch = image_batch()
+    record = measure(net, rule, batch.x, batch.y)
+    reference = backprop_reference(net, batch.x, batch.y)
+    ours = rule.deltas(net, batch.x, batch.y).deltas
+    cache = net.forward_cache(batch.x)
+    for i in hidden_blocks(net):
+        part = net.blocks[i - 1].linear
+        params = dict(part.named_parameters())
+        # The rule's update by autograd: the block's output against d^i, its input detached.
+        point = cache.post[i - 1].detach()
+        with torch.enable_grad():
+            grads = torch.autograd.grad(part(point), list(params.values()), ours[i])
+        update = dict(zip(params, grads, strict=True))
+        names = ["weight"] if "weight" in params else list(params)  # Gated: a, c and b
+        expected = by_hand(
+            torch.cat([update[name].flatten() for name in names]),
+            torch.cat([reference.gradients[i][name].flatten() for name in names]),
+        )
+        assert record[f"update_angle_{i}"] == pytest.approx(expected, abs=1e-6)
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+def test_above_weight_angles_on_blocks(model):
+    net = BLOCK_MODELS[model]()
+    rule = FeedbackRule("fa", net, seed=4, dtype=DT)
+    record = weight_alignment(net, rule)
+    assert set(record) == {f"weight_angle_{i}_above" for i in hidden_blocks(net)}
+    for i in hidden_blocks(net):
+        fixed = rule.feedback(i, 0)
+        forward = dict(net.blocks[i].linear.named_parameters())
+        assert list(fixed) == (["weight"] if "weight" in forward else list(forward))
+        expected = by_hand(
+            torch.cat([fixed[name].flatten() for name in fixed]),
+            torch.cat([forward[name].flatten() for name in fixed]),
+        )
+        assert record[f"weight_angle_{i}_above"] == pytest.approx(expected, abs=1e-9)
+        assert 0.0 < expected < 180.0
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+def test_direct_weight_angles_only_where_the_path_is_linear(model):
+    net = BLOCK_MODELS[model]()
+    rule = FeedbackRule("dfa", net, seed=4, dtype=DT)
+    record = weight_alignment(net, rule)
+    assert set(record) == {f"weight_angle_{i}_direct" for i in LINEAR_PATHS[model]}
+    W3, W4 = net.blocks[2].linear.weight, net.blocks[3].linear.weight
+    D2, D3 = rule.feedback(2, 0)["matrix"], rule.feedback(3, 0)["matrix"]
+    assert record["weight_angle_3_direct"] == pytest.approx(angle(W4, D3), abs=1e-12)
+    assert record["weight_angle_2_direct"] == pytest.approx(angle(W4 @ W3, D2), abs=1e-12)
+    rule.set_feedback(2, 0, {"matrix": (W4 @ W3).detach()})
+    assert abs(weight_alignment(net, rule)["weight_angle_2_direct"]) < 1e-6
+
+
+def test_a_pooling_tail_has_no_direct_weight_angle():
+    spec = {
+        "input": [1, 10, 10],
+        "blocks": [{"conv": 3, "kernel": 3, "pool": "max:2"}, {"linear": 6}, {"linear": 5}],
+    }
+    net = build(spec, seed=0, dtype=DT)
+    assert set(weight_alignment(net, FeedbackRule("dfa", net, dtype=DT))) == {
+        "weight_angle_2_direct"
+    }
+
+
+def run_blocks(data, make, config, probe):
+    torch.manual_seed(99)
+    net = make()
+    trainer = Trainer(
+        net,
+        FeedbackRule(config, net, seed=4, dtype=DT),
+        data,
+        TrainConfig(epochs=1, batch_size=8, seed=5),
+        metrics=[probe] if probe else [],
+    )
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("model", sorted(BLOCK_MODELS))
+def test_alignment_metric_in_a_trainer_on_a_block_net(model):
+    data = image_data()
+    probe = alignment_metric(data, size=16, seed=2)
+    plain = run_blocks(data, BLOCK_MODELS[model], "s1", None)
+    state_after_plain = rng_states()
+    tracked = run_blocks(data, BLOCK_MODELS[model], "s1", probe)
+    state_after_tracked = rng_states()
+    record = tracked.history[-1]
+    depth = tracked.net.depth
+    expected = {f"{kind}_angle_{i}" for kind in ("update", "delta") for i in range(1, depth)}
+    expected |= {f"weight_angle_{i}_above" for i in range(1, depth - 1)}  # s1: top is direct
+    expected |= {f"weight_angle_{i}_direct" for i in LINEAR_PATHS[model]}
+    assert {key for key in record if "_angle_" in key} == expected
+    assert all(math.isfinite(record[key]) for key in expected)
+    assert all(0.0 < record[key] < 180.0 for key in expected)
+    # The probe changed nothing: the same trajectory, random state and (absent) gradients.
+    assert torch.equal(state_after_plain[0], state_after_tracked[0])
+    a, b = plain.state_dict(), tracked.state_dict()
+    assert all(torch.equal(a["net"][name], b["net"][name]) for name in a["net"])
+    assert all(p.grad is None for p in tracked.net.parameters())
+    untimed = {"seconds", *expected}
+    assert {k: v for k, v in plain.history[-1].items() if k not in untimed} == {
+        k: v for k, v in record.items() if k not in untimed
+    }
+
+
+def test_rule_diagnostics_on_blocks_cover_the_matrices():
+    net = conv_net()
+    rule = FeedbackRule("s1", net, seed=0, dtype=DT)
+    # s1: layers 1 and 2 mean(direct, above), layer 3 direct; layer 1's above term stands for
+    # the conv block 2 (a kernel, not a matrix), layer 2's for the Linear block 3.
+    reports = rule_diagnostics(rule)
+    assert set(reports) == {(1, 0), (2, 0), (2, 1), (3, 0)}
+    assert reports[1, 0].shape == (CLASSES, 3 * 8 * 8)
+    assert reports[2, 1].shape == (6, 36) and reports[2, 1].error_space == "any"
+    assert reports[3, 0].error_space == "softmax"
 
 
 # ------------------------------------------------------------------- feedback diagnostics

@@ -9,7 +9,14 @@ from torch.func import functional_call
 
 from gfalign.blocks import CONV2D, GENERIC, LINEAR, TAIL_STEPS, Tail, linear_products
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every tensor and module of these tests in float64, for this module's tests only."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Gated(nn.Module):
@@ -51,7 +58,15 @@ def _parts():
     }
 
 
-PARTS = list(_parts())
+PARTS = [
+    "linear",
+    "linear without bias",
+    "conv",
+    "conv strided padded",
+    "conv grouped dilated",
+    "conv same",
+    "user module",
+]
 
 
 def _random_like(module: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -180,3 +195,7 @@ def test_every_direct_tail_step_is_tested():
 def test_a_tail_with_parameters_is_refused():
     with pytest.raises(ValueError, match="a tail is parameter-free; Linear has parameters"):
         Tail((nn.Linear(3, 3),))
+
+
+def test_every_part_is_tested():
+    assert list(_parts()) == PARTS

@@ -1,43 +1,63 @@
 """Look inside a rule: how well its updates and its feedback agree with backpropagation.
 
 Three families of measures, all angles in degrees (0: same direction, 90: unrelated, 180:
-opposite), for every hidden layer ``i = 1..L-1``:
+opposite), for every hidden block ``i = 1..L-1`` of any model of blocks (an ``MLP``, a
+``gfalign.models.BlockNet``: conv nets, user modules; DESIGN.md section 9):
 
-Gradient alignment, measured on a fixed probe batch with the network's current weights:
+Gradient alignment, measured on a fixed probe batch with the model's current parameters:
 
-    update_angle_i   angle between the rule's weight update (d^i)^T h^{i-1} and backprop's
-                     (delta^i)^T h^{i-1}, both summed over the probe batch (weights only, no bias)
+    update_angle_i   angle between the rule's update of block i's weight and backprop's, both
+                     summed over the probe batch. The rule's update is the block's local
+                     gradient J_theta phi_i(h^{i-1})^T d^i (for a Linear block (d^i)^T h^{i-1},
+                     for a Conv2d block PyTorch's kernel gradient); backprop's is autograd's
+                     gradient of the summed loss. Weights only: the parameter named ``weight``
+                     where the block's linear part has one (no bias), else every parameter of
+                     the part, flattened and concatenated in ``named_parameters`` order.
     delta_angle_i    angle between the rule's d^i_n and backprop's delta^i_n for every example n,
-                     averaged over the examples (examples where either is zero are left out)
+                     each flattened (a conv block's delta is channels x height x width), averaged
+                     over the examples (examples where either is zero are left out)
 
-Weight alignment, from the weights and the fixed matrices alone:
+Weight alignment, from the parameters and the fixed feedback alone:
 
-    weight_angle_i_above    angle between W^{i+1} and B_up^i (both (n_{i+1}, n_i)): FA's
-                            alignment (Lillicrap et al.), for every ``above`` term
+    weight_angle_i_above    angle between an ``above`` term's fixed parameters and the forward
+                            parameters of block i+1 they stand for (both flattened; for an MLP
+                            B_up^i against W^{i+1}, for a conv block kernel against kernel, for
+                            any other part every parameter): FA's alignment (Lillicrap et al.)
     weight_angle_i_direct   angle between the product W^L W^{L-1} ... W^{i+1} and D^i (both
-                            (n_L, n_i)): the linear part of the backprop path against the direct
-                            feedback, the weight alignment of DFA theory (Nokland; Refinetti et
-                            al.), for every ``direct`` term on the output error e. DFA's other
-                            measure, the angle between its update and backprop's, is
-                            ``update_angle_i``.
+                            (n_L, numel(a^i))): the linear part of the backprop path against the
+                            direct feedback, the weight alignment of DFA theory (Nokland;
+                            Refinetti et al.), for every ``direct`` term on the output error e.
+                            Only where that product is the path: blocks i+1..L are ``nn.Linear``
+                            and the tails of blocks i..L-1 only flatten (always, in an MLP);
+                            elsewhere (a conv or user block above i, a pooling tail) the key is
+                            left out. DFA's other measure, the angle between its update and
+                            backprop's, is ``update_angle_i``.
 
-``below`` terms have no counterpart in backprop and ``backprop`` terms use ``W`` itself, so they
-add no weight angle; a direct term on an auxiliary error neither (its ``D^i`` is the layer's own
-classifier, not a stand-in for the layers above).
+``below`` terms have no counterpart in backprop and ``backprop`` terms use the forward
+parameters themselves, so they add no weight angle; a direct term on an auxiliary error neither
+(its ``D^i`` is the layer's own classifier, not a stand-in for the layers above).
 
-``backprop`` here is computed from the same forward pass, weights and batch, independently of
-the rule engine: ``delta^L = e``, ``delta^i = (delta^{i+1} W^{i+1}) * f'(a^i)``.
+Backprop here is ``torch.autograd`` through the whole model (``backprop_reference``),
+independently of the rule engine: a forward pass on the model's own modules keeps every a^i in
+the graph, and ``torch.autograd.grad`` takes the gradient of the loss summed over the batch with
+respect to every a^i and every parameter.
 
 Feedback-matrix diagnostics (``diagnose``): rank, condition number, the two pseudo-inverse
 identities and how much of the possible output errors a matrix carries; see
 ``FeedbackDiagnostics``.
 
 Example:
-    >>> probe = alignment_metric(data, size=1000)          # a fixed batch of training examples
+    >>> from gfalign import MLP, FeedbackRule
+    >>> from gfalign.data import synthetic
+    >>> from gfalign.train import TrainConfig, Trainer
+    >>> data, net = synthetic(200, 50), MLP([784, 32, 32, 10], seed=0)
+    >>> probe = alignment_metric(data, size=100)           # a fixed batch of training examples
+    >>> rule, config = FeedbackRule("dfa", net), TrainConfig(epochs=2)
     >>> trainer = Trainer(net, rule, data, config, metrics=[probe])
     >>> history = trainer.fit()
-    >>> history[-1]["update_angle_1"]
-    >>> plot_alignment({"dfa": history}, "alignment.png", kind="update")
+    >>> 0 < history[-1]["update_angle_1"] < 180
+    True
+    >>> plot_alignment({"dfa": history}, "alignment.png", kind="update")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -50,9 +70,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
+from gfalign.blocks import LINEAR
 from gfalign.engine import FeedbackRule
-from gfalign.network import MLP
 
 if TYPE_CHECKING:
     from gfalign.data import Dataset
@@ -62,10 +84,12 @@ __all__ = [
     "ERROR_SPACES",
     "PLOT_KINDS",
     "AlignmentProbe",
+    "Backprop",
     "FeedbackDiagnostics",
     "alignment_metric",
     "angle",
     "backprop_deltas",
+    "backprop_reference",
     "diagnose",
     "measure",
     "plot_alignment",
@@ -135,52 +159,162 @@ def row_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------ gradient alignment
 
 
-def backprop_deltas(net: MLP, cache, target: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Backprop's deltas ``delta^1 .. delta^L`` for a forward pass ``cache`` of ``net``.
+@dataclass(frozen=True)
+class Backprop:
+    """Backpropagation's deltas and parameter gradients for one batch: the reference.
 
-    ``delta^L = e`` and ``delta^i = (delta^{i+1} W^{i+1}) * f'(a^i)``; ``delta[i]`` has shape
-    (N, n_i). ``target`` is the labels (classification) or the input (autoencoder).
+    Attributes:
+        deltas: ``deltas[i]`` is ``delta^i = d(sum_n loss_n) / d a^i`` in ``a^i``'s shape
+            (N, *pre shape of block i), for ``i = 1..L``; ``deltas[L]`` is the output error e.
+        gradients: ``gradients[i]`` maps the name of every parameter of block ``i``'s linear
+            part (``named_parameters`` order) to ``d(sum_n loss_n) / d theta_i``, in its shape.
     """
-    with torch.no_grad():
-        _, e = net.objective.error(cache.pre[-1], target)
-        deltas = {net.depth: e}
-        for i in range(net.depth - 1, 0, -1):
-            slope = net.activation.derivative(cache.a(i), cache.h(i))
-            deltas[i] = (deltas[i + 1] @ net.weight(i + 1)) * slope
-    return dict(sorted(deltas.items()))
+
+    deltas: dict[int, torch.Tensor]
+    gradients: dict[int, dict[str, torch.Tensor]]
 
 
-def weight_alignment(net: MLP, rule: FeedbackRule) -> dict[str, float]:
-    """The weight angles of every hidden layer's ``above`` and output-error ``direct`` terms.
+def backprop_reference(net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Backprop:
+    """Backprop for the batch ``(x, target)`` by ``torch.autograd`` through the whole model.
 
-    Keys ``weight_angle_{i}_above`` (angle of ``W^{i+1}`` and ``B_up^i``) and
-    ``weight_angle_{i}_direct`` (angle of ``W^L ... W^{i+1}`` and ``D^i``); a second term of the
-    same kind in one layer gets its term index appended.
+    A forward pass runs every block's own modules, ``a^i = phi_i(h^{i-1}; theta_i)``,
+    ``h^i = tau_i(f_i(a^i))``, keeping each ``a^i`` as a node of one graph; then
+    ``torch.autograd.grad`` of the summed loss with respect to every ``a^i`` and every
+    parameter. The graph starts at the logits ``a^L`` with the objective's output error
+    ``e = d(sum_n loss_n) / d a^L`` (DESIGN.md section 2: softmax minus one-hot, or the
+    autoencoder's ``(x_hat - x) x_hat (1 - x_hat)``) as the cotangent, so the reference and the
+    rules share the definition of the loss and nothing else.
+
+    Changes no state: the graph is built on detached copies of the parameters
+    (``torch.func.functional_call``), so no ``.grad`` is written, and no random numbers are
+    drawn (tails are deterministic, as the rules' forward pass assumes).
+
+    Args:
+        net: an ``MLP`` or a ``BlockNet``.
+        x: inputs, shape (N, *net.input_shape).
+        target: labels (N,) for classification; the flattened input (N, n_0) for the
+            autoencoder.
+
+    Returns:
+        A ``Backprop`` with every ``delta^i`` and every parameter gradient.
+
+    Example:
+        >>> from gfalign.models import build
+        >>> net = build("lenet5")
+        >>> x, y = torch.rand(4, 1, 32, 32), torch.randint(0, 10, (4,))
+        >>> reference = backprop_reference(net, x, y)
+        >>> reference.deltas[1].shape, reference.gradients[1]["weight"].shape
+        (torch.Size([4, 6, 28, 28]), torch.Size([6, 1, 5, 5]))
+    """
+    blocks = net.blocks
+    last = len(blocks)
+    with torch.enable_grad():
+        theta = [
+            {name: p.detach().requires_grad_(True) for name, p in block.linear.named_parameters()}
+            for block in blocks
+        ]
+        pre: list[torch.Tensor] = []
+        h = x.detach()
+        for i, (block, params) in enumerate(zip(blocks, theta, strict=True), start=1):
+            a = functional_call(block.linear, params, (h,))
+            pre.append(a)
+            if i < last:
+                h = block.activation.function(a)
+                for module in block.tail.modules:
+                    h = module(h)
+        _, e = net.objective.error(pre[-1].detach(), target)
+        parameters = [p for params in theta for p in params.values()]
+        grads = torch.autograd.grad(
+            pre[-1], [*pre[:-1], *parameters], grad_outputs=e, allow_unused=True
+        )
+    grads = [
+        torch.zeros_like(value) if grad is None else grad
+        for value, grad in zip([*pre[:-1], *parameters], grads, strict=True)
+    ]
+    deltas = {i: grads[i - 1] for i in range(1, last)}
+    deltas[last] = e
+    gradients, offset = {}, last - 1
+    for i, params in enumerate(theta, start=1):
+        gradients[i] = dict(zip(params, grads[offset : offset + len(params)], strict=True))
+        offset += len(params)
+    return Backprop(deltas, gradients)
+
+
+def backprop_deltas(net: nn.Module, cache, target: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Backprop's deltas ``delta^1 .. delta^L`` for the batch of a forward pass ``cache``.
+
+    ``backprop_reference(net, cache.post[0], target).deltas``: autograd through the model on
+    the cache's input ``h^0``; ``delta[i]`` has ``a^i``'s shape. ``target`` is the labels
+    (classification) or the flattened input (autoencoder).
+    """
+    return backprop_reference(net, cache.post[0], target).deltas
+
+
+def _compared(values: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """What an update angle compares: the ``weight`` where ``names`` has one, else every
+    parameter of ``names`` flattened and concatenated in that order."""
+    if "weight" in names:
+        return values["weight"]
+    return torch.cat([values[name].reshape(-1) for name in names])
+
+
+def _flat(values: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([values[name].reshape(-1) for name in names])
+
+
+def _output_paths(net: nn.Module) -> dict[int, torch.Tensor]:
+    """``W^L W^{L-1} ... W^{i+1}`` (n_L, numel(a^i)) for every hidden block ``i`` whose path to
+    the output is linear but for the activations: blocks ``i+1..L`` are ``nn.Linear`` and the
+    tails of blocks ``i..L-1`` only flatten (a reshape, which keeps ``a^i``'s entries in the
+    order of ``D^i``'s columns)."""
+    blocks = net.blocks
+    products: dict[int, torch.Tensor] = {}
+    product: torch.Tensor | None = None
+    for i in range(len(blocks) - 1, 0, -1):
+        above, tail = blocks[i].linear, blocks[i - 1].tail.modules
+        if type(above) is not nn.Linear or not all(type(m) is nn.Flatten for m in tail):
+            break
+        product = above.weight if product is None else product @ above.weight
+        if product.shape[1] != math.prod(net.pre_shapes[i - 1]):
+            break
+        products[i] = product
+    return products
+
+
+def weight_alignment(net: nn.Module, rule: FeedbackRule) -> dict[str, float]:
+    """The weight angles of every hidden block's ``above`` and output-error ``direct`` terms.
+
+    Keys ``weight_angle_{i}_above`` (an above term's fixed parameters against block ``i+1``'s
+    forward parameters of the same names, flattened and concatenated: ``B_up^i`` and ``W^{i+1}``
+    in an MLP) and ``weight_angle_{i}_direct`` (``W^L ... W^{i+1}`` against ``D^i``, only where
+    the path above block ``i`` is a chain of Linear blocks with identity or flatten tails; the
+    key is left out elsewhere). A second term of the same kind in one layer gets its term index
+    appended.
     """
     rule.check(net)
+    blocks = net.blocks
     record: dict[str, float] = {}
     with torch.no_grad():
-        # products[i] = W^L W^{L-1} ... W^{i+1}, shape (n_L, n_i)
-        products = {net.depth - 1: net.weight(net.depth)}
-        for i in range(net.depth - 2, 0, -1):
-            products[i] = products[i + 1] @ net.weight(i + 1)
+        paths = _output_paths(net)
         for i, layer in enumerate(rule.config.layers, start=1):
             for k, term in enumerate(layer.terms):
                 if term.kind == "above":
-                    reference = net.weight(i + 1)
-                elif term.kind == "direct" and term.error == "output":
-                    reference = products[i]
+                    fixed = rule.feedback(i, k)
+                    forward = dict(blocks[i].linear.named_parameters())
+                    value = angle(_flat(fixed, list(fixed)), _flat(forward, list(fixed)))
+                elif term.kind == "direct" and term.error == "output" and i in paths:
+                    value = angle(rule.feedback(i, k)["matrix"], paths[i])
                 else:
                     continue
                 key = f"weight_angle_{i}_{term.kind}"
                 if key in record:
                     key = f"{key}_{k}"
-                record[key] = angle(rule.matrix(i, k), reference)
+                record[key] = value
     return record
 
 
 def measure(
-    net: MLP,
+    net: nn.Module,
     rule: FeedbackRule,
     x: torch.Tensor,
     y: torch.Tensor | None = None,
@@ -189,33 +323,40 @@ def measure(
 ) -> dict[str, float]:
     """Every alignment angle of ``rule`` on ``net`` for the batch ``(x, y)``.
 
-    Changes no state and consumes no random numbers: one forward pass for backprop, the rule's
-    own ``deltas`` (which never touches ``.grad``), and products of the results.
+    Changes no state and consumes no random numbers: autograd's backprop on detached copies of
+    the parameters (``backprop_reference``), the rule's own ``deltas`` (which never touches
+    ``.grad``) and each block's local parameter product (``param_vjp``) on them.
 
     Args:
-        net: the network, with its current weights.
-        rule: the rule built for ``net.sizes``.
-        x: probe inputs, shape (N, n_0).
+        net: the model (an ``MLP``, a ``BlockNet``), with its current parameters.
+        rule: the rule built for ``net``.
+        x: probe inputs, shape (N, *net.input_shape).
         y: labels (N,) for classification; ignored (may be ``None``) for the autoencoder.
         weights: also record the weight angles (``weight_alignment``).
 
     Returns:
         ``{"update_angle_i": ..., "delta_angle_i": ..., "weight_angle_i_above": ...}`` in
-        degrees, ``i`` over the hidden layers.
+        degrees, ``i`` over the hidden blocks.
     """
-    rule.check(net)
+    rule.check(net, x)
     if net.objective.uses_labels and y is None:
         raise ValueError(f"the {net.objective.name} objective needs labels y for the probe")
-    target = y if net.objective.uses_labels else x
+    target = y if net.objective.uses_labels else x.flatten(1)
+    reference = backprop_reference(net, x, target)
     record: dict[str, float] = {}
     with torch.no_grad():
         cache = net.forward_cache(x)
-        reference = backprop_deltas(net, cache, target)
         ours = rule.deltas(net, x, target).deltas
-        for i in range(1, net.depth):
-            h = cache.h(i - 1)  # (N, n_{i-1})
-            record[f"update_angle_{i}"] = angle(ours[i].t() @ h, reference[i].t() @ h)
-            record[f"delta_angle_{i}"] = float(row_angles(ours[i], reference[i]).nanmean())
+        hidden = zip(net.blocks[:-1], rule.structure[:-1], strict=True)
+        for i, (block, shape) in enumerate(hidden, start=1):
+            names = [name for name, _ in shape.parameters]
+            update = shape.products.param_vjp(block.linear, cache.post[i - 1], ours[i])
+            record[f"update_angle_{i}"] = angle(
+                _compared(update, names), _compared(reference.gradients[i], names)
+            )
+            record[f"delta_angle_{i}"] = float(
+                row_angles(ours[i].flatten(1), reference.deltas[i].flatten(1)).nanmean()
+            )
     if weights:
         record.update(weight_alignment(net, rule))
     return record
@@ -230,13 +371,19 @@ class AlignmentProbe:
     with the probe follows exactly the trajectory of a run without it.
 
     Args:
-        x: probe inputs, shape (N, n_0), on the network's device and dtype.
+        x: probe inputs, shape (N, *net.input_shape), on the network's device and dtype.
         y: probe labels (N,); ``None`` for the autoencoder.
         weights: also record the weight angles.
 
     Example:
-        >>> probe = AlignmentProbe(data.train.x[:1000], data.train.y[:1000])
-        >>> Trainer(net, rule, data, config, metrics=[probe]).fit()
+        >>> from gfalign import MLP, FeedbackRule
+        >>> from gfalign.data import synthetic
+        >>> from gfalign.train import TrainConfig, Trainer
+        >>> data, net = synthetic(200, 50), MLP([784, 32, 10], seed=0)
+        >>> probe = AlignmentProbe(data.train.x[:100], data.train.y[:100])
+        >>> history = Trainer(net, FeedbackRule("fa", net), data, metrics=[probe]).fit(1)
+        >>> "delta_angle_1" in history[-1]
+        True
     """
 
     def __init__(
@@ -246,7 +393,7 @@ class AlignmentProbe:
             raise ValueError(f"probe x has {len(x)} examples, y has {len(y)}")
         self.x, self.y, self.weights = x, y, weights
 
-    def measure(self, net: MLP, rule: FeedbackRule) -> dict[str, float]:
+    def measure(self, net: nn.Module, rule: FeedbackRule) -> dict[str, float]:
         return measure(net, rule, self.x, self.y, weights=self.weights)
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
@@ -403,15 +550,28 @@ def rule_diagnostics(
 
     A matrix receiving the output error (a direct term, or the top layer's above term) or an
     auxiliary error is diagnosed on softmax errors when ``objective`` is ``"classification"``;
-    every other matrix receives a hidden delta, an unconstrained signal.
+    every other matrix receives a hidden delta, an unconstrained signal. On a model of blocks
+    only the fixed parameters that act as a matrix ``s @ B`` are diagnosed: every ``D^i``, and
+    the above and below terms standing for a Linear block; a conv kernel or a user module's
+    parameters are not one matrix and are left out.
     """
     top = len(rule.sizes) - 2
     result = {}
-    for (layer, index), matrix in rule.matrices().items():
-        term = rule.config.layer(layer).terms[index]
-        receives_error = term.kind == "direct" or (term.kind == "above" and layer == top)
-        softmax = receives_error and (objective == "classification" or term.error == "auxiliary")
-        result[layer, index] = diagnose(matrix, "softmax" if softmax else "any")
+    for layer, config in enumerate(rule.config.layers, start=1):
+        for index, term in enumerate(config.terms):
+            if term.kind == "backprop":
+                continue
+            if term.kind != "direct":
+                stands_for = rule.structure[layer if term.kind == "above" else layer - 1]
+                if stands_for.products is not LINEAR:
+                    continue
+            receives_error = term.kind == "direct" or (term.kind == "above" and layer == top)
+            softmax = receives_error and (
+                objective == "classification" or term.error == "auxiliary"
+            )
+            result[layer, index] = diagnose(
+                rule.matrix(layer, index), "softmax" if softmax else "any"
+            )
     return result
 
 

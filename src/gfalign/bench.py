@@ -1,27 +1,32 @@
 """Training speed of every rule against plain autograd backprop and against the machine itself.
 
-For one architecture, batch size, device and dtype, ``run`` times training epochs of
+For one model (an MLP of given widths, or a built-in block model such as ``lenet5``), batch
+size, device and dtype, ``run`` times training epochs of
 
 - every rule through gfalign's training loop (``Trainer``; plain SGD takes the fused in-place
   path of ``FeedbackRule.sgd_step``),
-- a plain PyTorch baseline written here: ``nn.Sequential``, ``loss.backward()``,
-  ``torch.optim.SGD``, with the same batches,
-- the *GEMM-only* bound of every rule: exactly the matrix products of its epoch (same shapes,
-  same operand layouts, same batch sizes) run back to back on preallocated tensors, nothing else,
+- a plain PyTorch baseline of the same model: for an MLP ``nn.Sequential`` of ``nn.Linear``
+  layers, for a block model the ``BlockNet`` itself (its ``forward`` is plain PyTorch), each
+  with ``loss.backward()`` and ``torch.optim.SGD``, on the same batches,
+- the *GEMM-only* bound of every case: the matrix products and convolutions that one real step
+  of the case called (recorded while it ran, with their shapes, strides and arguments),
+  replayed back to back on tensors of the same layout, nothing else,
 
 and measures the machine's matrix-product peak in the same process. Repeats are interleaved
 chunk by chunk (chunk c of every case, GEMM-only runs included, before chunk c + 1 of any),
-so drift of a shared machine reaches every case alike; the tables report medians, and
-the ratios (GEMM-only over epoch, speed-up over the baseline) are medians of per-repeat ratios.
+so drift of a shared machine reaches every case alike; the tables report medians, and the
+ratios (GEMM-only over epoch, speed-up over the baseline) are medians of per-repeat ratios.
 
-FLOPs count what each rule really computes (``step_gemms``): for DFA on 784-800-800-10 a step
-is the 3 forward products, one ``e @ D`` with the direct matrices of both hidden layers
-stacked (n_L x 1600) and the 3 weight-update products; BP replaces ``e @ D`` by the two
-backward products ``d^{i+1} W^{i+1}``. Element-wise work is not counted.
+Nothing here models what a rule computes: FLOPs are counted on real steps of each case
+(``record_products``, with ``torch.utils.flop_counter``'s formulas for ``mm``, ``addmm``,
+``bmm``, ``baddbmm``, their in-place forms, ``convolution`` and ``convolution_backward``), so
+the count follows the engine whatever it runs. Element-wise work is not counted. The share of
+a step's time spent in those products is read off ``torch.profiler`` (``product_share``).
 
 Example:
-    >>> result = run(BenchConfig(sizes=(784, 64, 64, 10), examples=2048, repeats=3))
-    >>> print(format_table(result))
+    >>> config = BenchConfig(sizes=(784, 64, 64, 10), examples=2048, repeats=3)
+    >>> result = run(config)  # doctest: +SKIP
+    >>> print(format_table(result))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -39,8 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gfalign.engine import FeedbackRule
+from gfalign.models import MODELS, build
 from gfalign.network import MLP
 from gfalign.rules import PRESETS
 from gfalign.train import TrainConfig, Trainer
@@ -48,26 +57,29 @@ from gfalign.train import TrainConfig, Trainer
 __all__ = [
     "BASELINE",
     "COLUMNS",
+    "MODEL_NAMES",
     "BenchConfig",
     "BenchError",
-    "Gemm",
+    "Operand",
     "PeakMemory",
+    "Product",
     "Row",
     "epoch_batches",
-    "epoch_flops",
     "format_table",
-    "gemm_only",
-    "gemm_only_seconds",
     "load_data",
     "machine",
     "matmul_peak",
+    "product_share",
+    "record_products",
+    "replay_products",
     "resolve_device",
     "run",
-    "step_gemms",
 ]
 
 BASELINE = "autograd-bp"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MODEL_NAMES = ("mlp", *MODELS)
+"""``mlp`` (the widths of ``BenchConfig.sizes``) or a built-in block model of ``gfalign.models``."""
 
 
 class BenchError(ValueError):
@@ -79,36 +91,44 @@ class BenchConfig:
     """What to benchmark; the fields are the defaults and the documentation.
 
     Attributes:
-        sizes: layer widths ``[n_0, ..., n_L]`` (the paper's 784-800-800-10).
-        activation: hidden nonlinearity.
+        model: ``mlp`` (of ``sizes`` and ``activation``) or a built-in block model
+            (``lenet5``: biotorch's LeNetMNIST, 32x32 inputs, MNIST resized to them).
+        sizes: layer widths ``[n_0, ..., n_L]`` of the MLP (the paper's 784-800-800-10).
+        activation: hidden nonlinearity of the MLP.
         batch_size: examples per step.
         rules: preset names (or configuration dictionaries) to time through gfalign.
         baseline: also time the plain autograd backprop baseline.
         optimizer_path: also time every rule through ``.grad`` and ``torch.optim.SGD.step``
             (``Trainer(fused_sgd=False)``), to show what the fused update saves.
+        gemm_only: also time every case's GEMM-only bound (its recorded products alone).
         device: ``cpu``, ``cuda``, ``cuda:1`` ...
         dtype: ``float32`` or ``float64``.
         data: ``mnist`` (random tensors of MNIST's shape when MNIST cannot be loaded; the
             timing does not depend on the values) or ``synthetic`` (``gfalign.data.synthetic``).
         data_root: directory holding MNIST's files (default ``$GFALIGN_DATA``, then the cache).
-        examples: training examples per epoch (default: all of them).
+        examples: training examples timed per epoch (default: all of them); seconds per epoch
+            are extrapolated to the whole training set.
         repeats: timed epochs per case; the tables report their median.
         warmup: untimed steps of every case before the first timed epoch.
+        profile_steps: steps of every case run under ``torch.profiler`` after the timed epochs,
+            for the share of time in products (0: skip it).
         threads: ``torch.set_num_threads`` (default: leave torch's choice).
         peak_size: side of the square matrices of the peak measurement.
         ensemble: K > 0 also times K members trained sequentially against one
-            ``EnsembleTrainer`` of K members, for every rule.
+            ``EnsembleTrainer`` of K members, for every rule (MLP only).
         chunks: every epoch is timed in this many chunks of steps, chunk c of every case
             before chunk c + 1 of any, so a shared machine's noise reaches all cases alike.
         seed: seeds the networks, rules, shuffling and random data.
     """
 
+    model: str = "mlp"
     sizes: tuple[int, ...] = (784, 800, 800, 10)
     activation: str = "tanh"
     batch_size: int = 32
     rules: tuple[str, ...] = tuple(PRESETS)
     baseline: bool = True
     optimizer_path: bool = False
+    gemm_only: bool = True
     device: str = "cpu"
     dtype: str = "float32"
     data: str = "mnist"
@@ -116,6 +136,7 @@ class BenchConfig:
     examples: int | None = None
     repeats: int = 5
     warmup: int = 20
+    profile_steps: int = 20
     threads: int | None = None
     peak_size: int = 2048
     ensemble: int = 0
@@ -125,6 +146,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.model not in MODEL_NAMES:
+            raise BenchError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
         if len(self.sizes) < 3:
             raise BenchError(f"sizes need at least one hidden layer, got {list(self.sizes)}")
         if self.dtype not in DTYPES:
@@ -136,102 +159,224 @@ class BenchConfig:
                 raise BenchError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.examples is not None and self.examples < 1:
             raise BenchError(f"examples must be at least 1, got {self.examples}")
-        if self.ensemble < 0 or self.warmup < 0:
-            raise BenchError("ensemble and warmup cannot be negative")
+        if self.ensemble < 0 or self.warmup < 0 or self.profile_steps < 0:
+            raise BenchError("ensemble, warmup and profile_steps cannot be negative")
+        if self.ensemble and self.model != "mlp":
+            raise BenchError(
+                f"ensemble: EnsembleTrainer stacks MLPs; model {self.model!r} is not one"
+            )
+
+    @property
+    def label(self) -> str:
+        """The model in words: ``784-800-800-10 tanh`` or ``lenet5``."""
+        if self.model == "mlp":
+            return "-".join(str(n) for n in self.sizes) + f" {self.activation}"
+        return self.model
 
 
-# ------------------------------------------------------------------------------------ FLOPs
+# ------------------------------------------------------------------------- what a step runs
+
+aten = torch.ops.aten
+
+# Products counted and replayed: every op ``torch.utils.flop_counter`` has a formula for, and
+# the in-place forms the fused update calls (``W.addmm_(d^T, h)``), counted by their
+# out-of-place formula.
+_IN_PLACE = {aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
+_FORMULAS = {
+    packet: formula
+    for packet, formula in flop_counter.flop_registry.items()
+    if isinstance(packet, torch._ops.OpOverloadPacket)
+}
+_FORMULAS.update({packet: _FORMULAS[base] for packet, base in _IN_PLACE.items()})
 
 
 @dataclass(frozen=True)
-class Gemm:
-    """One matrix product ``C (m, n) = A (m, k) @ B (k, n)`` of a training step.
+class Operand:
+    """A tensor argument of a recorded product: where it lives and its layout.
 
-    ``a``, ``b`` and ``c`` name the operands (``"W2"``, ``"h1"``, ``"d2"`` ...) so that a product
-    that reads a tensor another one writes or reads uses the same buffer in the GEMM-only run;
-    ``a_transposed`` / ``b_transposed`` mark operands read through a ``.t()`` view (stored as
-    (k, m) or (n, k), as in the rule path); ``accumulate`` marks ``C += A @ B`` into the weights
-    (the fused SGD update) instead of a fresh result.
+    ``storage`` identifies the memory it views (operands of one step that share memory, such
+    as a weight its forward reads and its update writes, share it in the replay too).
     """
 
-    what: str
-    m: int
-    k: int
-    n: int
-    a: str
-    b: str
-    c: str
-    a_transposed: bool = False
-    b_transposed: bool = False
-    accumulate: bool = False
+    storage: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
 
     @property
-    def flops(self) -> int:
-        return 2 * self.m * self.k * self.n
+    def extent(self) -> int:
+        """Elements of the storage it reaches, from the start."""
+        if 0 in self.shape:
+            return self.offset
+        return (
+            self.offset + 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        )
 
 
-def step_gemms(rule: FeedbackRule, batch: int) -> list[Gemm]:
-    """The matrix products one training step of ``rule`` computes, in order.
+@dataclass(frozen=True)
+class Product:
+    """One matrix product or convolution a step called: the ATen op, its arguments (tensors
+    as ``Operand``) and its FLOPs by ``torch.utils.flop_counter``'s formula."""
 
-    Read off the rule's plan, so it counts exactly what the engine runs: the forward pass, the
-    stacked ``e @ D`` of the output-error direct terms, each auxiliary classifier's two
-    products, each above/below/backprop product, and one weight-update product per layer.
-    The autograd baseline computes the same products as ``bp``.
+    op: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    flops: int
+
+    @property
+    def name(self) -> str:
+        return str(self.op)
+
+
+def _operand(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return Operand(
+            value.untyped_storage().data_ptr(),
+            tuple(value.shape),
+            tuple(value.stride()),
+            value.storage_offset(),
+            value.dtype,
+        )
+    if isinstance(value, (list, tuple)):
+        return type(value)(_operand(item) for item in value)
+    return value
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: list[Product] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # Operands before the call: an in-place product changes its first argument.
+        described = (_operand(args), _operand(kwargs))
+        out = func(*args, **kwargs)
+        formula = _FORMULAS.get(func.overloadpacket)
+        if formula is not None:
+            flops = int(formula(*args, **kwargs, out_val=out))
+            self.products.append(Product(func, described[0], described[1], flops))
+        return out
+
+
+def record_products(step: Callable[[], object]) -> list[Product]:
+    """The products ``step()`` calls, in order, while it really runs.
 
     Example:
-        >>> rule = FeedbackRule("dfa", (784, 800, 800, 10))
-        >>> sum(g.flops for g in step_gemms(rule, 32)) == 2 * 32 * (
-        ...     2 * (784 * 800 + 800 * 800 + 800 * 10) + 10 * 1600)
+        >>> net = MLP([784, 16, 10], seed=0)
+        >>> rule = FeedbackRule("bp", net)
+        >>> x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
+        >>> products = record_products(lambda: rule.sgd_step(net, x, y, lr=1e-3))
+        >>> sum(p.flops for p in products) == 2 * 8 * (3 * 784 * 16 + 3 * 16 * 10 - 784 * 16)
         True
     """
-    sizes, plan, N = rule.sizes, rule.plan, batch
-    L = len(sizes) - 1
-    gemms = [
-        Gemm(f"forward a{i} = h{i - 1} W{i}^T", N, sizes[i - 1], sizes[i], f"h{i - 1}", f"W{i}",
-             f"a{i}", b_transposed=True)
-        for i in range(1, L + 1)
-    ]  # fmt: skip
-    if plan.output_width:
-        gemms.append(
-            Gemm("direct e @ D (stacked)", N, sizes[L], plan.output_width, f"d{L}", "D", "P")
-        )
-    for layer in plan.layers:
-        i = layer.layer
-        for term in layer.values:
-            if term.auxiliary:
-                gemms += [
-                    Gemm(f"auxiliary z{i} = h{i} D{i}^T", N, sizes[i], sizes[L], f"h{i}",
-                         f"D{i}", f"z{i}", b_transposed=True),
-                    Gemm(f"auxiliary e{i} @ D{i}", N, sizes[L], sizes[i], f"e{i}", f"D{i}",
-                         f"P{i}"),
-                ]  # fmt: skip
-        for term in layer.products:
-            j = term.source
-            source = f"d{j}" if term.final else f"t{j}"
-            matrix = f"W{j}" if term.kind == "backprop" else f"B{i}.{term.index}"
-            gemms.append(
-                Gemm(f"{term.kind} {source} @ {matrix}", N, sizes[j], sizes[i], source, matrix,
-                     f"q{i}.{term.index}")
-            )  # fmt: skip
-    gemms += [
-        Gemm(f"update W{i} += d{i}^T h{i - 1}", sizes[i], N, sizes[i - 1], f"d{i}", f"h{i - 1}",
-             f"W{i}", a_transposed=True, accumulate=True)
-        for i in range(1, L + 1)
-    ]  # fmt: skip
-    return gemms
+    with _Recorder() as recorder:
+        step()
+    return recorder.products
+
+
+def replay_products(products: Sequence[Product], device: torch.device) -> Callable[[], None]:
+    """A function calling exactly ``products`` again, with the same ops, shapes, strides and
+    arguments, on tensors allocated here (operands that shared memory share it again). The
+    values are small random numbers; the outputs are allocated as the step allocates them."""
+    generator = torch.Generator().manual_seed(0)
+    extents: dict[tuple[int, torch.dtype], int] = {}
+
+    def operands(value: Any) -> Iterator[Operand]:
+        if isinstance(value, Operand):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from operands(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from operands(item)
+
+    for product in products:
+        for operand in operands((product.args, product.kwargs)):
+            key = (operand.storage, operand.dtype)
+            extents[key] = max(extents.get(key, 1), operand.extent)
+    buffers = {
+        key: torch.rand(n, generator=generator, dtype=key[1]).sub_(0.5).mul_(0.1).to(device)
+        for key, n in extents.items()
+    }
+
+    def materialise(value: Any) -> Any:
+        if isinstance(value, Operand):
+            buffer = buffers[value.storage, value.dtype]
+            return buffer.as_strided(value.shape, value.stride, value.offset)
+        if isinstance(value, (list, tuple)):
+            return type(value)(materialise(item) for item in value)
+        return value
+
+    calls = [
+        (p.op, materialise(p.args), {k: materialise(v) for k, v in p.kwargs.items()})
+        for p in products
+    ]
+
+    def replay() -> None:
+        for op, args, kwargs in calls:
+            op(*args, **kwargs)
+
+    return replay
+
+
+# A profiler event of a product: the ATen ops the products dispatch to, their backends' kernels
+# (mkldnn_convolution, _slow_conv2d_*, cudnn_*), and the wrappers above them.
+_PRODUCT_EVENT = re.compile(r"^aten::(_?(add|b|badd)?mm_?|matmul|linear|\w*conv\w*)$")
+
+
+def product_share(
+    run_steps: Callable[[int], object], steps: int, device: torch.device, *, top: int = 8
+) -> tuple[float, list[dict[str, Any]]]:
+    """The share of ``run_steps(steps)`` (``steps`` training steps) spent in matrix products and
+    convolutions, and the ops that took the most time.
+
+    Under ``torch.profiler``: the time of every outermost product event (``aten::mm``,
+    ``addmm``, ``addmm_``, ``bmm``, ``convolution``, ``convolution_backward`` ...: self time plus
+    what they call), on the CPU its CPU time, on a GPU its kernels' device time, over the wall
+    time of the same steps (which includes the profiler's own small per-op cost, so the share
+    is if anything low). ``top`` ops by self time come back as ``{"op", "ms_per_step",
+    "calls_per_step"}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    run_steps(1)
+    _synchronize(device)
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        run_steps(steps)
+        _synchronize(device)
+        wall = time.perf_counter() - started
+    inside = 0.0
+    for event in profiler.events():
+        if not _PRODUCT_EVENT.match(event.name):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _PRODUCT_EVENT.match(parent.name):
+            parent = parent.cpu_parent
+        if parent is None:
+            inside += event.device_time_total if cuda else event.cpu_time_total
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = sorted(profiler.key_averages(), key=lambda a: getattr(a, key), reverse=True)
+    ops = [
+        {
+            "op": average.key,
+            "ms_per_step": getattr(average, key) / 1e3 / steps,
+            "calls_per_step": average.count / steps,
+        }
+        for average in averages[:top]
+    ]
+    return inside / 1e6 / wall, ops
 
 
 def epoch_batches(examples: int, batch: int) -> list[int]:
     """The batch sizes of one epoch: full batches and the smaller last one."""
     full, rest = divmod(examples, batch)
     return [batch] * full + ([rest] if rest else [])
-
-
-def epoch_flops(rule: FeedbackRule, examples: int, batch: int) -> int:
-    """Matrix-product FLOPs of one epoch of ``rule``."""
-    return sum(
-        sum(g.flops for g in step_gemms(rule, size)) for size in epoch_batches(examples, batch)
-    )
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -441,18 +586,46 @@ class _Dataset:
     train: _Split
     test: _Split
     validation: None = None
+    full_examples: int = 0  # the training set's size, the epoch timings are extrapolated to
+
+
+def _input_shape(config: BenchConfig) -> tuple[int, ...]:
+    if config.model == "mlp":
+        return (config.sizes[0],)
+    return tuple(MODELS[config.model]["input"])
+
+
+def _classes(config: BenchConfig) -> int:
+    if config.model == "mlp":
+        return config.sizes[-1]
+    return int(MODELS[config.model]["blocks"][-1]["linear"])
+
+
+def _fit_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """MNIST's (N, 784) in the model's input shape: flat, or (N, 1, S, S) resized bilinearly
+    (as ``gfalign.models`` says a ``resize`` model reads 28x28 images); ``None`` if neither."""
+    if shape == (x.shape[1],):
+        return x
+    if len(shape) == 3 and shape[0] == 1 and shape[1] == shape[2] and x.shape[1] == 784:
+        images = x.view(-1, 1, 28, 28)
+        if shape[1] == 28:
+            return images
+        return functional.interpolate(images, size=shape[1:], mode="bilinear", align_corners=False)
+    return None
 
 
 def load_data(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
     """The training data and a line saying what it is.
 
-    MNIST through ``gfalign.data.load`` (never downloading), else random tensors of MNIST's
-    shape; ``synthetic`` draws ``gfalign.data.synthetic``. Only ``examples`` training examples
-    and at most 1000 test examples are kept: the benchmark times training steps, not evaluation.
+    MNIST through ``gfalign.data.load`` (never downloading), in the model's input shape (for
+    ``lenet5`` resized to 32x32), else random tensors of that shape; ``synthetic`` draws
+    ``gfalign.data.synthetic``. Only ``examples`` training examples and at most 1000 test
+    examples are kept: the benchmark times training steps, not evaluation.
     """
-    n_in, n_out = config.sizes[0], config.sizes[-1]
+    shape, n_out = _input_shape(config), _classes(config)
+    n_in = math.prod(shape)
     note = ""
-    dataset = None
+    train = test = None
     if config.data == "mnist":
         try:
             from gfalign.data import load
@@ -460,33 +633,43 @@ def load_data(config: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
             dataset = load("mnist", root=config.data_root, download=False, quiet=True)
             note = "MNIST"
         except Exception as problem:  # any failure to load only changes the values, not timing
-            note = f"random tensors of MNIST's shape (MNIST not loaded: {_first_line(problem)})"
-        if dataset is not None and (n_in, n_out) != (dataset.train.x.shape[1], 10):
             dataset = None
-            note = f"random tensors (sizes {n_in}->{n_out} do not fit MNIST)"
+            note = f"random tensors of MNIST's shape (MNIST not loaded: {_first_line(problem)})"
         if dataset is not None:
-            train, test = dataset.train, dataset.test
-        else:
+            count = min(config.examples or len(dataset.train), len(dataset.train))
+            x = _fit_images(dataset.train.x[:count], shape) if n_out == 10 else None
+            if x is None:
+                note = f"random tensors (a model of {list(shape)} -> {n_out} does not fit MNIST)"
+            else:
+                if x.shape[1:] != dataset.train.x.shape[1:]:
+                    note += f", resized to {'x'.join(str(n) for n in shape[1:])}"
+                train = _Split(x, dataset.train.y[:count])
+                test_x = _fit_images(dataset.test.x[:1000], shape)
+                test = _Split(test_x, dataset.test.y[:1000])
+                full = len(dataset.train)
+        if train is None:
             generator = torch.Generator().manual_seed(config.seed)
+            full = 60_000
+            count = min(config.examples or full, full)
             train = _Split(
-                torch.rand(60_000, n_in, generator=generator),
-                torch.randint(0, n_out, (60_000,), generator=generator),
+                torch.rand(count, *shape, generator=generator),
+                torch.randint(0, n_out, (count,), generator=generator),
             )
             test = _Split(train.x[:1000], train.y[:1000])
     else:
         from gfalign.data import synthetic
 
-        count = config.examples or 60_000
+        full = count = config.examples or 60_000
         dataset = synthetic(count, 200, seed=config.seed, features=n_in, classes=n_out)
-        train, test = dataset.train, dataset.test
+        train = _Split(dataset.train.x.view(-1, *shape), dataset.train.y)
+        test = _Split(dataset.test.x.view(-1, *shape), dataset.test.y)
         note = f"synthetic ({count} examples)"
-    examples = min(config.examples or len(train), len(train))
-    train = _Split(train.x[:examples], train.y[:examples])
-    test = _Split(test.x[:1000], test.y[:1000])
     on_device = _Dataset(
         "bench",
         _Split(train.x.to(device=device, dtype=dtype), train.y.to(device)),
         _Split(test.x.to(device=device, dtype=dtype), test.y.to(device)),
+        None,
+        full,
     )
     return on_device, note
 
@@ -501,7 +684,8 @@ def _first_line(problem: BaseException) -> str:
 # Every case runs an epoch as a generator: the first ``next`` prepares it (untimed), each
 # further ``next`` runs the steps of one chunk, and ``run`` times chunk c of every case before
 # chunk c + 1 of any. Noise of a shared machine, which comes and goes over seconds, then reaches
-# every case alike instead of whole epochs of a few.
+# every case alike instead of whole epochs of a few. ``steps(size, count)`` runs real steps
+# outside the timed epochs: to record their products and to profile them.
 
 Chunks = Sequence[tuple[int, int]]
 
@@ -510,12 +694,16 @@ class _Case:
     """One timed row (or one GEMM-only bound): ``warm_up()`` once, then ``epoch(chunks)``."""
 
     name: str
-    gemm_key: str | None = None  # the GEMM-only bound it is compared with
+    bound_key: str | None = None  # cases with one key share one GEMM-only bound
 
     def warm_up(self) -> None:
         raise NotImplementedError
 
     def epoch(self, chunks: Chunks) -> Iterator[None]:
+        raise NotImplementedError
+
+    def steps(self, size: int, count: int) -> None:
+        """``count`` training steps of batches of ``size`` examples, outside any epoch."""
         raise NotImplementedError
 
     def state_bytes(self) -> int:
@@ -527,82 +715,32 @@ def _order(n: int, generator: torch.Generator, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=generator).to(device)
 
 
-class _RuleCase(_Case):
-    """A rule through gfalign's training step (``Trainer.step``, as ``Trainer.train_epoch``)."""
-
-    def __init__(self, name, rule_config, data, config: BenchConfig, device, dtype, fused=True):
-        net = MLP(config.sizes, config.activation, seed=config.seed, dtype=dtype, device=device)
-        self.rule = FeedbackRule(rule_config, config.sizes, seed=config.seed, dtype=dtype,
-                                 device=device)  # fmt: skip
-        self.name = name.format(rule=self.rule.config.name)
-        self.gemm_key = self.rule.config.name
-        train_config = TrainConfig(
-            batch_size=config.batch_size, lr=1e-4, seed=config.seed, evaluate_train=False
-        )
-        self.trainer = Trainer(net, self.rule, data, train_config, fused_sgd=fused)
-        self.data, self.warmup, self.batch = data, config.warmup, config.batch_size
-
-    def warm_up(self) -> None:
-        x, y = self.data.train.x, self.data.train.y
-        for batch in _warmup_batches(len(y), self.batch, self.warmup, x.device):
-            self.trainer.step(x.index_select(0, batch), y.index_select(0, batch))
-
-    def state_bytes(self) -> int:
-        return _tensor_bytes(self.trainer.net, self.trainer.rule, self.trainer.optimizer)
-
-    def epoch(self, chunks: Chunks) -> Iterator[None]:
-        x_all, y_all, size, trainer = self.data.train.x, self.data.train.y, self.batch, self.trainer
-        order = _order(len(y_all), trainer.generator, x_all.device)
-        losses: list[torch.Tensor] = []
-        yield
-        for first, last in chunks:
-            for step in range(first, last):
-                batch = order[step * size : (step + 1) * size]
-                losses.append(
-                    trainer.step(x_all.index_select(0, batch), y_all.index_select(0, batch))
-                )
-            yield
-        _check_finite(self.name, losses)
+def _network(config: BenchConfig, device, dtype, seed: int | None = None) -> nn.Module:
+    """The benchmarked model: the MLP of ``config.sizes`` or the built-in block model."""
+    seed = config.seed if seed is None else seed
+    if config.model == "mlp":
+        return MLP(config.sizes, config.activation, seed=seed, dtype=dtype, device=device)
+    return build(config.model, seed=seed, dtype=dtype, device=device)
 
 
-class _AutogradCase(_Case):
-    """Plain PyTorch: ``nn.Sequential``, ``loss.backward()``, ``torch.optim.SGD``."""
+class _BatchedCase(_Case):
+    """A case whose training step is ``_step(x, y)`` on one batch."""
 
-    def __init__(self, data, config: BenchConfig, device, dtype):
-        self.name, self.gemm_key = BASELINE, "bp"
-        activation = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}[config.activation]
-        layers: list[nn.Module] = []
-        for index, (fan_in, fan_out) in enumerate(
-            zip(config.sizes[:-1], config.sizes[1:], strict=False)
-        ):
-            layers.append(nn.Linear(fan_in, fan_out))
-            if index < len(config.sizes) - 2:
-                layers.append(activation())
-        self.model = nn.Sequential(*layers).to(device=device, dtype=dtype)
-        start = MLP(config.sizes, config.activation, seed=config.seed, dtype=dtype, device=device)
-        linear = [layer for layer in self.model if isinstance(layer, nn.Linear)]
-        with torch.no_grad():
-            for mine, theirs in zip(linear, start.layers, strict=True):
-                mine.weight.copy_(theirs.weight)
-                mine.bias.copy_(theirs.bias)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.data, self.batch, self.warmup = data, config.batch_size, config.warmup
+    data: Any
+    batch: int
+    warmup: int
+    generator: torch.Generator
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad()
-        loss = functional.cross_entropy(self.model(x), y, reduction="sum")
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        raise NotImplementedError
 
-    def warm_up(self) -> None:
+    def steps(self, size: int, count: int) -> None:
         x, y = self.data.train.x, self.data.train.y
-        for batch in _warmup_batches(len(y), self.batch, self.warmup, x.device):
+        for batch in _probe_batches(len(y), size, count, x.device):
             self._step(x.index_select(0, batch), y.index_select(0, batch))
 
-    def state_bytes(self) -> int:
-        return _tensor_bytes(self.model, self.optimizer)
+    def warm_up(self) -> None:
+        self.steps(self.batch, self.warmup)
 
     def epoch(self, chunks: Chunks) -> Iterator[None]:
         x_all, y_all, size = self.data.train.x, self.data.train.y, self.batch
@@ -619,24 +757,91 @@ class _AutogradCase(_Case):
         _check_finite(self.name, losses)
 
 
-class _GemmCase(_Case):
-    """The GEMM-only bound of a rule: its products alone (see ``gemm_only``), ``repeat`` times
-    per step for K sequential members, or stacked over ``stack`` members."""
+class _RuleCase(_BatchedCase):
+    """A rule through gfalign's training step (``Trainer.step``, as ``Trainer.train_epoch``)."""
 
-    def __init__(self, key, rule: FeedbackRule, batches, device, dtype, *, stack=0, repeat=1):
-        self.name, self.gemm_key = f"GEMM-only {key}", key
-        self.rule, self.repeat = rule, repeat
-        self.run = gemm_only(lambda n: step_gemms(rule, n), batches, device, dtype, stack=stack)
+    def __init__(self, name, rule_config, data, config: BenchConfig, device, dtype, fused=True):
+        net = _network(config, device, dtype)
+        self.rule = FeedbackRule(rule_config, net, seed=config.seed, dtype=dtype, device=device)
+        self.name = name.format(rule=self.rule.config.name)
+        self.bound_key = self.rule.config.name
+        train_config = TrainConfig(
+            batch_size=config.batch_size, lr=1e-4, seed=config.seed, evaluate_train=False
+        )
+        self.trainer = Trainer(net, self.rule, data, train_config, fused_sgd=fused)
+        self.generator = self.trainer.generator
+        self.data, self.warmup, self.batch = data, config.warmup, config.batch_size
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.trainer.step(x, y)
+
+    def state_bytes(self) -> int:
+        return _tensor_bytes(self.trainer.net, self.trainer.rule, self.trainer.optimizer)
+
+
+class _AutogradCase(_BatchedCase):
+    """Plain PyTorch on the same model: ``loss.backward()``, ``torch.optim.SGD``.
+
+    The MLP is an ``nn.Sequential`` of ``nn.Linear`` layers holding the MLP's initial weights (as
+    the README's figures were measured); a block model is the ``BlockNet`` itself, whose
+    ``forward`` is plain PyTorch.
+    """
+
+    def __init__(self, data, config: BenchConfig, device, dtype):
+        self.name = self.bound_key = BASELINE
+        start = _network(config, device, dtype)
+        if config.model == "mlp":
+            activation = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}[
+                config.activation
+            ]
+            layers: list[nn.Module] = []
+            for index, (fan_in, fan_out) in enumerate(
+                zip(config.sizes[:-1], config.sizes[1:], strict=False)
+            ):
+                layers.append(nn.Linear(fan_in, fan_out))
+                if index < len(config.sizes) - 2:
+                    layers.append(activation())
+            self.model: nn.Module = nn.Sequential(*layers).to(device=device, dtype=dtype)
+            linear = [layer for layer in self.model if isinstance(layer, nn.Linear)]
+            with torch.no_grad():
+                for mine, theirs in zip(linear, start.layers, strict=True):
+                    mine.weight.copy_(theirs.weight)
+                    mine.bias.copy_(theirs.bias)
+        else:
+            self.model = start
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.data, self.batch, self.warmup = data, config.batch_size, config.warmup
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad()
+        loss = functional.cross_entropy(self.model(x), y, reduction="sum")
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def state_bytes(self) -> int:
+        return _tensor_bytes(self.model, self.optimizer)
+
+
+class _ProductsCase(_Case):
+    """The GEMM-only bound of a case: the products its steps called (``record_products``),
+    replayed alone (``replay_products``) for the batch sizes of every chunk."""
+
+    def __init__(self, key: str, recorded: dict[int, list[Product]], batches, device):
+        self.name, self.bound_key = f"GEMM-only {key}", key
+        self.replays = {size: replay_products(p, device) for size, p in recorded.items()}
         self.batches = list(batches)
 
     def warm_up(self) -> None:
-        self.run(self.batches[:3])
+        for size in self.batches[:3]:
+            self.replays[size]()
 
     def epoch(self, chunks: Chunks) -> Iterator[None]:
         yield
         for first, last in chunks:
-            for _ in range(self.repeat):
-                self.run(self.batches[first:last])
+            for size in self.batches[first:last]:
+                self.replays[size]()
             yield
 
 
@@ -647,8 +852,7 @@ class _SequentialCase(_Case):
     """
 
     def __init__(self, name, rule_config, data, config: BenchConfig, device, dtype):
-        self.name = name
-        self.gemm_key = name
+        self.name = self.bound_key = name
         self.cases = [
             _RuleCase(name, rule_config, data, _with_seed(config, config.seed + k), device, dtype)
             for k in range(config.ensemble)
@@ -657,6 +861,10 @@ class _SequentialCase(_Case):
     def warm_up(self) -> None:
         for case in self.cases:
             case.warm_up()
+
+    def steps(self, size: int, count: int) -> None:
+        for case in self.cases:
+            case.steps(size, count)
 
     def state_bytes(self) -> int:
         return max(case.state_bytes() for case in self.cases)  # one run at a time
@@ -677,25 +885,31 @@ class _EnsembleCase(_Case):
     def __init__(self, name, rule_config, data, config: BenchConfig, device, dtype):
         from gfalign.ensemble import EnsembleTrainer
 
-        self.name = name
-        self.gemm_key = name
+        self.name = self.bound_key = name
         seeds = [config.seed + k for k in range(config.ensemble)]
-        nets = [MLP(config.sizes, config.activation, seed=s, dtype=dtype, device=device)
-                for s in seeds]  # fmt: skip
-        rules = [FeedbackRule(rule_config, config.sizes, seed=s, dtype=dtype, device=device)
-                 for s in seeds]  # fmt: skip
+        nets = [_network(config, device, dtype, seed) for seed in seeds]
+        rules = [FeedbackRule(rule_config, net, seed=seed, dtype=dtype, device=device)
+                 for net, seed in zip(nets, seeds, strict=True)]  # fmt: skip
         configs = [
             TrainConfig(batch_size=config.batch_size, lr=1e-4, seed=s, evaluate_train=False)
             for s in seeds
         ]
         self.trainer = EnsembleTrainer(nets, rules, data, configs)
-        self.warmup = config.warmup
+        self.warmup, self.batch = config.warmup, config.batch_size
 
     def state_bytes(self) -> int:
-        trainer = self.trainer
-        stacked = [*trainer._weights[1:], *trainer._biases[1:], *trainer._matrices.values()]
+        trainer = self.trainer  # the members' own tensors and the stacked net and rule
         members = [part for m in trainer.members for part in (m.net, m.rule, m.optimizer)]
-        return _tensor_bytes(*members, *stacked)
+        return _tensor_bytes(*members, trainer._net, trainer._rule)
+
+    def steps(self, size: int, count: int) -> None:
+        trainer = self.trainer
+        epoch = trainer.begin_epoch()
+        # The first step has a full batch, the last one the epoch's smaller rest.
+        step = 0 if size == self.batch else epoch.steps - 1
+        for _ in range(count):
+            trainer.train_step(epoch, step)
+        trainer._unstack(list(epoch.active))
 
     def warm_up(self) -> None:
         trainer = self.trainer
@@ -722,9 +936,11 @@ def _check_finite(name: str, losses: list[torch.Tensor]) -> None:
         raise BenchError(f"{name}: the loss diverged during the benchmark")
 
 
-def _warmup_batches(n: int, batch: int, steps: int, device: torch.device) -> list[torch.Tensor]:
+def _probe_batches(n: int, size: int, steps: int, device: torch.device) -> list[torch.Tensor]:
+    """``steps`` batches of exactly ``size`` examples (``size <= n``) of a fixed shuffle."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(device)
-    return [order[(step * batch) % n :][:batch] for step in range(steps)]
+    positions = torch.arange(size, device=device)
+    return [order[(positions + step * size) % n] for step in range(steps)]
 
 
 def _with_seed(config: BenchConfig, seed: int) -> BenchConfig:
@@ -733,89 +949,16 @@ def _with_seed(config: BenchConfig, seed: int) -> BenchConfig:
     return BenchConfig(**values)
 
 
-# ------------------------------------------------------------------------------ GEMM-only
-
-
-def gemm_only(
-    gemms_of: Callable[[int], Sequence[Gemm]],
-    batches: Sequence[int],
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    stack: int = 0,
-) -> Callable[[Sequence[int]], None]:
-    """A function running exactly the products of steps of the given batch sizes, nothing else.
-
-    ``gemms_of(N)`` lists the products of a step of batch ``N`` (``step_gemms``); ``batches``
-    the batch sizes that will be asked for. Operands named alike share one buffer (a step's
-    forward reads the weights its update writes), transposed operands are read through
-    ``.t()`` views like the rule path's, and the weight updates accumulate into the weights
-    (``addmm_``, with a tiny step so the values stay put). ``stack=K`` runs every product as
-    one batched product over K members (``bmm`` / ``baddbmm_``), as ``EnsembleTrainer`` does.
-    All tensors are allocated here, none while it runs.
-    """
-    generator = torch.Generator().manual_seed(0)
-    # Keyed by name and shape: the weights are shared by every batch size, activations not.
-    buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-    lead = (stack,) if stack else ()
-
-    def operand(key: str, shape: tuple[int, int], transposed: bool) -> torch.Tensor:
-        full = lead + ((shape[1], shape[0]) if transposed else shape)
-        if (key, full) not in buffers:
-            tensor = torch.rand(full, generator=generator, dtype=dtype).sub_(0.5)
-            buffers[key, full] = tensor.to(device)
-        tensor = buffers[key, full]
-        return tensor.transpose(-1, -2) if transposed else tensor
-
-    plans = {}
-    for size in sorted(set(batches)):
-        steps = []
-        for g in gemms_of(size):
-            a = operand(g.a, (g.m, g.k), g.a_transposed)
-            b = operand(g.b, (g.k, g.n), g.b_transposed)
-            if g.accumulate:
-                c = operand(g.c, (g.m, g.n), False)
-            else:
-                c = torch.empty(lead + (g.m, g.n), dtype=dtype, device=device)
-            steps.append((a, b, c, g.accumulate))
-        plans[size] = steps
-
-    def run(sizes: Sequence[int]) -> None:
-        for size in sizes:
-            for a, b, c, accumulate in plans[size]:
-                if accumulate:
-                    if stack:
-                        c.baddbmm_(a, b, alpha=-1e-9)
-                    else:
-                        c.addmm_(a, b, alpha=-1e-9)
-                elif stack:
-                    torch.bmm(a, b, out=c)
-                else:
-                    torch.mm(a, b, out=c)
-
-    return run
-
-
-def gemm_only_seconds(
-    gemms_of: Callable[[int], Sequence[Gemm]],
-    batches: Sequence[int],
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    stack: int = 0,
-) -> float:
-    """Seconds of ``gemm_only`` over ``batches``, after a three-step warm-up."""
-    run_steps = gemm_only(gemms_of, batches, device, dtype, stack=stack)
-    run_steps(list(batches[:3]))
-    return _time(lambda: run_steps(batches), device)
-
-
 # ------------------------------------------------------------------------------------ run
 
 
 @dataclass
 class Row:
-    """The measurements of one case (medians over the repeats)."""
+    """The measurements of one case (medians over the repeats).
+
+    ``seconds`` is per epoch of the whole training set (extrapolated from the timed examples
+    when fewer were timed); ``samples`` are the timed seconds of each repeat.
+    """
 
     name: str
     seconds: float
@@ -826,9 +969,11 @@ class Row:
     gemm_seconds: float | None
     gemm_ratio: float | None
     speedup: float | None
+    products_share: float | None
     peak_memory_mib: float
     samples: list[float] = field(default_factory=list)
     gemm_samples: list[float] = field(default_factory=list)
+    top_ops: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run(
@@ -868,36 +1013,42 @@ def run(
             cases.append(
                 _RuleCase("{rule} (optimizer)", name, data, config, device, dtype, fused=False)
             )
-    # One GEMM-only bound per distinct rule (the baseline's products are bp's), run beside it.
-    bounds: dict[str, _Case] = {}
-    for case in cases:
-        if case.gemm_key not in bounds:
-            rule = (
-                case.rule
-                if isinstance(case, _RuleCase)
-                else FeedbackRule(case.gemm_key, config.sizes, dtype=dtype, device=device)
-            )
-            bounds[case.gemm_key] = _GemmCase(case.gemm_key, rule, batches, device, dtype)
-    pairs: list[tuple[str, _SequentialCase, _EnsembleCase]] = []
+    pairs: list[tuple[_SequentialCase, _EnsembleCase]] = []
     for name in config.rules if config.ensemble else ():
         label = (
             f"{name if isinstance(name, str) else name.get('name', 'custom')} x{config.ensemble}"
         )
-        sequential = _SequentialCase(f"{label} sequential", name, data, config, device, dtype)
-        ensemble = _EnsembleCase(f"{label} ensemble", name, data, config, device, dtype)
-        rule = sequential.cases[0].rule
-        bounds[sequential.gemm_key] = _GemmCase(
-            sequential.gemm_key, rule, batches, device, dtype, repeat=config.ensemble
+        pairs.append(
+            (
+                _SequentialCase(f"{label} sequential", name, data, config, device, dtype),
+                _EnsembleCase(f"{label} ensemble", name, data, config, device, dtype),
+            )
         )
-        bounds[ensemble.gemm_key] = _GemmCase(
-            ensemble.gemm_key, rule, batches, device, dtype, stack=config.ensemble
-        )
-        pairs.append((str(name), sequential, ensemble))
+    measured_cases = cases + [case for pair in pairs for case in pair]
+
+    # One real step of every case at every batch size of an epoch, recorded: its FLOPs and
+    # the products its GEMM-only bound replays.
+    recorded: dict[str, dict[int, list[Product]]] = {}
+    for case in measured_cases:
+        recorded[case.name] = {
+            size: record_products(lambda case=case, size=size: case.steps(size, 1))
+            for size in sorted(set(batches))
+        }
+    flop = {
+        name: sum(sum(p.flops for p in products[size]) for size in batches)
+        for name, products in recorded.items()
+    }
+    bounds: dict[str, _Case] = {}
+    for case in measured_cases if config.gemm_only else ():
+        if case.bound_key not in bounds:
+            bounds[case.bound_key] = _ProductsCase(
+                case.bound_key, recorded[case.name], batches, device
+            )
 
     everything: list[_Case] = []
-    for case in cases + [case for _, *pair in pairs for case in pair]:
+    for case in measured_cases:
         everything.append(case)
-        bound = bounds.get(case.gemm_key)
+        bound = bounds.get(case.bound_key)
         if bound is not None and bound not in everything:
             everything.append(bound)
     seconds: dict[str, list[float]] = {case.name: [] for case in everything}
@@ -937,60 +1088,92 @@ def run(
     peaks = {
         case.name: base_bytes + case.state_bytes() + transient[case.name] for case in everything
     }
+    profiles: dict[str, tuple[float | None, list[dict[str, Any]]]] = {}
+    for case in measured_cases:
+        if config.profile_steps:
+            profiles[case.name] = product_share(
+                lambda count, case=case: case.steps(config.batch_size, count),
+                config.profile_steps,
+                device,
+            )
+        else:
+            profiles[case.name] = (None, [])
+    if config.profile_steps:
+        say(f"profiled {config.profile_steps} steps of every case")
+
+    scale = data.full_examples / examples  # timed epoch -> the whole training set
+
+    def row(case: _Case, baseline: list[float] | None, members: int = 1) -> Row:
+        bound = bounds.get(case.bound_key)
+        share, ops = profiles[case.name]
+        return _row(
+            case.name,
+            seconds[case.name],
+            None if bound is None else seconds[bound.name],
+            flop[case.name],
+            members * examples,
+            scale,
+            peak,
+            baseline,
+            peaks[case.name],
+            share,
+            ops,
+        )
 
     baseline = seconds[BASELINE] if config.baseline else None
-    rows = []
-    for case in cases:
-        flop = epoch_flops(bounds[case.gemm_key].rule, examples, config.batch_size)
-        bound = seconds[bounds[case.gemm_key].name]
-        rows.append(_row(case.name, seconds[case.name], bound, flop, examples, peak, baseline,
-                         peaks[case.name]))  # fmt: skip
-    ensemble_rows = []
-    for _, sequential, ensemble in pairs:
-        flop = config.ensemble * epoch_flops(sequential.cases[0].rule, examples, config.batch_size)
-        members = config.ensemble * examples
-        base = seconds[sequential.name]
-        for case in (sequential, ensemble):
-            bound = seconds[bounds[case.gemm_key].name]
-            ensemble_rows.append(_row(case.name, seconds[case.name], bound, flop, members, peak,
-                                      base, peaks[case.name]))  # fmt: skip
+    rows = [row(case, baseline) for case in cases]
+    ensemble_rows = [
+        row(case, seconds[sequential.name], config.ensemble)
+        for sequential, ensemble in pairs
+        for case in (sequential, ensemble)
+    ]
     return {
         "machine": {**machine(device), "load_average_before": load_before},
         "config": asdict(config),
+        "model": config.label,
         "data": data_note,
         "examples": examples,
+        "epoch_examples": data.full_examples,
         "steps": len(batches),
         "chunks": len(chunks),
         "peak_gflops": peak,
         "memory": memory.how,
         "base_memory_mib": base_bytes / 2**20,
         "process_peak_memory_mib": process_peak / 2**20,
-        "rows": [asdict(row) for row in rows],
-        "ensemble": [asdict(row) for row in ensemble_rows],
+        "rows": [asdict(r) for r in rows],
+        "ensemble": [asdict(r) for r in ensemble_rows],
     }
 
 
-def _row(name, samples, gemm_samples, flop, examples, peak, baseline, peak_bytes) -> Row:
+def _row(
+    name, samples, gemm_samples, flop, examples, scale, peak, baseline, peak_bytes, share, ops
+) -> Row:
     """Medians; the ratios are medians of the per-repeat ratios (robust to drift)."""
-    seconds = statistics.median(samples)
-    gflops = flop / seconds / 1e9
+    timed = statistics.median(samples)
+    gflops = flop / timed / 1e9
     return Row(
         name=name,
-        seconds=seconds,
-        examples_per_second=examples / seconds,
-        gflop=flop / 1e9,
+        seconds=timed * scale,
+        examples_per_second=examples / timed,
+        gflop=flop * scale / 1e9,
         gflops=gflops,
         peak_fraction=gflops / peak,
-        gemm_seconds=statistics.median(gemm_samples),
-        gemm_ratio=statistics.median(g / s for g, s in zip(gemm_samples, samples, strict=True)),
+        gemm_seconds=None if gemm_samples is None else statistics.median(gemm_samples) * scale,
+        gemm_ratio=(
+            None
+            if gemm_samples is None
+            else statistics.median(g / s for g, s in zip(gemm_samples, samples, strict=True))
+        ),
         speedup=(
             statistics.median(b / s for b, s in zip(baseline, samples, strict=True))
             if baseline is not None
             else None
         ),
+        products_share=share,
         peak_memory_mib=peak_bytes / 2**20,
         samples=list(samples),
-        gemm_samples=list(gemm_samples),
+        gemm_samples=list(gemm_samples or []),
+        top_ops=list(ops),
     )
 
 
@@ -1004,24 +1187,32 @@ COLUMNS = (
     ("of peak", "peak_fraction", "{:.0%}"),
     ("GEMM-only s", "gemm_seconds", "{:.4g}"),
     ("GEMM/epoch", "gemm_ratio", "{:.2f}"),
+    ("in products", "products_share", "{:.0%}"),
     ("speed-up", "speedup", "{:.2f}x"),
     ("peak MiB", "peak_memory_mib", "{:,.0f}"),
 )
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The result as plain text: a header of settings and versions, then the tables."""
+def format_table(result: dict[str, Any], *, top_ops: int = 0) -> str:
+    """The result as plain text: a header of settings and versions, then the tables, then
+    (``top_ops`` > 0) the ops that took the most time in each case's profiled steps."""
     m, c = result["machine"], result["config"]
-    sizes = "-".join(str(n) for n in c["sizes"])
+    timed, full = result["examples"], result.get("epoch_examples", result["examples"])
+    epoch = f"{timed} examples, {result['steps']} steps per epoch"
+    if full != timed:
+        epoch = (
+            f"{timed} examples ({result['steps']} steps) timed per epoch, seconds extrapolated "
+            f"to the {full:,} of the training set"
+        )
     lines = [
-        f"gfalign {m['gfalign']} bench: {sizes} {c['activation']}, batch {c['batch_size']}, "
-        f"{c['dtype']} on {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
+        f"gfalign {m['gfalign']} bench: {result.get('model', c['model'])}, batch "
+        f"{c['batch_size']}, {c['dtype']} on {m['device']}"
+        + (f" ({m['gpu']})" if "gpu" in m else ""),
         f"torch {m['torch']}, python {m['python']}, {m['threads']} threads, {m['cpus']} CPUs "
         f"({m['processor']})" + (f", load average {m.get('load_average_before')} before, "
                                  f"{m['load_average']} after" if "load_average" in m else ""),
-        f"data: {result['data']}; {result['examples']} examples, {result['steps']} steps per "
-        f"epoch; median of {c['repeats']} epochs after {c['warmup']} warm-up steps, "
-        f"interleaved in {result['chunks']} chunks",
+        f"data: {result['data']}; {epoch}; median of {c['repeats']} epochs after {c['warmup']} "
+        f"warm-up steps, interleaved in {result['chunks']} chunks",
         f"float32 matrix-product peak: {result['peak_gflops']:.1f} GFLOP/s",
         f"peak MiB of one run alone = {result['base_memory_mib']:,.0f} MiB after loading torch "
         "and the data + the run's own tensors + its largest growth while running (an upper "
@@ -1058,9 +1249,20 @@ def format_table(result: dict[str, Any]) -> str:
                 lines.append("  ".join("-" * width for width in widths))
     lines += [
         "",
-        "GFLOP/s counts the matrix products each rule computes; GEMM-only runs exactly those "
-        "products back to back, timed beside the case chunk by chunk; GEMM/epoch is GEMM-only "
-        f"time over epoch time; speed-up is over {BASELINE} (nn.Sequential, loss.backward(), "
+        "GFLOP/s counts the matrix products and convolutions one real step of each case called "
+        "(torch.utils.flop_counter's formulas); GEMM-only replays exactly those products back "
+        "to back, timed beside the case chunk by chunk; GEMM/epoch is GEMM-only time over epoch "
+        f"time; in products is the share of {c['profile_steps']} profiled steps (torch.profiler) "
+        f"spent in them; speed-up is over {BASELINE} (plain autograd: loss.backward(), "
         "torch.optim.SGD); both ratios are medians of the per-repeat ratios.",
     ]
+    if top_ops:
+        for row in result["rows"] + result["ensemble"]:
+            if not row["top_ops"]:
+                continue
+            lines += ["", f"{row['name']}: ops by self time per step (ms, calls)"]
+            for op in row["top_ops"][:top_ops]:
+                lines.append(
+                    f"  {op['op']:<44} {op['ms_per_step']:8.3f}  {op['calls_per_step']:5.1f}"
+                )
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn import functional
 
-__all__ = ["LinearProducts", "TAIL_STEPS", "Tail", "TailStep", "linear_products"]
+__all__ = ["Block", "LinearProducts", "TAIL_STEPS", "Tail", "TailStep", "linear_products"]
 
 Parameters = Mapping[str, torch.Tensor]
 
@@ -86,20 +86,38 @@ def _conv_options(module: nn.Conv2d) -> dict[str, Any]:
     }
 
 
+def _conv_backward(
+    module: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, mask: list[bool]
+) -> tuple:
+    """The kernel autograd runs for a convolution's backward: ``(grad input, grad weight,
+    grad bias)`` for the parts ``mask`` asks for, at input ``x`` with ``weight``."""
+    bias = [weight.shape[0]] if mask[2] else None
+    return torch.ops.aten.convolution_backward(
+        g,
+        x,
+        weight,
+        bias,
+        list(module.stride),
+        list(module.padding),
+        list(module.dilation),
+        False,
+        [0, 0],
+        module.groups,
+        mask,
+    )
+
+
 def _conv_param_vjp(module: nn.Conv2d, x: torch.Tensor, d: torch.Tensor) -> dict:
-    grads = {
-        "weight": torch.nn.grad.conv2d_weight(x, module.weight.shape, d, **_conv_options(module))
-    }
-    if module.bias is not None:
-        grads["bias"] = d.sum((0, 2, 3))
-    return grads
+    has_bias = module.bias is not None
+    _, weight, bias = _conv_backward(module, x, module.weight, d, [False, True, has_bias])
+    return {"weight": weight, "bias": bias} if has_bias else {"weight": weight}
 
 
 CONV2D = LinearProducts(
     # The transposed convolution autograd runs for conv2d's input gradient.
-    input_vjp=lambda module, params, x, g: torch.nn.grad.conv2d_input(
-        x.shape, params["weight"], g, **_conv_options(module)
-    ),
+    input_vjp=lambda module, params, x, g: _conv_backward(
+        module, x, params["weight"], g, [True, False, False]
+    )[0],
     input_jvp=lambda module, params, x, v: functional.conv2d(
         v, params["weight"], None, **_conv_options(module)
     ),
@@ -311,3 +329,13 @@ class Tail:
         for module, step_state in zip(self.modules, state, strict=True):
             v = self._step(module).jvp(module, step_state, v)
         return v
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a model: a linear part (any module with parameters), an element-wise
+    activation (a ``gfalign.network.Activation``) and a parameter-free tail."""
+
+    linear: nn.Module
+    activation: Any
+    tail: Tail = Tail()

@@ -58,6 +58,7 @@ _LIMITS = {
     "train_subset": Limit(minimum=1, absent="all training examples"),
     "test_subset": Limit(minimum=1, absent="all test examples"),
     "validation": Limit(minimum=0),
+    "model": Limit(example='"lenet5" or a table of blocks', absent="the MLP of hidden"),
     "hidden": Limit(minimum=1, example="[800, 800]"),
     "activation": Limit(choices=lambda: ACTIVATIONS),
     "objective": Limit(choices=lambda: OBJECTIVES),
@@ -84,8 +85,12 @@ class RunConfig:
         train_subset: train on the first N training examples only (quick runs); ``None``: all.
         test_subset: evaluate on the first N test examples only; ``None``: all.
         validation: hold out the last N training examples as a validation split.
-        hidden: widths of the hidden layers.
-        activation: ``tanh``, ``relu`` or ``sigmoid``.
+        model: a model of blocks instead of the MLP (``gfalign.models``): a built-in name
+            (``"lenet5"``) or a table of blocks; ``None`` is the MLP of ``hidden`` and
+            ``activation``, which a model leaves at their defaults. The model's own spec sets
+            its initialisation, so ``weight_init`` and ``bias_init`` are the MLP's.
+        hidden: widths of the MLP's hidden layers.
+        activation: the MLP's ``tanh``, ``relu`` or ``sigmoid``.
         objective: ``classification`` or ``autoencoder`` (784-...-784, sigmoid output).
         weight_init, bias_init: see ``gfalign.network.MLP``.
         rule: a preset name or a configuration table.
@@ -103,6 +108,7 @@ class RunConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     validation: int = 0
+    model: str | Mapping[str, Any] | None = None
     hidden: tuple[int, ...] = (800, 800)
     activation: str = "tanh"
     objective: str = "classification"
@@ -127,12 +133,46 @@ class RunConfig:
             )
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", replace(self.train, seed=self.seed))
+        if self.model is not None:
+            self._check_model()
         # Resolving checks the rule and the feedback family now, before any data is loaded.
         rule = self.rule_config()
         if rule.uses_auxiliary and not OBJECTIVES[self.objective].uses_labels:
             raise ConfigError(
                 f"rule {rule.name!r} uses auxiliary errors, which need class labels; "
                 f'objective = "{self.objective}" has none; allowed: objective = "classification"'
+            )
+
+    def model_spec(self):
+        """The ``gfalign.models.ModelSpec`` of ``model`` (``None`` for the MLP)."""
+        from gfalign.models import model_spec
+
+        return None if self.model is None else model_spec(self.model)
+
+    def _check_model(self) -> None:
+        spec = self.model_spec()
+        for name in ("hidden", "activation"):
+            if getattr(self, name) != _DEFAULTS[name]:
+                raise ConfigError(
+                    f"{name} = {render(getattr(self, name))} is the MLP's, but model = "
+                    f"{render(self.model)} is given; allowed: leave {name} out (a model's "
+                    "widths and activations are in its blocks)"
+                )
+        outputs = 10 if OBJECTIVES[self.objective].uses_labels else _INPUT_WIDTH
+        if spec.outputs != outputs:
+            raise ConfigError(
+                f"model {spec.name!r}: its output block has {spec.outputs} units, the "
+                f"{self.objective} of {self.dataset} needs {outputs}"
+            )
+        image = (1, 28, 28)  # MNIST, Fashion-MNIST and the synthetic set
+        size = spec.resize or 28
+        if spec.input not in ((_INPUT_WIDTH,), (1, size, size)) or (
+            spec.resize and spec.input != (1, size, size)
+        ):
+            raise ConfigError(
+                f"model {spec.name!r} takes inputs of shape {list(spec.input)}; {self.dataset} "
+                f"gives images of shape {list(image)} (or [784] flat); allowed: input = "
+                f"[1, 28, 28], [784], or [1, R, R] with resize = R"
             )
 
     @property
@@ -147,7 +187,9 @@ class RunConfig:
     def rule_config(self):
         """The resolved ``RuleConfig`` for this network's depth."""
         feedback = feedback_spec(self.feedback, f"feedback = {render(self.feedback)}: ")
-        return resolve(self.rule, len(self.hidden), feedback)
+        spec = self.model_spec()
+        hidden = len(self.hidden) if spec is None else len(spec.blocks) - 1
+        return resolve(self.rule, hidden, feedback)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -160,6 +202,8 @@ class RunConfig:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["hidden"] = list(self.hidden)
         data["rule"] = self.rule if isinstance(self.rule, str) else _plain(self.rule)
+        if isinstance(self.model, Mapping):
+            data["model"] = _plain(self.model)
         train = asdict(self.train)
         train.pop("seed")
         data["train"] = train
@@ -209,6 +253,8 @@ class RunConfig:
         data = self.to_data()
         data.pop("device")
         data["rule"] = self.rule_config().to_data()
+        if self.model is not None:
+            data["model"] = self.model_spec().to_data()
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -219,7 +265,11 @@ class RunConfig:
             f"{len(widths)}x{widths[0]}" if len(set(widths)) == 1 else "-".join(map(str, widths))
         )
         family = "" if self.feedback == "uniform" else f" {self.feedback}"
-        return f"{self.rule_name}{family} {shape} {self.activation} seed{self.seed}"
+        network = f"{shape} {self.activation}" if self.model is None else self.model_spec().name
+        return f"{self.rule_name}{family} {network} seed{self.seed}"
+
+
+_DEFAULTS = {"hidden": (800, 800), "activation": "tanh"}
 
 
 def _refuse_unknown(

@@ -1,14 +1,18 @@
 """The rule engine: one mechanism that computes every configuration's deltas and gradients.
 
-``FeedbackRule`` holds a resolved ``RuleConfig`` and its fixed feedback matrices as buffers
+``FeedbackRule`` holds a resolved ``RuleConfig`` and its fixed feedback parameters as buffers
 (saved in ``state_dict``, moved by ``.to``). ``rule.backward(net, x, target)`` runs the forward
 pass, the output error, every hidden delta in dependency order, and fills ``.grad`` of every
-weight and bias with the local update (DESIGN.md section 2)
+parameter with the local update (DESIGN.md sections 2 and 9)
 
-    grad W^i = (d^i)^T h^{i-1} / N,    grad b^i = mean_n d^i_n,    d^L = e,
+    grad theta^i = J_theta phi_i(h^{i-1})^T d^i,    d^L = e
 
-without an autograd graph and without stepping, so any ``torch.optim`` optimizer can apply it.
-The engine never looks at a rule's name: only at its terms.
+(for a Linear block ``grad W^i = (d^i)^T h^{i-1}``, ``grad b^i = sum_n d^i_n``), without an autograd
+graph and without stepping, so any ``torch.optim`` optimizer can apply it. A model is an ``MLP``
+or any model of blocks (``gfalign.models``): each term of section 9 is a product of a block's
+pieces (``gfalign.blocks``), and a term between Linear blocks with identity tails is a matrix
+product fused into its layer's running sum. The engine never looks at a rule's name: only at
+its terms.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch
 from torch import nn
 
 from gfalign import feedback as feedback_families
+from gfalign.blocks import GENERIC, LINEAR, LinearProducts, linear_products
 from gfalign.feedback import FeedbackSpec
-from gfalign.network import MLP, OBJECTIVES, Activation, widths
+from gfalign.network import IDENTITY, MLP, OBJECTIVES, Activation, widths
 from gfalign.network import tanh as network_tanh
 from gfalign.rules import ConfigError, RuleConfig, Term, resolve
 
 __all__ = [
+    "BlockShape",
     "FeedbackRule",
     "LayerPlan",
     "Plan",
@@ -34,6 +40,7 @@ __all__ = [
     "Step",
     "direct_values",
     "propagate",
+    "structure_of",
     "times_slope",
 ]
 
@@ -44,7 +51,8 @@ class Step:
 
     Attributes:
         loss: the batch-mean loss of the network's output (0-d tensor).
-        deltas: ``deltas[i]`` is ``d^i`` (shape (N, n_i)) for ``i = 1..L``; ``deltas[L]`` is ``e``.
+        deltas: ``deltas[i]`` is ``d^i`` (shape (N, *a^i's shape)) for ``i = 1..L``;
+            ``deltas[L]`` is ``e``.
         auxiliary_losses: ``{i: loss}`` of the auxiliary classifiers of layers using ``e^i``.
     """
 
@@ -54,14 +62,86 @@ class Step:
 
 
 @dataclass(frozen=True)
-class _Matrix:
-    """Where a term's fixed matrix lives: a buffer, or columns of the stacked direct buffer."""
+class BlockShape:
+    """What a rule knows of one block of the model it was built for.
+
+    Attributes:
+        products: the Jacobian products of its linear part (``gfalign.blocks``).
+        parameters: (name, shape) of each parameter of its linear part, in order.
+        pre: one example's ``a^i`` shape.
+        post: one example's ``h^i`` shape (``()`` for the output block).
+        plain_tail: the tail is the identity.
+    """
+
+    products: LinearProducts
+    parameters: tuple[tuple[str, tuple[int, ...]], ...]
+    pre: tuple[int, ...]
+    post: tuple[int, ...]
+    plain_tail: bool
+
+    @property
+    def transported(self) -> tuple[str, ...]:
+        """The parameters a feedback term replaces by fixed ones: the weight of an affine part
+        (its bias does not enter its input Jacobian), every parameter of any other."""
+        names = tuple(name for name, _ in self.parameters)
+        return ("weight",) if self.products is not GENERIC and "weight" in names else names
+
+    @property
+    def width(self) -> int:
+        """``numel(a^i)`` of one example."""
+        return _numel(self.pre)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def structure_of(model: nn.Module | Sequence[int]) -> tuple[BlockShape, ...]:
+    """The ``BlockShape`` of every block of ``model`` (an ``MLP``, a ``BlockNet``), or of the
+    MLP with layer widths ``model``."""
+    if not isinstance(model, nn.Module):
+        sizes = widths(model)
+        return tuple(
+            BlockShape(
+                LINEAR,
+                (("weight", (n_out, n_in)), ("bias", (n_out,))),
+                (n_out,),
+                (n_out,) if i < len(sizes) - 2 else (),
+                True,
+            )
+            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+        )
+    blocks = model.blocks
+    return tuple(
+        BlockShape(
+            linear_products(block.linear),
+            tuple((name, tuple(p.shape)) for name, p in block.linear.named_parameters()),
+            tuple(model.pre_shapes[i]),
+            tuple(model.post_shapes[i + 1]) if i + 1 < len(blocks) else (),
+            not block.tail.modules,
+        )
+        for i, block in enumerate(blocks)
+    )
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a term's fixed parameters live.
+
+    ``buffers`` pairs each parameter name with its buffer; a direct term's matrix is ``columns``
+    of the stacked ``direct`` buffer. ``transposed``: the buffer holds the weight's transpose
+    (a Linear block's below term, kept as the matrix ``B_down`` that ``s @ B_down`` reads).
+    """
 
     layer: int
     index: int
-    shape: tuple[int, int]
-    buffer: str
+    buffers: tuple[tuple[str, str], ...]
+    shapes: tuple[tuple[int, ...], ...]
     columns: slice | None = None
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,8 +150,11 @@ class PlannedTerm:
 
     ``kind`` is ``direct``, ``above``, ``below`` or ``backprop``; ``source`` the layer whose
     delta a product term reads (``L`` for the output error); ``final`` whether it reads the final
-    delta ``d^j`` (else the direct-only ``t^j``); ``buffer`` the fixed matrix's buffer name and
-    ``columns`` its columns in the stacked ``direct`` buffer.
+    delta ``d^j`` (else the direct-only ``t^j``). A product of two Linear blocks with identity
+    tails is a matrix product: ``buffer`` names its fixed matrix (empty for backprop, which reads
+    the weight). Any other product term has ``parameters`` (name, buffer) and ``block``, the
+    block whose linear part it runs. A direct term has ``columns`` in the stacked ``direct``
+    buffer.
     """
 
     index: int
@@ -82,11 +165,14 @@ class PlannedTerm:
     buffer: str = ""
     columns: slice | None = None
     auxiliary: bool = False
+    matrix: bool = True
+    block: int = 0
+    parameters: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """The terms of hidden layer ``layer``: direct values first, then matrix products."""
+    """The terms of hidden layer ``layer``: direct values first, then products."""
 
     layer: int
     values: tuple[PlannedTerm, ...]
@@ -110,35 +196,47 @@ class Plan:
 
 
 class FeedbackRule(nn.Module):
-    """A credit-assignment rule for an ``MLP`` of given sizes, with its fixed feedback matrices.
+    """A credit-assignment rule for a model, with its fixed feedback parameters.
 
     Args:
         config: a preset name (``"bp"``, ``"fa"``, ``"dfa"``, ``"s1"`` ... ``"s3-aux"``), a
             configuration dictionary, or a ``RuleConfig`` (see ``gfalign.rules``).
-        sizes: the network's layer widths ``[n_0, ..., n_L]`` (``net.sizes``).
-        feedback: default family of the fixed matrices (``"uniform"``, ``"B1"``,
+        model: the model the rule trains (an ``MLP``, a ``gfalign.models.BlockNet``), or an
+            MLP's layer widths ``[n_0, ..., n_L]`` (``net.sizes``).
+        feedback: default family of the fixed parameters (``"uniform"``, ``"B1"``,
             ``"sparse:density=0.2"`` ...), overriding the configuration's.
-        seed: every matrix is drawn from its own generator derived from ``seed`` and its place
-            (layer, term), so matrices are independent draws and reproducible.
+        seed: every fixed parameter is drawn from its own generator derived from ``seed`` and
+            its place (layer, term, parameter), so they are independent draws and reproducible.
 
-    Matrix shapes (row convention): a direct term of layer ``i`` uses ``D^i`` of shape
-    (n_L, n_i), an above term ``B_up^i`` of shape (n_{i+1}, n_i), a below term ``B_down^i`` of
-    shape (n_{i-1}, n_i). All direct matrices are stacked column-wise in one buffer, so the
-    output error reaches every layer through a single matrix product.
+    Fixed parameters (row convention): a direct term of layer ``i`` uses ``D^i`` of shape
+    (n_L, numel(a^i)) (an auxiliary one (n_L, numel(h^i))), all of them stacked column-wise in
+    one buffer so that the output error reaches every layer through a single matrix product.
+    An above term holds parameters shaped like block ``i + 1``'s (for an MLP ``B_up^i``,
+    (n_{i+1}, n_i)), a below term parameters shaped like block ``i``'s (for an MLP
+    ``B_down^i``, (n_{i-1}, n_i)); for a conv block these are kernels.
 
     Example:
         >>> net = MLP([784, 800, 800, 10], activation="tanh", seed=0)
-        >>> rule = FeedbackRule("s1", net.sizes, seed=0)
+        >>> rule = FeedbackRule("s1", net, seed=0)
         >>> optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
         >>> x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
         >>> step = rule.backward(net, x, y)   # fills .grad, returns loss and deltas
         >>> optimizer.step()
+
+    Any model of blocks, e.g. LeNet-5 (``gfalign.models``):
+
+        >>> from gfalign.models import build
+        >>> lenet = build("lenet5", seed=0)
+        >>> step = FeedbackRule("fa", lenet).backward(lenet, torch.rand(8, 1, 32, 32),
+        ...                                         torch.randint(0, 10, (8,)))
+        >>> step.deltas[1].shape  # d^1 in the shape of the first convolution's output
+        torch.Size([8, 6, 28, 28])
     """
 
     def __init__(
         self,
         config: str | Mapping | RuleConfig,
-        sizes: tuple[int, ...] | list[int],
+        model: nn.Module | Sequence[int],
         *,
         feedback: FeedbackSpec | str | None = None,
         seed: int = 0,
@@ -146,20 +244,29 @@ class FeedbackRule(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        try:
-            self.sizes = widths(sizes)
-        except ValueError as problem:
-            raise ConfigError(str(problem)) from None
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
-        if len(self.sizes) < 3:
+        try:
+            self.structure = structure_of(model)
+        except ValueError as problem:
+            raise ConfigError(str(problem)) from None
+        shapes = self.structure
+        if isinstance(model, nn.Module):
+            self.input_shape = tuple(model.input_shape)
+            self.objective = model.objective.name
+        else:
+            self.input_shape, self.objective = (int(model[0]),), None
+        self.sizes = (_numel(self.input_shape), *(shape.width for shape in shapes))
+        if len(shapes) < 2:
             raise ConfigError(
                 f"a feedback rule needs at least one hidden layer; sizes {list(self.sizes)}"
             )
-        self.config = resolve(config, len(self.sizes) - 2, feedback)
+        self.config = resolve(config, len(shapes) - 1, feedback)
+        if self.objective is not None and self.config.uses_auxiliary:
+            self._check_labels(OBJECTIVES[self.objective])
         self.seed = seed
         self._order = self.config.order()
-        self._matrices: dict[tuple[int, int], _Matrix] = {}
+        self._places: dict[tuple[int, int], _Place] = {}
 
         n_out = self.sizes[-1]
         # Direct terms on the output error first, so one product reaches all of them.
@@ -170,32 +277,100 @@ class FeedbackRule(nn.Module):
             if term.kind == "direct"
         ]
         direct.sort(key=lambda item: item[2].error != "output")
-        blocks, offset = [], 0
+        stacked, offset = [], 0
         for i, k, term in direct:
-            shape = (n_out, self.sizes[i])
-            blocks.append(self._draw(i, k, term, shape))
-            columns = slice(offset, offset + shape[1])
-            self._matrices[i, k] = _Matrix(i, k, shape, "direct", columns)
-            offset += shape[1]
-        self._output_width = sum(self.sizes[i] for i, _, t in direct if t.error == "output")
+            width = shapes[i - 1].width if term.error == "output" else _numel(shapes[i - 1].post)
+            stacked.append(self._draw(i, k, term, (n_out, width)))
+            columns = slice(offset, offset + width)
+            self._places[i, k] = _Place(i, k, (("matrix", "direct"),), ((n_out, width),), columns)
+            offset += width
+        self._output_width = sum(shapes[i - 1].width for i, _, t in direct if t.error == "output")
         self.register_buffer(
-            "direct", torch.cat(blocks, dim=1) if blocks else torch.empty(n_out, 0)
+            "direct", torch.cat(stacked, dim=1) if stacked else torch.empty(n_out, 0)
         )
 
         for i, layer in enumerate(self.config.layers, start=1):
             for k, term in enumerate(layer.terms):
                 if term.kind in ("above", "below"):
-                    rows = self.sizes[i + 1] if term.kind == "above" else self.sizes[i - 1]
-                    shape = (rows, self.sizes[i])
-                    name = f"layer{i}_term{k}_{term.kind}"
-                    self.register_buffer(name, self._draw(i, k, term, shape))
-                    self._matrices[i, k] = _Matrix(i, k, shape, name)
+                    self._places[i, k] = self._register(i, k, term)
         self.plan = self._make_plan()
         self._uses_auxiliary = self.config.uses_auxiliary
+        self.stack_size = 0  # K for the rule of K stacked members (FeedbackRule.stack)
         self.to(device=device, dtype=dtype)
+        if isinstance(model, nn.Module) and not isinstance(model, MLP):
+            self._shapes = (tuple(model.input_shape), tuple(model.pre_shapes))
+            self._rehearse(model)
+
+    def _rehearse(self, model: nn.Module) -> None:
+        """Run every term once on a one-example batch of zeros, so that a term a block cannot
+        take (a user module torch.func cannot differentiate, say) is refused now, naming the
+        layer, the term and the block, instead of in the first step of training."""
+        parameter = next(model.parameters(), None)
+        if parameter is None or (parameter.dtype, parameter.device) != (
+            self.direct.dtype,
+            self.direct.device,
+        ):
+            return  # the model is elsewhere for now: its first step checks instead
+        x = torch.zeros(1, *self.input_shape, dtype=parameter.dtype, device=parameter.device)
+        labels = torch.zeros(1, dtype=torch.int64, device=parameter.device)
+        self.deltas(model, x, labels)
+
+    @classmethod
+    def stack(cls, rules: Sequence[FeedbackRule]) -> FeedbackRule:
+        """K rules of one configuration structure as one rule whose fixed parameters are
+        stacked, (K, ...) each, copied: the rule of ``MLP.stack`` of their networks. Members may
+        differ in seeds and feedback families, not in terms.
+
+        Example:
+            >>> rules = [FeedbackRule("s1", [4, 3, 3, 2], seed=s) for s in range(5)]
+            >>> FeedbackRule.stack(rules).direct.shape
+            torch.Size([5, 2, 6])
+        """
+        first = rules[0]
+        for k, rule in enumerate(rules[1:], start=1):
+            if rule.plan != first.plan or rule.structure != first.structure:
+                raise ValueError(
+                    f"rule {k} ({rule.config.name!r}) has other terms or another model than rule "
+                    f"0 ({first.config.name!r}); stacked rules share their configuration "
+                    "structure (they may differ in seeds and feedback families)"
+                )
+        if any(shape.products is not LINEAR or not shape.plain_tail for shape in first.structure):
+            raise ValueError("only rules of MLPs stack; train other models one after the other")
+        stacked = cls.__new__(cls)
+        nn.Module.__init__(stacked)
+        fresh = set(stacked.__dict__)
+        stacked.__dict__.update({k: v for k, v in first.__dict__.items() if k not in fresh})
+        stacked.stack_size = len(rules)
+        with torch.no_grad():
+            for name, _ in first.named_buffers():
+                stacked.register_buffer(
+                    name, torch.stack([rule.get_buffer(name) for rule in rules])
+                )
+        return stacked
+
+    def _register(self, i: int, k: int, term: Term) -> _Place:
+        """Draw and register the fixed parameters of an above or below term."""
+        stands_for = self.structure[i if term.kind == "above" else i - 1]  # whose part it runs
+        shapes = dict(stands_for.parameters)
+        names = stands_for.transported
+        base = f"layer{i}_term{k}_{term.kind}"
+        # A Linear block's below term keeps the matrix B_down = W~^T, (n_{i-1}, n_i).
+        transposed = term.kind == "below" and stands_for.products is LINEAR
+        buffers, buffer_shapes = [], []
+        for name in names:
+            shape = shapes[name][::-1] if transposed else shapes[name]
+            if names == ("weight",):
+                buffer, labels = base, ()
+            else:
+                buffer, labels = f"{base}_{name.replace('.', '_')}", (name,)
+            self.register_buffer(buffer, self._draw(i, k, term, shape, *labels))
+            buffers.append((name, buffer))
+            buffer_shapes.append(tuple(shape))
+        return _Place(i, k, tuple(buffers), tuple(buffer_shapes), transposed=transposed)
 
     def _make_plan(self) -> Plan:
-        hidden = len(self.sizes) - 2
+        hidden = len(self.structure) - 1
+        shapes = self.structure
         direct_term = {
             j: next(k for k, term in enumerate(layer.terms) if term.kind == "direct")
             for j, layer in enumerate(self.config.layers, start=1)
@@ -204,7 +379,7 @@ class FeedbackRule(nn.Module):
         planned: dict[tuple[int, int], PlannedTerm] = {}
         for i, layer in enumerate(self.config.layers, start=1):
             for k, (term, weight) in enumerate(zip(layer.terms, layer.coefficients(), strict=True)):
-                place = self._matrices.get((i, k))
+                place = self._places.get((i, k))
                 if term.kind == "direct":
                     planned[i, k] = PlannedTerm(
                         k,
@@ -213,12 +388,28 @@ class FeedbackRule(nn.Module):
                         columns=place.columns,
                         auxiliary=term.error == "auxiliary",
                     )
-                elif term.kind == "backprop":
-                    planned[i, k] = PlannedTerm(k, "backprop", weight, source=i + 1)
-                else:
-                    j = i + 1 if term.kind == "above" else i - 1
-                    final = j == hidden + 1 or term.source == "final"
-                    planned[i, k] = PlannedTerm(k, term.kind, weight, j, final, place.buffer)
+                    continue
+                # above and backprop run block i+1's part back through block i's tail; below
+                # runs block i's part on block i-1's tail's forward linearisation.
+                block = i if term.kind == "below" else i + 1
+                tail = i - 1 if term.kind == "below" else i
+                matrix = shapes[block - 1].products is LINEAR and shapes[tail - 1].plain_tail
+                j = i - 1 if term.kind == "below" else i + 1
+                final = term.kind == "backprop" or j == hidden + 1 or term.source == "final"
+                buffer = ""
+                if term.kind != "backprop" and matrix:
+                    buffer = place.buffers[0][1]
+                planned[i, k] = PlannedTerm(
+                    k,
+                    term.kind,
+                    weight,
+                    j,
+                    final,
+                    buffer,
+                    matrix=matrix,
+                    block=block,
+                    parameters=() if place is None else place.buffers,
+                )
         layers = []
         for i in self.config.order():
             terms = [planned[i, k] for k in range(len(self.config.layer(i).terms))]
@@ -237,83 +428,153 @@ class FeedbackRule(nn.Module):
         )
         return Plan(hidden, tuple(layers), direct, direct_term, self._output_width)
 
-    def _draw(self, layer: int, index: int, term: Term, shape: tuple[int, int]) -> torch.Tensor:
+    def _draw(
+        self, layer: int, index: int, term: Term, shape: tuple[int, ...], *labels: str
+    ) -> torch.Tensor:
         spec = term.feedback or self.config.feedback
         generator = feedback_families.generator_for(
-            self.seed, "layer", layer, "term", index, term.kind
+            self.seed, "layer", layer, "term", index, term.kind, *labels
         )
-        return feedback_families.draw(spec, shape, generator)
+        try:
+            return feedback_families.draw(spec, shape, generator)
+        except (ValueError, RuntimeError) as problem:
+            raise ConfigError(
+                f"layer {layer}, term {index} ({term}): cannot draw feedback of shape "
+                f"{list(shape)} from {spec}: {str(problem).splitlines()[0]}"
+            ) from None
 
-    # ----------------------------------------------------------------------------- matrices
+    # ------------------------------------------------------------------- fixed parameters
+
+    def feedback(self, layer: int, index: int) -> dict[str, torch.Tensor]:
+        """The fixed parameters of term ``index`` (0-based) of hidden layer ``layer``
+        (1-based): ``{"matrix": D^i}`` for a direct term; for an above or below term the
+        parameters it puts in place of the forward ones, by the forward parameter's name and in
+        its shape (``{"weight": ...}`` for a Linear or Conv2d part)."""
+        place = self._place(layer, index)
+        if place.columns is not None:
+            return {"matrix": self.direct[:, place.columns]}
+        values = {name: getattr(self, buffer) for name, buffer in place.buffers}
+        if place.transposed:
+            values = {name: value.t() for name, value in values.items()}
+        return values
+
+    def set_feedback(self, layer: int, index: int, values: Mapping[str, torch.Tensor]) -> None:
+        """Replace a term's fixed parameters (to test reductions such as FA with the forward
+        parameters, or to study one); ``values`` as ``feedback`` returns them."""
+        current = self.feedback(layer, index)
+        term = self.config.layer(layer).terms[index]
+        if set(values) != set(current):
+            raise ConfigError(
+                f"layer {layer}, term {index} ({term}): feedback for {sorted(values)}, "
+                f"expected {sorted(current)}"
+            )
+        for name, value in values.items():
+            if tuple(value.shape) != tuple(current[name].shape):
+                raise ConfigError(
+                    f"layer {layer}, term {index} ({term}): feedback {name!r} of shape "
+                    f"{tuple(value.shape)}, expected {tuple(current[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, value in values.items():
+                current[name].copy_(value)
 
     def matrix(self, layer: int, index: int) -> torch.Tensor:
-        """The fixed matrix of term ``index`` (0-based) of hidden layer ``layer`` (1-based)."""
+        """The fixed matrix of term ``index`` of hidden layer ``layer``: ``D^i``, or for an
+        MLP ``B_up^i`` (n_{i+1}, n_i) or ``B_down^i`` (n_{i-1}, n_i)."""
         place = self._place(layer, index)
-        tensor = getattr(self, place.buffer)
-        return tensor[:, place.columns] if place.columns is not None else tensor
+        if place.columns is not None:
+            return self.direct[:, place.columns]
+        if len(place.buffers) != 1:
+            raise ConfigError(
+                f"layer {layer}, term {index}: its feedback is {len(place.buffers)} parameters, "
+                "not one matrix; use rule.feedback(layer, index)"
+            )
+        return getattr(self, place.buffers[0][1])
 
     def set_matrix(self, layer: int, index: int, value: torch.Tensor) -> None:
         """Replace a fixed matrix (to test reductions such as FA with B = W, or to study one)."""
-        place = self._place(layer, index)
-        if tuple(value.shape) != place.shape:
+        current = self.matrix(layer, index)
+        if tuple(value.shape) != tuple(current.shape):
             term = self.config.layer(layer).terms[index]
             raise ConfigError(
                 f"layer {layer}, term {index} ({term}): feedback matrix of shape "
-                f"{tuple(value.shape)}, expected {place.shape}"
+                f"{tuple(value.shape)}, expected {tuple(current.shape)}"
             )
         with torch.no_grad():
-            self.matrix(layer, index).copy_(value)
+            current.copy_(value)
 
     def matrices(self) -> dict[tuple[int, int], torch.Tensor]:
-        """Every fixed matrix, keyed by (layer, term index)."""
-        return {key: self.matrix(*key) for key in sorted(self._matrices)}
+        """Every fixed matrix of an MLP's rule, keyed by (layer, term index)."""
+        return {key: self.matrix(*key) for key in sorted(self._places)}
 
-    def _place(self, layer: int, index: int) -> _Matrix:
+    def _place(self, layer: int, index: int) -> _Place:
         try:
-            return self._matrices[layer, index]
+            return self._places[layer, index]
         except KeyError:
             raise ConfigError(
                 f"layer {layer}, term {index}: no fixed matrix there "
-                f"(rule {self.config.name!r} has {sorted(self._matrices)})"
+                f"(rule {self.config.name!r} has {sorted(self._places)})"
             ) from None
 
     # ----------------------------------------------------------------------------- the rule
 
-    def check(self, net: MLP, x: torch.Tensor | None = None) -> None:
-        """Refuse a network this rule was not built for, and a batch ``x`` it cannot take."""
-        if x is not None and (x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != self.sizes[0]):
-            problem = "an empty batch" if x.dim() == 2 and x.shape[0] == 0 else "a batch"
-            raise ConfigError(
-                f"{problem} of shape {tuple(x.shape)}: give inputs of shape (N, {self.sizes[0]}) "
-                "with N >= 1"
-            )
-        if tuple(net.sizes) != self.sizes:
-            raise ConfigError(
-                f"rule {self.config.name!r} was built for sizes {list(self.sizes)}, the network "
-                f"has {list(net.sizes)}"
-            )
-        if self._uses_auxiliary and not net.objective.uses_labels:
+    def _check_labels(self, objective) -> None:
+        if self.config.uses_auxiliary and not objective.uses_labels:
             raise ConfigError(
                 f"rule {self.config.name!r} uses auxiliary errors, which need class labels; "
-                f"the network's objective is {net.objective.name}"
+                f"the network's objective is {objective.name}"
             )
 
-    def deltas(self, net: MLP, x: torch.Tensor, target: torch.Tensor) -> Step:
+    def check(self, net: nn.Module, x: torch.Tensor | None = None) -> None:
+        """Refuse a network this rule was not built for, and a batch ``x`` it cannot take."""
+        lead = 2 if self.stack_size else 1  # (N, ...), or (K, N, ...) for stacked members
+        if x is not None and (
+            x.dim() <= lead
+            or x.shape[lead - 1] == 0
+            or x.shape[lead:] != self.input_shape
+            or (self.stack_size and x.shape[0] != self.stack_size)
+        ):
+            problem = "an empty batch" if x.dim() > lead and x.shape[lead - 1] == 0 else "a batch"
+            wanted = ", ".join(str(n) for n in self.input_shape)
+            members = f"{self.stack_size}, " if self.stack_size else ""
+            raise ConfigError(
+                f"{problem} of shape {tuple(x.shape)}: give inputs of shape ({members}N, "
+                f"{wanted}) with N >= 1"
+            )
+        if net.stack_size != self.stack_size:
+            raise ConfigError(
+                f"a rule of {self.stack_size or 'no'} stacked members for a network of "
+                f"{net.stack_size or 'no'} stacked members"
+            )
+        if isinstance(net, MLP):
+            if tuple(net.sizes) != self.sizes or self.input_shape != net.input_shape:
+                raise ConfigError(
+                    f"rule {self.config.name!r} was built for sizes {list(self.sizes)}, the "
+                    f"network has {list(net.sizes)}"
+                )
+        elif (tuple(net.input_shape), tuple(net.pre_shapes)) != self._shapes:
+            raise ConfigError(
+                f"rule {self.config.name!r} was built for another model (blocks of shapes "
+                f"{[list(shape.pre) for shape in self.structure]})"
+            )
+        self._check_labels(net.objective)
+
+    def deltas(self, net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Step:
         """Every delta ``d^1 .. d^L`` for a batch, without touching any ``.grad``.
 
         Args:
-            net: the network, with ``net.sizes == rule.sizes``.
-            x: inputs, shape (N, n_0).
+            net: the model this rule was built for.
+            x: inputs, shape (N, *input shape).
             target: labels (N,) for classification, ignored for the autoencoder (its target
                 is ``x``).
         """
         self.check(net, x)
         with torch.no_grad():
             cache = net.forward_cache(x)
-            return self._deltas(net, cache, x if not net.objective.uses_labels else target)
+            return self._deltas(net, cache, _target(net, x, target))
 
     def backward(
-        self, net: MLP, x: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
+        self, net: nn.Module, x: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
     ) -> Step:
         """Compute the rule's update for a batch and write it into ``.grad`` (overwriting).
 
@@ -322,73 +583,172 @@ class FeedbackRule(nn.Module):
         per-example updates at ``lr`` take to first order (the paper's per-example SGD).
         """
         self.check(net, x)
-        scale = _scale(reduction, x.shape[0])
+        scale = _scale(reduction, self._batch_size(x))
         with torch.no_grad():
             cache = net.forward_cache(x)
-            step = self._deltas(net, cache, x if not net.objective.uses_labels else target)
-            for i, layer in enumerate(net.layers, start=1):
+            step = self._deltas(net, cache, _target(net, x, target))
+            for i, (part, shape) in enumerate(zip(_parts(net), self.structure, strict=True), 1):
                 d, h = step.deltas[i], cache.post[i - 1]
-                weight, bias = layer.weight, layer.bias
-                if weight.grad is None:
-                    weight.grad = torch.empty_like(weight)
-                if bias.grad is None:
-                    bias.grad = torch.empty_like(bias)
-                # (n_i, N) @ (N, n_{i-1}) straight into the existing buffer, beta=0 ignores it.
-                weight.grad.addmm_(d.t(), h, beta=0.0, alpha=scale)
-                torch.sum(d, dim=0, out=bias.grad)
-                if scale != 1.0:
-                    bias.grad.mul_(scale)
+                if shape.products is LINEAR:
+                    weight, bias = part.weight, part.bias
+                    if weight.grad is None:
+                        weight.grad = torch.empty_like(weight)
+                    # (n_i, N) @ (N, n_{i-1}) straight into the existing buffer; beta=0 ignores it
+                    _addmm_(weight.grad, d.transpose(-1, -2), h, beta=0.0, alpha=scale)
+                    if bias is not None:
+                        if bias.grad is None:
+                            bias.grad = torch.empty_like(bias)
+                        torch.sum(d, dim=-2, out=bias.grad)
+                        if scale != 1.0:
+                            bias.grad.mul_(scale)
+                    continue
+                grads = shape.products.param_vjp(part, h, d)
+                for name, parameter in part.named_parameters():
+                    grad = grads[name] if scale == 1.0 else grads[name].mul_(scale)
+                    if parameter.grad is None:
+                        parameter.grad = grad.contiguous()
+                    else:
+                        parameter.grad.copy_(grad)
         return step
 
     def sgd_step(
         self,
-        net: MLP,
+        net: nn.Module,
         x: torch.Tensor,
         target: torch.Tensor,
         *,
-        lr: float,
+        lr: float | torch.Tensor,
         reduction: str = "mean",
     ) -> Step:
         """One plain SGD step with the rule's update, applied in place without ``.grad``.
 
         ``W^i <- W^i - lr * scale * (d^i)^T h^{i-1}`` and ``b^i <- b^i - lr * scale * sum_n d^i_n``
-        with ``scale = 1/N`` (``"mean"``) or ``1`` (``"sum"``). The weight update is one
-        ``addmm_`` into ``W^i``: no gradient tensor is written and no optimizer pass reads it
-        back, which is most of the cost of a small batch besides the matrix products. Equal to
-        ``backward`` followed by ``torch.optim.SGD(lr=lr).step()`` up to rounding; ``.grad``
-        is left untouched. Every delta is computed before any weight changes, so a backprop
-        term reads the weights of before the step.
+        with ``scale = 1/N`` (``"mean"``) or ``1`` (``"sum"``), and the same with each block's
+        own gradient for any other part. A Linear block's weight update is one ``addmm_`` into
+        ``W^i``: no gradient tensor is written and no optimizer pass reads it back, which is
+        most of the cost of a small batch besides the matrix products. Equal to ``backward``
+        followed by ``torch.optim.SGD(lr=lr).step()`` up to rounding; ``.grad`` is left
+        untouched. Every delta is computed before any parameter changes, so a backprop term
+        reads the weights of before the step.
 
         Example:
+            >>> net = MLP([784, 100, 10], seed=0)
+            >>> rule = FeedbackRule("dfa", net)
+            >>> x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
             >>> step = rule.sgd_step(net, x, y, lr=1e-3, reduction="sum")
+            >>> sorted(step.deltas)
+            [1, 2]
         """
         self.check(net, x)
-        scale = _scale(reduction, x.shape[0])
+        scale = _scale(reduction, self._batch_size(x))
+        # Stacked members may each have their own rate: a (K, 1, 1) tensor scales their deltas.
+        rates = lr if isinstance(lr, torch.Tensor) else None
+        alpha = -scale if rates is not None else -lr * scale
         with torch.no_grad():
             cache = net.forward_cache(x)
-            step = self._deltas(net, cache, x if not net.objective.uses_labels else target)
-            alpha = -lr * scale
-            for i, layer in enumerate(net.layers, start=1):
-                d = step.deltas[i]
-                layer.weight.addmm_(d.t(), cache.post[i - 1], alpha=alpha)
-                layer.bias.add_(d.sum(dim=0), alpha=alpha)
+            step = self._deltas(net, cache, _target(net, x, target))
+            for i, (part, shape) in enumerate(zip(_parts(net), self.structure, strict=True), 1):
+                d = step.deltas[i] if rates is None else step.deltas[i] * rates
+                if shape.products is LINEAR:
+                    _addmm_(part.weight, d.transpose(-1, -2), cache.post[i - 1], alpha=alpha)
+                    if part.bias is not None:
+                        part.bias.add_(d.sum(dim=-2), alpha=alpha)
+                    continue
+                grads = shape.products.param_vjp(part, cache.post[i - 1], d)
+                for name, parameter in part.named_parameters():
+                    parameter.add_(grads[name], alpha=alpha)
         return step
 
-    def _deltas(self, net: MLP, cache, target: torch.Tensor) -> Step:
+    def _batch_size(self, x: torch.Tensor) -> int:
+        return x.shape[1] if self.stack_size else x.shape[0]
+
+    def _deltas(self, net: nn.Module, cache, target: torch.Tensor) -> Step:
         plan = self.plan
         loss, e = net.objective.error(cache.pre[-1], target)
-        slope = times_slope(net.activation, cache.pre, cache.post)
+        slope = times_slope(_activations(net), cache.pre, cache.activated or cache.post)
         buffers = self._buffers
+        through = None if not cache.tails else _Through(net, cache, self.structure, buffers)
         values, auxiliary_losses = direct_values(
-            plan, e, buffers["direct"], cache.post, target, _auxiliary_error
+            plan, e, buffers["direct"], cache.post, target, _auxiliary_error, through
         )
-        weights = [None] + [layer.weight for layer in net.layers]
-        d = propagate(plan, e, slope, values, buffers, weights)
+        weights = [None] + [
+            part.weight if shape.products is LINEAR else None
+            for part, shape in zip(_parts(net), self.structure, strict=True)
+        ]
+        d = propagate(plan, e, slope, values, buffers, weights, through)
         return Step(loss, d, auxiliary_losses)
 
     def extra_repr(self) -> str:
         config = self.config
         return f"config={config.name!r}, sizes={list(self.sizes)}, feedback={config.feedback}"
+
+
+def _parts(net: nn.Module) -> list[nn.Module]:
+    """The linear part of every block."""
+    return list(net.layers) if isinstance(net, MLP) else [block.linear for block in net.blocks]
+
+
+def _activations(net: nn.Module) -> Activation | tuple[Activation, ...]:
+    if isinstance(net, MLP):
+        return net.activation
+    return tuple(block.activation for block in net.blocks)
+
+
+def _target(net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if net.objective.uses_labels:
+        return target
+    return x if isinstance(net, MLP) else x.flatten(1)  # an autoencoder's target is its input
+
+
+class _Through:
+    """The products of one forward pass that are not matrix products: a block's part with
+    fixed (or its own) parameters, a tail's linearisation at the forward point."""
+
+    def __init__(self, net: nn.Module, cache, structure, buffers: Mapping[str, torch.Tensor]):
+        self.blocks, self.cache, self.structure, self.buffers = (
+            net.blocks,
+            cache,
+            structure,
+            buffers,
+        )
+
+    def tail_back(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """``J_tau_i^T g``: from ``h^i``'s shape to ``a^i``'s."""
+        if self.structure[i - 1].plain_tail:
+            return g
+        return self.blocks[i - 1].tail.vjp(self.cache.tails[i - 1], g)
+
+    def term(self, layer: int, term: PlannedTerm, source: torch.Tensor) -> torch.Tensor:
+        """The value of a product term of hidden layer ``layer`` on ``source`` (the delta it
+        reads); a ``ConfigError`` naming the layer, the term and the block if the block's part
+        cannot take it."""
+        try:
+            return self._term(term, source)
+        except RuntimeError as problem:
+            part = type(self.blocks[term.block - 1].linear).__name__
+            raise ConfigError(
+                f"layer {layer}, term {term.index} ({term.kind}): block {term.block}'s "
+                f"{part} cannot run it: {str(problem).splitlines()[0]}"
+            ) from None
+
+    def _term(self, term: PlannedTerm, source: torch.Tensor) -> torch.Tensor:
+        j = term.block
+        block, shape = self.blocks[j - 1], self.structure[j - 1]
+        if term.kind == "backprop":
+            params = dict(block.linear.named_parameters())
+        else:
+            params = {name: self.buffers[buffer] for name, buffer in term.parameters}
+            if term.kind == "below" and shape.products is LINEAR:
+                params = {name: value.t() for name, value in params.items()}
+        point = self.cache.post[j - 1]
+        if term.kind == "below":  # block j's part on block j-1's tail's linearisation
+            lower = j - 1
+            signal = source
+            if not self.structure[lower - 1].plain_tail:
+                signal = self.blocks[lower - 1].tail.jvp(self.cache.tails[lower - 1], source)
+            return shape.products.input_jvp(block.linear, params, point, signal)
+        # block j's part backwards, then back through block j-1's tail
+        return self.tail_back(j - 1, shape.products.input_vjp(block.linear, params, point, source))
 
 
 def _scale(reduction: str, n: int) -> float:
@@ -420,6 +780,15 @@ def _addmm(
     return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
 
 
+def _addmm_(
+    c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float, beta: float = 1.0
+) -> torch.Tensor:
+    """``c <- beta c + alpha a @ b`` in place."""
+    if a.dim() == 2:
+        return c.addmm_(a, b, beta=beta, alpha=alpha)
+    return c.baddbmm_(a, b, beta=beta, alpha=alpha)
+
+
 # g * f'(a) in one pass by aten's kernels for autograd's own backward, where the activation is
 # one of torch's (three passes otherwise: f'(a) = 1 - h * h is two, the product a third).
 _FUSED_SLOPE: dict[Callable, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -427,27 +796,46 @@ _FUSED_SLOPE: dict[Callable, Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
     torch.tanh: lambda g, a, h: torch.ops.aten.tanh_backward(g, h),
     torch.sigmoid: lambda g, a, h: torch.ops.aten.sigmoid_backward(g, h),
     torch.relu: lambda g, a, h: torch.ops.aten.threshold_backward(g, a, 0),
+    IDENTITY.function: lambda g, a, h: g.clone(),  # a new tensor, as every slope returns
 }
 
 
 def times_slope(
-    activation: Activation, pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]
+    activation: Activation | Sequence[Activation],
+    pre: Sequence[torch.Tensor],
+    post: Sequence[torch.Tensor],
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """``slope(i, g) = g * f'(a^i)`` for a forward pass (``pre[i - 1] = a^i``, ``post[i] = h^i``).
+    """``slope(i, g) = g * f_i'(a^i)`` for a forward pass (``pre[i - 1] = a^i``).
 
-    A new tensor every call. ``f'(a^i)`` itself is computed at most once per layer.
+    ``activation`` is every layer's, or one per block; ``post[i]`` must be ``f(a^i)`` (an MLP's
+    ``h^i``, a block model's ``ForwardCache.activated``). A new tensor every call. ``f'(a^i)``
+    itself is computed at most once per layer.
     """
-    fused = _FUSED_SLOPE.get(activation.function)
-    if fused is not None:
-        return lambda i, g: fused(g, pre[i - 1], post[i])
+    if isinstance(activation, Activation):
+        fused = _FUSED_SLOPE.get(activation.function)
+        if fused is not None:
+            return lambda i, g: fused(g, pre[i - 1], post[i])
+        derivatives: dict[int, torch.Tensor] = {}
+
+        def slope(i: int, g: torch.Tensor) -> torch.Tensor:
+            if i not in derivatives:
+                derivatives[i] = activation.derivative(pre[i - 1], post[i])
+            return g * derivatives[i]
+
+        return slope
+    activations = tuple(activation)
     derivatives: dict[int, torch.Tensor] = {}
 
-    def slope(i: int, g: torch.Tensor) -> torch.Tensor:
+    def block_slope(i: int, g: torch.Tensor) -> torch.Tensor:
+        function, a = activations[i - 1], pre[i - 1]
+        fused = _FUSED_SLOPE.get(function.function)
+        if fused is not None:
+            return fused(g, a, post[i])
         if i not in derivatives:
-            derivatives[i] = activation.derivative(pre[i - 1], post[i])
+            derivatives[i] = function.derivative(a, post[i])
         return g * derivatives[i]
 
-    return slope
+    return block_slope
 
 
 def direct_values(
@@ -457,28 +845,37 @@ def direct_values(
     post: Sequence[torch.Tensor],
     target: torch.Tensor,
     auxiliary_error: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    through: _Through | None = None,
 ) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
     """``eps^i D^i`` of every direct term, keyed by (layer, term index), and auxiliary losses.
 
     Every output-error term is a column block of one product ``e @ D_stacked``
-    ((..., N, n_L) @ (..., n_L, sum n_i)). An auxiliary term reads the layer's own logits
-    ``h^i (D^i)^T`` (DESIGN.md section 4) and ``auxiliary_error(logits, labels)`` returns
-    ``(loss, e^i)``.
+    ((..., N, n_L) @ (..., n_L, sum n_i)), reshaped to its block's ``a^i``. An auxiliary term
+    reads the layer's own logits ``flatten(h^i) (D^i)^T`` (DESIGN.md sections 4 and 9) and
+    ``auxiliary_error(logits, labels)`` returns ``(loss, e^i)``; its value ``e^i D^i`` in
+    ``h^i``'s shape goes back through the block's tail (``through``, for models with tails).
     """
     values: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, torch.Tensor] = {}
     if plan.output_width:
         stacked = _mm(e, direct[..., : plan.output_width])
     for layer in plan.layers:
+        i = layer.layer
         for term in layer.values:
             if term.auxiliary:
-                D = direct[..., term.columns]  # (..., n_L, n_i)
-                losses[layer.layer], e_i = auxiliary_error(
-                    _mm(post[layer.layer], D.transpose(-1, -2)), target
-                )
-                values[layer.layer, term.index] = _mm(e_i, D)
+                D = direct[..., term.columns]  # (..., n_L, numel(h^i))
+                h = post[i]
+                flat = h if through is None else h.flatten(1)
+                losses[i], e_i = auxiliary_error(_mm(flat, D.transpose(-1, -2)), target)
+                value = _mm(e_i, D)
+                if through is not None:
+                    value = through.tail_back(i, value.view(h.shape))
+                values[i, term.index] = value
             else:
-                values[layer.layer, term.index] = stacked[..., term.columns]
+                value = stacked[..., term.columns]
+                if through is not None:
+                    value = value.reshape(e.shape[0], *through.structure[i - 1].pre)
+                values[i, term.index] = value
     return values, dict(sorted(losses.items()))
 
 
@@ -489,6 +886,7 @@ def propagate(
     values: Mapping[tuple[int, int], torch.Tensor],
     matrices: Mapping[str, torch.Tensor],
     weights: Sequence[torch.Tensor | None],
+    through: _Through | None = None,
 ) -> dict[int, torch.Tensor]:
     """Every hidden delta ``d^i = F_i(terms) * f'(a^i)`` in dependency order, and ``d^L = e``.
 
@@ -498,11 +896,14 @@ def propagate(
         slope: ``slope(i, g) = g * f'(a^i)`` for the hidden layers ``i = 1..L-1``
             (``times_slope``).
         values: ``direct_values``'s direct terms.
-        matrices: the fixed matrices by buffer name.
+        matrices: the fixed parameters by buffer name.
         weights: ``weights[i] = W^i`` (backprop terms read ``W^{i+1}``; index 0 unused).
+        through: the non-matrix products of this forward pass (models with tails or parts
+            other than Linear).
 
-    Each product term is an ``addmm`` onto the layer's running sum, so ``F_i``'s weights cost
-    no separate pass: ``mean(direct, above)`` is ``addmm(eD, d B, beta=1/2, alpha=1/2)``.
+    Each matrix-product term is an ``addmm`` onto the layer's running sum, so ``F_i``'s weights
+    cost no separate pass: ``mean(direct, above)`` is ``addmm(eD, d B, beta=1/2, alpha=1/2)``.
+    Any other term's value is added like a direct value.
     """
     d: dict[int, torch.Tensor] = {plan.hidden + 1: e}
     direct_only: dict[int, torch.Tensor] = {}
@@ -511,14 +912,18 @@ def propagate(
         # The layer's F_i is ``scale * total``.
         total: torch.Tensor | None = None
         scale = 1.0
-        for term in layer.values:
-            value = values[i, term.index]
+
+        def add(value: torch.Tensor, coefficient: float) -> None:
+            nonlocal total, scale
             if total is None:
-                total, scale = value, term.coefficient
-            elif term.coefficient == 1.0:
+                total, scale = value, coefficient
+            elif coefficient == 1.0:
                 total, scale = torch.add(value, total, alpha=scale), 1.0
             else:
-                total, scale = total.mul(scale).add_(value, alpha=term.coefficient), 1.0
+                total, scale = total.mul(scale).add_(value, alpha=coefficient), 1.0
+
+        for term in layer.values:
+            add(values[i, term.index], term.coefficient)
         for term in layer.products:
             j = term.source
             if term.final:
@@ -527,6 +932,9 @@ def propagate(
                 if j not in direct_only:
                     direct_only[j] = slope(j, values[j, plan.direct_term[j]])
                 source = direct_only[j]
+            if not term.matrix:
+                add(through.term(i, term, source), term.coefficient)
+                continue
             matrix = weights[j] if term.kind == "backprop" else matrices[term.buffer]
             if total is None:
                 total, scale = _mm(source, matrix), term.coefficient

@@ -3,22 +3,28 @@
 A network of the paper's small grid (2x200) cannot keep even two cores busy at batch 32: its
 products are small and much of a step is per-operation overhead. ``EnsembleTrainer`` stacks K
 members that share a configuration structure (the same sizes, activation, objective and rule
-terms) and trains them together: every product becomes one ``torch.bmm`` / ``torch.baddbmm``
-over (K, N, n) tensors and every element-wise operation runs once for all members.
+terms) and trains them together: ``MLP.stack`` and ``FeedbackRule.stack`` give one network and
+one rule whose parameters are (K, ...) tensors, and the rule engine's own step runs on them,
+every product a ``torch.bmm`` / ``torch.baddbmm`` over (K, N, n) tensors. There is no second
+copy of the rule here: K = 1 is the plain run.
 
 Member ``k`` follows ``Trainer(nets[k], rules[k], data, configs[k])`` exactly, up to rounding:
 
 - its own data order (``torch.randperm`` from a generator seeded by ``configs[k].seed``), each
   member gathering its own batch, stacked to (K, N, n_0);
 - its own weights and fixed feedback matrices (members may differ in seeds, in feedback
-  families and in learning rate);
-- the rule engine's own term loop (``gfalign.engine.direct_values`` and ``propagate``, which
-  take stacked tensors), so every preset and configuration runs without a line naming it;
-- plain SGD applied in place (``W <- W - lr * scale * d^T h``), like ``Trainer``'s fused path.
+  families and, under plain SGD, in learning rate);
+- its optimizer: plain SGD is applied in place by ``FeedbackRule.sgd_step`` like ``Trainer``'s
+  fused path; any other ``torch.optim`` optimizer of ``gfalign.train.OPTIMIZERS`` (momentum,
+  Adam, RMSprop, ...) is element-wise, so one optimizer over the stacked parameters steps every
+  member as its own would. Its state is stacked from the members' optimizers when an epoch
+  begins and handed back when it ends, so a member can always continue alone.
 
-Other optimizers keep per-parameter state that the stack does not carry: the ensemble refuses
-them. Each member is a real ``Trainer`` (``ensemble.members``): its history has the same records
-as a ``Trainer``'s, its ``state_dict`` is a ``Trainer``'s, and it can continue alone.
+Models of blocks other than MLPs (conv nets, user modules) do not stack: their members train
+one after the other, each a plain engine step, in the same epochs and records.
+
+Each member is a real ``Trainer`` (``ensemble.members``): its history has the same records as a
+``Trainer``'s, its ``state_dict`` is a ``Trainer``'s, and it can continue alone.
 """
 
 from __future__ import annotations
@@ -30,49 +36,22 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn import functional
 
-from gfalign.engine import FeedbackRule, direct_values, propagate, times_slope
+from gfalign.engine import FeedbackRule
 from gfalign.network import MLP
-from gfalign.train import DivergenceError, Metric, TrainConfig, Trainer, _plain_sgd_group
+from gfalign.train import (
+    DivergenceError,
+    Metric,
+    TrainConfig,
+    Trainer,
+    _plain_sgd_group,
+    make_optimizer,
+)
 
 if TYPE_CHECKING:
     from gfalign.data import Dataset
 
-__all__ = ["STACKED_OBJECTIVES", "EnsembleEpoch", "EnsembleTrainer"]
-
-
-def _stacked_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-member mean cross-entropy (K,) and ``e = softmax - onehot`` (K, N, C)."""
-    log_probabilities = torch.log_softmax(logits, dim=-1)
-    index = labels.unsqueeze(-1)  # (K, N, 1)
-    loss = log_probabilities.gather(-1, index).squeeze(-1).mean(dim=-1).neg_()
-    error = log_probabilities.exp_()
-    error.sub_(functional.one_hot(labels, logits.shape[-1]))
-    return loss, error
-
-
-def _stacked_squared_reconstruction(
-    logits: torch.Tensor, target: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-member half squared error (K,) and the paper's ``e`` (see ``gfalign.network``)."""
-    reconstruction = torch.sigmoid(logits)
-    difference = reconstruction - target
-    loss = 0.5 * difference.square().sum(dim=-1).mean(dim=-1)
-    error = difference.mul_(reconstruction).mul_(1.0 - reconstruction)
-    return loss, error
-
-
-# Every objective of gfalign.network.OBJECTIVES, for stacked (K, N, n) outputs: the loss of each
-# member (K,) and the output error e (K, N, n_L).
-STACKED_OBJECTIVES: dict[
-    str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-] = {
-    "classification": _stacked_cross_entropy,
-    "autoencoder": _stacked_squared_reconstruction,
-}
+__all__ = ["EnsembleEpoch", "EnsembleTrainer"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +79,7 @@ class EnsembleTrainer:
             families may differ).
         data: a ``gfalign.data.Dataset`` shared by every member.
         config: one ``TrainConfig`` for all, or one per member; members may differ only in
-            ``lr`` and ``seed`` (the shuffling seed). Plain SGD only.
+            ``lr`` (under plain SGD) and ``seed`` (the shuffling seed).
         metrics: as for ``Trainer``, run for every member with that member's ``Trainer``.
 
     Member ``k`` gives the results of ``Trainer(nets[k], rules[k], data, configs[k])`` up to
@@ -110,11 +89,14 @@ class EnsembleTrainer:
     ``errors[k]``, the others go on.
 
     Example:
-        >>> nets = [MLP([784, 200, 200, 10], seed=s) for s in range(5)]
-        >>> rules = [FeedbackRule("s1", net.sizes, seed=s) for s, net in enumerate(nets)]
-        >>> configs = [TrainConfig(epochs=3, seed=s) for s in range(5)]
+        >>> from gfalign.data import synthetic
+        >>> data = synthetic(200, 50)
+        >>> nets = [MLP([784, 50, 50, 10], seed=s) for s in range(3)]
+        >>> rules = [FeedbackRule("s1", net, seed=s) for s, net in enumerate(nets)]
+        >>> configs = [TrainConfig(epochs=2, lr=1e-3, seed=s, optimizer="adam") for s in range(3)]
         >>> histories = EnsembleTrainer(nets, rules, data, configs).fit()
-        >>> len(histories), histories[0][-1]["test_error"]
+        >>> [len(history) for history in histories]
+        [2, 2, 2]
     """
 
     def __init__(
@@ -154,13 +136,6 @@ class EnsembleTrainer:
         for k, member in enumerate(members):
             where = f"ensemble member {k}"
             _check_config(where, member.config, first.config)
-            if _plain_sgd_group(member.optimizer) is None:
-                raise ValueError(
-                    f"{where}: the ensemble applies plain SGD only (optimizer 'sgd' without "
-                    f"momentum, dampening, weight decay, nesterov or maximize); it has "
-                    f"{member.config.optimizer!r} with {dict(member.config.optimizer_options)}. "
-                    "Train it with gfalign.train.Trainer"
-                )
             if member.data is not first.data:
                 raise ValueError(f"{where}: every member must train on the same dataset object")
             if member.epoch != first.epoch:
@@ -173,7 +148,14 @@ class EnsembleTrainer:
         self.data, self.config = first.data, first.config
         self.plan = first.rule.plan
         self.errors: dict[int, DivergenceError] = {}
-        self._objective = STACKED_OBJECTIVES[first.net.objective.name]
+        self.fused = all(_plain_sgd_group(member.optimizer) is not None for member in members)
+        self.stacks = isinstance(first.net, MLP)
+        if not self.fused and len({m.config.lr for m in members}) > 1:
+            raise ValueError(
+                "stacked members with optimizer "
+                f"{first.config.optimizer!r} and its options need one learning rate; only plain "
+                "SGD takes one rate per member"
+            )
         self._stacked_for: tuple[int, ...] = ()
 
     @property
@@ -221,42 +203,55 @@ class EnsembleTrainer:
         """The members as ordinary ``Trainer``s, to continue or save one by one."""
         return list(self.members)
 
-    # --------------------------------------------------------------------------- training
+    # ------------------------------------------------------------------ stacking the state
 
     def _stack(self, active: list[int]) -> None:
-        """Copy the active members' weights and feedback matrices into the stacked tensors."""
-        nets = [self.members[k].net for k in active]
-        rules = [self.members[k].rule for k in active]
+        """The active members' networks, rules and optimizer state as stacked ones."""
+        members = [self.members[k] for k in active]
         if self._stacked_for != tuple(active):
-            with torch.no_grad():
-                # (K, n_i, n_{i-1}) and (K, n_i) for layers i = 1..L (index 0 unused).
-                self._weights = [None] + [
-                    torch.stack([net.weight(i) for net in nets])
-                    for i in range(1, nets[0].depth + 1)
-                ]
-                self._biases = [None] + [
-                    torch.stack([net.bias(i) for net in nets]) for i in range(1, nets[0].depth + 1)
-                ]
-                self._matrices = {
-                    name: torch.stack([rule.get_buffer(name) for rule in rules])
-                    for name, _ in rules[0].named_buffers()
-                }
+            self._net = MLP.stack([member.net for member in members])
+            self._rule = FeedbackRule.stack([member.rule for member in members])
             self._stacked_for = tuple(active)
-            return
-        with torch.no_grad():
-            for i in range(1, nets[0].depth + 1):
-                torch.stack([net.weight(i) for net in nets], out=self._weights[i])
-                torch.stack([net.bias(i) for net in nets], out=self._biases[i])
-            for name, stacked in self._matrices.items():
-                torch.stack([rule.get_buffer(name) for rule in rules], out=stacked)
+        else:
+            with torch.no_grad():
+                for stacked, *own in zip(
+                    self._net.parameters(), *(m.net.parameters() for m in members), strict=True
+                ):
+                    torch.stack(own, out=stacked)
+                for name, stacked in self._rule.named_buffers():
+                    torch.stack([m.rule.get_buffer(name) for m in members], out=stacked)
+        self._optimizer = None
+        if not self.fused:
+            self._optimizer = self._stacked_optimizer(members)
+
+    def _stacked_optimizer(self, members: list[Trainer]) -> torch.optim.Optimizer:
+        """One optimizer over the stacked parameters, its state stacked from the members'."""
+        optimizer = make_optimizer(members[0].config, self._net.parameters())
+        own = [list(member.net.parameters()) for member in members]
+        for position, stacked in enumerate(self._net.parameters()):
+            states = [
+                member.optimizer.state.get(params[position])
+                for member, params in zip(members, own, strict=True)
+            ]
+            if all(not state for state in states):
+                continue
+            optimizer.state[stacked] = _stack_state(states, stacked)
+        return optimizer
 
     def _unstack(self, active: list[int]) -> None:
+        """Hand the stacked parameters (and optimizer state) back to the members."""
+        members = [self.members[k] for k in active]
+        own = [list(member.net.parameters()) for member in members]
         with torch.no_grad():
-            for position, k in enumerate(active):
-                net = self.members[k].net
-                for i in range(1, net.depth + 1):
-                    net.weight(i).copy_(self._weights[i][position])
-                    net.bias(i).copy_(self._biases[i][position])
+            for position, stacked in enumerate(self._net.parameters()):
+                for k, member in enumerate(members):
+                    own[k][position].copy_(stacked[k])
+                    if self._optimizer is not None and stacked in self._optimizer.state:
+                        member.optimizer.state[own[k][position]] = _member_state(
+                            self._optimizer.state[stacked], stacked, k
+                        )
+
+    # --------------------------------------------------------------------------- training
 
     def train_epoch(
         self, on_batch: Callable[[int, int], None] | None = None
@@ -282,7 +277,8 @@ class EnsembleTrainer:
     def begin_epoch(self) -> EnsembleEpoch:
         """Stack the active members and draw every member's order for a new epoch."""
         active = self.active
-        self._stack(active)
+        if self.stacks:
+            self._stack(active)
         n, size = len(self.data.train), self.config.batch_size
         device = self.data.train.x.device
         members = [self.members[k] for k in active]
@@ -297,24 +293,44 @@ class EnsembleTrainer:
             if shared is not None
             else torch.tensor(rates, dtype=self.data.train.x.dtype, device=device).view(-1, 1, 1)
         )
+        if self._optimizer_in_use:
+            for group in self._optimizer.param_groups:
+                group["lr"] = rates[0]
         return EnsembleEpoch(tuple(active), orders, math.ceil(n / size), shared, vector)
+
+    @property
+    def _optimizer_in_use(self) -> bool:
+        return self.stacks and not self.fused
 
     def train_step(self, epoch: EnsembleEpoch, step: int) -> torch.Tensor:
         """Step ``step`` of ``epoch`` for every active member; returns their losses (K,)."""
         size, x_all, y_all = self.config.batch_size, self.data.train.x, self.data.train.y
+        batches = epoch.orders[:, step * size : (step + 1) * size]  # (K, N)
+        if not self.stacks:  # one member after the other, each a plain step
+            return torch.stack(
+                [
+                    self.members[k].step(x_all.index_select(0, batch), y_all.index_select(0, batch))
+                    for k, batch in zip(epoch.active, batches, strict=True)
+                ]
+            )
         K = len(epoch.active)
-        index = epoch.orders[:, step * size : (step + 1) * size].reshape(-1)  # (K * N,)
-        x = x_all.index_select(0, index).view(K, -1, x_all.shape[1])
+        index = batches.reshape(-1)  # (K * N,)
+        x = x_all.index_select(0, index).view(K, -1, *x_all.shape[1:])
         y = y_all.index_select(0, index).view(K, -1)
-        scale = 1.0 / x.shape[1] if self.config.reduction == "mean" else 1.0
-        alpha = -scale * (epoch.shared_rate if epoch.shared_rate is not None else 1.0)
-        return self._step(x, y, alpha, epoch.rate_vector)
+        reduction = self.config.reduction
+        if self.fused:
+            rate = epoch.shared_rate if epoch.shared_rate is not None else epoch.rate_vector
+            return self._rule.sgd_step(self._net, x, y, lr=rate, reduction=reduction).loss
+        loss = self._rule.backward(self._net, x, y, reduction=reduction).loss
+        self._optimizer.step()
+        return loss
 
     def end_epoch(
         self, epoch: EnsembleEpoch, losses: torch.Tensor, seconds: float
     ) -> dict[int, dict[str, float]]:
         """Copy the weights back to the members and record the epoch for each of them."""
-        self._unstack(list(epoch.active))
+        if self.stacks:
+            self._unstack(list(epoch.active))
         records: dict[int, dict[str, float]] = {}
         for position, k in enumerate(epoch.active):
             try:
@@ -322,39 +338,6 @@ class EnsembleTrainer:
             except DivergenceError as error:
                 self.errors[k] = error
         return records
-
-    def _step(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        alpha: float,
-        rate_vector: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One stacked SGD step on x (K, N, n_0) and labels (K, N); returns the losses (K,)."""
-        net = self.members[0].net
-        weights, biases, plan = self._weights, self._biases, self.plan
-        depth = len(weights) - 1
-        function = net.activation.function
-        with torch.no_grad():
-            post, pre = [x], []
-            for i in range(1, depth + 1):
-                # (K, N, n_i) = b^i (K, 1, n_i) + h^{i-1} (K, N, n_{i-1}) @ (W^i)^T
-                a = torch.baddbmm(biases[i].unsqueeze(1), post[-1], weights[i].transpose(1, 2))
-                pre.append(a)
-                if i < depth:
-                    post.append(function(a))
-            target = labels if net.objective.uses_labels else x
-            loss, e = self._objective(pre[-1], target)
-            slope = times_slope(net.activation, pre, post)
-            values, _ = direct_values(
-                plan, e, self._matrices["direct"], post, target, _stacked_cross_entropy
-            )
-            d = propagate(plan, e, slope, values, self._matrices, weights)
-            for i in range(1, depth + 1):
-                delta = d[i] if rate_vector is None else d[i] * rate_vector
-                weights[i].baddbmm_(delta.transpose(1, 2), post[i - 1], alpha=alpha)
-                biases[i].add_(delta.sum(dim=1), alpha=alpha)
-        return loss
 
     def fit(
         self,
@@ -372,6 +355,34 @@ class EnsembleTrainer:
         return self.histories
 
 
+def _stack_state(states: Sequence[Mapping[str, Any]], stacked: torch.Tensor) -> dict[str, Any]:
+    """Members' optimizer states of one parameter as the state of its stacked tensor: entries
+    shaped like the parameter are stacked, the others (step counts) are shared."""
+    first = states[0]
+    result: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(stacked.shape[1:]):
+            result[key] = torch.stack([state[key] for state in states])
+        elif isinstance(value, torch.Tensor):
+            result[key] = value.clone()
+        else:
+            result[key] = value
+    return result
+
+
+def _member_state(state: Mapping[str, Any], stacked: torch.Tensor, k: int) -> dict[str, Any]:
+    """Member ``k``'s slice of a stacked parameter's optimizer state."""
+    result: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(stacked.shape):
+            result[key] = value[k].clone()
+        elif isinstance(value, torch.Tensor):
+            result[key] = value.clone()
+        else:
+            result[key] = value
+    return result
+
+
 def _check_config(where: str, config: TrainConfig, first: TrainConfig) -> None:
     shared = replace(config, **{name: getattr(first, name) for name in _PER_MEMBER})
     if shared != first:
@@ -384,15 +395,18 @@ def _check_config(where: str, config: TrainConfig, first: TrainConfig) -> None:
         )
 
 
-def _check_network(where: str, net: MLP, first: MLP) -> None:
-    mine = (net.sizes, net.activation.name, net.objective.name)
-    theirs = (first.sizes, first.activation.name, first.objective.name)
-    if mine != theirs:
-        raise ValueError(
-            f"{where}: network (sizes, activation, objective) {mine} differs from member 0's "
-            f"{theirs}"
-        )
-    parameter, reference = net.weight(1), first.weight(1)
+def _check_network(where: str, net, first) -> None:
+    if type(net) is not type(first):
+        raise ValueError(f"{where}: a {type(net).__name__}, member 0 a {type(first).__name__}")
+    if isinstance(net, MLP):
+        mine = (net.sizes, net.activation.name, net.objective.name)
+        theirs = (first.sizes, first.activation.name, first.objective.name)
+        if mine != theirs:
+            raise ValueError(
+                f"{where}: network (sizes, activation, objective) {mine} differs from member "
+                f"0's {theirs}"
+            )
+    parameter, reference = next(net.parameters()), next(first.parameters())
     if (parameter.dtype, parameter.device) != (reference.dtype, reference.device):
         raise ValueError(
             f"{where}: network on {parameter.device} in {parameter.dtype}, member 0's on "
@@ -401,7 +415,7 @@ def _check_network(where: str, net: MLP, first: MLP) -> None:
 
 
 def _check_rule(where: str, rule: FeedbackRule, first: FeedbackRule) -> None:
-    if rule.plan != first.plan:
+    if rule.plan != first.plan or rule.structure != first.structure:
         raise ValueError(
             f"{where}: rule {rule.config.name!r} has other terms than member 0's rule "
             f"{first.config.name!r}; stacked members need the same configuration structure "

@@ -19,9 +19,12 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from gfalign.blocks import Block
+
 __all__ = [
     "ACTIVATIONS",
     "BIAS_INITS",
+    "IDENTITY",
     "OBJECTIVES",
     "WEIGHT_INITS",
     "Activation",
@@ -61,6 +64,13 @@ def tanh(a: torch.Tensor) -> torch.Tensor:
     return s.mul_(2.0).sub_(1.0)
 
 
+def _ones_like(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(a)
+
+
+IDENTITY = Activation("identity", lambda a: a, _ones_like)
+"""No nonlinearity (f(a) = a): a block whose linear part feeds the next directly."""
+
 ACTIVATIONS: dict[str, Activation] = {
     activation.name: activation
     for activation in (
@@ -72,7 +82,18 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of softmax(logits) and ``e = softmax(logits) - onehot(labels)``."""
+    """Mean cross-entropy of softmax(logits) and ``e = softmax(logits) - onehot(labels)``.
+
+    Stacked members (``MLP.stack``) give logits (K, N, C) and labels (K, N): the loss is then
+    every member's own, (K,).
+    """
+    if logits.dim() == 3:
+        log_probabilities = torch.log_softmax(logits, dim=-1)
+        index = labels.unsqueeze(-1)  # (K, N, 1)
+        loss = log_probabilities.gather(-1, index).squeeze(-1).mean(dim=-1).neg_()
+        error = log_probabilities.exp_()
+        error.sub_(functional.one_hot(labels, logits.shape[-1]))
+        return loss, error
     log_probabilities = torch.log_softmax(logits, dim=1)
     loss = functional.nll_loss(log_probabilities, labels)
     error = log_probabilities.exp_()
@@ -93,7 +114,8 @@ def _squared_reconstruction(
     """
     reconstruction = torch.sigmoid(logits)
     difference = reconstruction - target
-    loss = 0.5 * difference.square().sum(dim=1).mean()
+    per_example = 0.5 * difference.square().sum(dim=-1)
+    loss = per_example.mean() if logits.dim() == 2 else per_example.mean(dim=-1)  # stacked: (K,)
     error = difference.mul_(reconstruction).mul_(1.0 - reconstruction)
     return loss, error
 
@@ -127,11 +149,16 @@ class ForwardCache:
 
     ``pre[i]`` is ``a^{i+1}`` (shape (N, n_{i+1})) for ``i = 0..L-1``, so ``pre[-1]`` is the output
     logits; ``post[i]`` is ``h^i`` for ``i = 0..L-1`` with ``post[0]`` the input. Both follow the
-    paper's 1-based layer numbers through ``a(i)`` and ``h(i)``.
+    paper's 1-based layer numbers through ``a(i)`` and ``h(i)``. For a model of blocks,
+    ``tails[i]`` is the state of block ``i + 1``'s tail at this point (``gfalign.blocks.Tail``)
+    and ``activated[i]`` is ``f(a^i)`` before its tail (``activated[0]`` the input); both are
+    empty for an ``MLP``, whose tails are the identity (``f(a^i) = h^i``).
     """
 
     pre: list[torch.Tensor]
     post: list[torch.Tensor]
+    tails: tuple = ()
+    activated: tuple = ()
 
     def a(self, layer: int) -> torch.Tensor:
         return self.pre[layer - 1]
@@ -166,6 +193,11 @@ def _lookup(table: dict, key: str, what: str):
         return table[key]
     except (KeyError, TypeError):
         raise ValueError(f"unknown {what} {key!r}; known: {', '.join(sorted(table))}") from None
+
+
+def _stacked_affine(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """``h W^T + b`` for stacked members: (K, N, n_in) -> (K, N, n_out), W (K, n_out, n_in)."""
+    return torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
 
 
 class MLP(nn.Module):
@@ -220,6 +252,7 @@ class MLP(nn.Module):
         if self.objective.name == "autoencoder" and sizes[0] != sizes[-1]:
             raise ValueError(f"an autoencoder needs sizes[0] == sizes[-1], got {sizes}")
         self.weight_init, self.bias_init, self.seed = weight_init, bias_init, seed
+        self.stack_size = 0  # K for a network of K stacked members (MLP.stack)
 
         generator = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleList()
@@ -251,6 +284,29 @@ class MLP(nn.Module):
         """``L``, the number of weight layers (hidden layers are 1..L-1)."""
         return len(self.layers)
 
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The layers as blocks (DESIGN.md section 9): ``nn.Linear`` parts, identity tails."""
+        last = len(self.layers) - 1
+        return tuple(
+            Block(layer, self.activation if i < last else IDENTITY)
+            for i, layer in enumerate(self.layers)
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.sizes[0],)
+
+    @property
+    def pre_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """One example's ``a^i`` shape, i = 1..L."""
+        return tuple((n,) for n in self.sizes[1:])
+
+    @property
+    def post_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """One example's ``h^i`` shape, i = 0..L-1."""
+        return tuple((n,) for n in self.sizes[:-1])
+
     def weight(self, layer: int) -> torch.Tensor:
         """``W^i`` for the 1-based layer number ``i``; shape (n_i, n_{i-1})."""
         return self.layers[layer - 1].weight
@@ -259,8 +315,12 @@ class MLP(nn.Module):
         return self.layers[layer - 1].bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output logits ``a^L`` (shape (N, n_L)); differentiable."""
+        """The output logits ``a^L`` (shape (N, n_L); stacked: (K, N, n_L)); differentiable."""
         h = x
+        if self.stack_size:
+            for layer in self.layers[:-1]:
+                h = self.activation.function(_stacked_affine(layer, h))
+            return _stacked_affine(self.layers[-1], h)
         for layer in self.layers[:-1]:
             h = self.activation.function(layer(h))
         return self.layers[-1](h)
@@ -271,11 +331,48 @@ class MLP(nn.Module):
         post = [x]
         with torch.no_grad():
             for index, layer in enumerate(self.layers):
-                a = torch.addmm(layer.bias, post[-1], layer.weight.t())
+                if self.stack_size:
+                    a = _stacked_affine(layer, post[-1])
+                else:
+                    a = torch.addmm(layer.bias, post[-1], layer.weight.t())
                 pre.append(a)
                 if index < len(self.layers) - 1:
                     post.append(self.activation.function(a))
         return ForwardCache(pre, post)
+
+    @classmethod
+    def stack(cls, nets: Sequence[MLP]) -> MLP:
+        """K networks of one shape as one network of stacked parameters, copied: ``W^i`` of
+        shape (K, n_i, n_{i-1}), ``b^i`` (K, n_i), inputs (K, N, n_0). The rule engine trains it
+        as K members at once (``gfalign.ensemble``); ``stack_size`` is K.
+
+        Example:
+            >>> nets = [MLP([4, 3, 2], seed=s) for s in range(5)]
+            >>> MLP.stack(nets).weight(1).shape
+            torch.Size([5, 3, 4])
+        """
+        first = nets[0]
+        stacked = cls.__new__(cls)
+        nn.Module.__init__(stacked)
+        stacked.sizes, stacked.activation, stacked.objective = (
+            first.sizes,
+            first.activation,
+            first.objective,
+        )
+        stacked.weight_init, stacked.bias_init, stacked.seed = (
+            first.weight_init,
+            first.bias_init,
+            None,
+        )
+        stacked.stack_size = len(nets)
+        stacked.layers = nn.ModuleList()
+        with torch.no_grad():
+            for i in range(1, first.depth + 1):
+                layer = nn.Linear(1, 1, device="meta")
+                layer.weight = nn.Parameter(torch.stack([net.weight(i) for net in nets]))
+                layer.bias = nn.Parameter(torch.stack([net.bias(i) for net in nets]))
+                stacked.layers.append(layer)
+        return stacked
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """``g(a^L)``: class probabilities or the reconstruction."""

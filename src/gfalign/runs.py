@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from gfalign.claims import RunBusyError, claim
 from gfalign.config import RunConfig, resolve_device
@@ -125,11 +126,32 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
             dataset.test.subset(config.test_subset or len(dataset.test)),
             dataset.validation,
         )
-    return dataset.to(device=device, dtype=config.torch_dtype)
+    dataset = dataset.to(device=device, dtype=config.torch_dtype)
+    spec = config.model_spec()
+    if spec is not None and spec.input != (dataset.train.x.shape[1],):
+        # Images for a model that wants them: (N, 1, 28, 28), resized once here if it asks.
+        image = (1, 28, 28)
+        dataset = dataset.shaped(image, resize=spec.resize, normalize=spec.normalize)
+    return dataset
 
 
-def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[MLP, FeedbackRule]:
-    """The network and the rule a configuration describes, freshly initialised."""
+def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, FeedbackRule]:
+    """The network (an ``MLP``, or the configuration's model of blocks) and the rule it
+    describes, freshly initialised."""
+    if config.model is not None:
+        from gfalign.models import build as build_model
+
+        net = build_model(
+            config.model_spec(),
+            config.objective,
+            seed=config.seed,
+            dtype=config.torch_dtype,
+            device=device,
+        )
+        rule = FeedbackRule(
+            config.rule_config(), net, seed=config.seed, dtype=config.torch_dtype, device=device
+        )
+        return net, rule
     net = MLP(
         config.sizes,
         config.activation,

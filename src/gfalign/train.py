@@ -255,9 +255,12 @@ class Trainer:
         DataError: an empty split, or inputs holding NaN or inf (``check_data``).
 
     Example:
-        >>> trainer = Trainer(net, rule, data, TrainConfig(epochs=1))
+        >>> from gfalign.data import synthetic
+        >>> data, net = synthetic(200, 50), MLP([784, 32, 10], seed=0)
+        >>> trainer = Trainer(net, FeedbackRule("s1", net), data, TrainConfig(epochs=2))
         >>> history = trainer.fit()
-        >>> history[-1]["test_error"]
+        >>> len(history), sorted(history[-1])[:3]
+        (2, ['batch_loss', 'epoch', 'seconds'])
     """
 
     def __init__(

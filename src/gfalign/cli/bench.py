@@ -3,6 +3,7 @@
 gfalign bench                                   # 784-800-800-10 tanh, batch 32, every preset
 gfalign bench --batch-size 128 --data-root /data/mnist --json > bench128.json
 gfalign bench --sizes 784,200,200,10 --rules dfa,s3 --ensemble 5
+gfalign bench --model lenet5 --rules bp,fa,dfa,s1,s3,dfa-aux --top-ops 8
 gfalign bench --tiny                            # seconds, synthetic data: a smoke test
 """
 
@@ -12,7 +13,7 @@ import json
 
 import click
 
-from gfalign.bench import BenchConfig, BenchError, format_table, run
+from gfalign.bench import MODEL_NAMES, BenchConfig, BenchError, format_table, run
 from gfalign.rules import PRESETS, ConfigError
 
 
@@ -27,13 +28,25 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
 
 @click.command()
 @click.option(
-    "--sizes", default="784,800,800,10", show_default=True, help="Layer widths n_0,...,n_L."
+    "--model",
+    type=click.Choice(MODEL_NAMES),
+    default="mlp",
+    show_default=True,
+    help="mlp (of --sizes and --activation) or a built-in block model (lenet5: biotorch's "
+    "LeNetMNIST on MNIST resized to 32x32).",
+)
+@click.option(
+    "--sizes",
+    default="784,800,800,10",
+    show_default=True,
+    help="Layer widths n_0,...,n_L of the MLP.",
 )
 @click.option(
     "--activation",
     type=click.Choice(["tanh", "sigmoid", "relu"]),
     default="tanh",
     show_default=True,
+    help="Hidden nonlinearity of the MLP.",
 )
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
@@ -52,6 +65,12 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
     "--optimizer-path",
     is_flag=True,
     help="Also time every rule through .grad and torch.optim.SGD.step.",
+)
+@click.option(
+    "--gemm-only/--no-gemm-only",
+    default=True,
+    show_default=True,
+    help="Time every case's GEMM-only bound: the products its real steps called, replayed alone.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @click.option(
@@ -74,7 +93,8 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
     "--examples",
     type=click.IntRange(min=1),
     default=None,
-    help="Training examples per epoch (default: the whole training set).",
+    help="Training examples timed per epoch (default: the whole training set); seconds per "
+    "epoch are extrapolated to the whole training set.",
 )
 @click.option(
     "--repeats",
@@ -89,6 +109,20 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
     default=20,
     show_default=True,
     help="Untimed steps per case first.",
+)
+@click.option(
+    "--profile-steps",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Steps per case under torch.profiler, for the share of time in products (0: skip).",
+)
+@click.option(
+    "--top-ops",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also print the N ops that took the most time in each case's profiled steps.",
 )
 @click.option(
     "--threads",
@@ -108,7 +142,7 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="K > 0: also time K sequential runs against one K-member EnsembleTrainer.",
+    help="K > 0: also time K sequential runs against one K-member EnsembleTrainer (MLP only).",
 )
 @click.option(
     "--chunks",
@@ -121,17 +155,20 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
 @click.option(
     "--tiny",
     is_flag=True,
-    help="A seconds-long smoke test: 784-16-16-10, 256 synthetic examples, 2 repeats.",
+    help="A seconds-long smoke test: 784-16-16-10 (or the --model) on 256 (lenet5: 64) "
+    "synthetic examples, 2 repeats.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 def bench(
+    model: str,
     sizes: str,
     activation: str,
     batch_size: int,
     rules: str,
     baseline: bool,
     optimizer_path: bool,
+    gemm_only: bool,
     device: str,
     dtype: str,
     data: str,
@@ -139,6 +176,8 @@ def bench(
     examples: int | None,
     repeats: int,
     warmup: int,
+    profile_steps: int,
+    top_ops: int,
     threads: int | None,
     peak_size: int,
     ensemble: int,
@@ -151,11 +190,12 @@ def bench(
     """Benchmark training speed: every rule, an autograd baseline, the GEMM-only bound.
 
     Times training epochs (after a warm-up) of each rule through gfalign's training loop and
-    of a plain PyTorch autograd backprop baseline, measures the machine's float32
-    matrix-product peak, and prints seconds per epoch, examples per second, achieved GFLOP/s
-    (the matrix products each rule needs), the fraction of the peak, the GEMM-only time (the
-    same products back to back) over the epoch time, the speed-up over the baseline and the
-    peak memory. Medians of interleaved repeats.
+    of a plain PyTorch autograd backprop baseline of the same model, measures the machine's
+    float32 matrix-product peak, and prints seconds per epoch, examples per second, achieved
+    GFLOP/s (the products and convolutions counted on a real step of each case), the fraction
+    of the peak, the GEMM-only time (the same products replayed back to back) over the epoch
+    time, the share of profiled steps spent in products, the speed-up over the baseline and
+    the peak memory. Medians of interleaved repeats.
     """
     names = tuple(PRESETS) if rules.strip() == "all" else tuple(
         name.strip() for name in rules.split(",") if name.strip()
@@ -167,12 +207,14 @@ def bench(
             param_hint="--rules",
         )
     settings = dict(
+        model=model,
         sizes=_integers(sizes, "--sizes"),
         activation=activation,
         batch_size=batch_size,
         rules=names,
         baseline=baseline,
         optimizer_path=optimizer_path,
+        gemm_only=gemm_only,
         device=device,
         dtype=dtype,
         data=data,
@@ -180,6 +222,7 @@ def bench(
         examples=examples,
         repeats=repeats,
         warmup=warmup,
+        profile_steps=profile_steps,
         threads=threads,
         peak_size=peak_size,
         ensemble=ensemble,
@@ -190,9 +233,10 @@ def bench(
         settings.update(
             sizes=(784, 16, 16, 10),
             data="synthetic",
-            examples=examples or 256,
+            examples=examples or (256 if model == "mlp" else 64),
             repeats=2,
             warmup=2,
+            profile_steps=min(profile_steps, 2),
             peak_size=128,
         )
     try:
@@ -201,4 +245,4 @@ def bench(
         result = run(config, progress=progress)
     except (BenchError, ConfigError) as problem:
         raise click.ClickException(str(problem)) from None
-    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result, top_ops=top_ops))

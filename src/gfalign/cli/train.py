@@ -29,6 +29,7 @@ USER_ERRORS = (ConfigError, DataError, RunError, DivergenceError, RunBusyError)
 # flag -> RunConfig / TrainConfig field; these describe the run, so --resume refuses them
 CONFIG_FLAGS = (
     "dataset",
+    "model",
     "hidden",
     "activation",
     "objective",
@@ -74,6 +75,16 @@ def _hidden(
     return widths
 
 
+def model_value(value: str) -> str | dict[str, Any]:
+    """A built-in model's name, or the model table of a TOML file (top level, or ``[model]``)."""
+    path = Path(value)
+    if value.endswith(".toml") or path.is_file():
+        data = load_toml(path)
+        table = data.get("model")
+        return dict(table) if isinstance(table, Mapping) else data
+    return value
+
+
 def rule_value(value: str) -> str | dict[str, Any]:
     """A preset name, or the rule table of a TOML file (top level, or under ``[rule]``)."""
     path = Path(value)
@@ -92,6 +103,10 @@ def rule_value(value: str) -> str | dict[str, Any]:
     help="A TOML run configuration; flags override it.",
 )
 @click.option("--dataset", help="mnist, fashion-mnist or synthetic  [default: mnist]")
+@click.option(
+    "--model",
+    help="A built-in model (lenet5) or a TOML file of blocks, instead of the MLP of --hidden.",
+)
 @click.option("--hidden", callback=_hidden, help="Hidden layer widths  [default: 800,800]")
 @click.option("--activation", help="tanh, relu or sigmoid  [default: tanh]")
 @click.option("--objective", help="classification or autoencoder")
@@ -242,6 +257,8 @@ def _configure(
     changes = dict(flags)
     if changes["rule"] is not None:
         changes["rule"] = rule_value(changes["rule"])
+    if changes["model"] is not None:
+        changes["model"] = model_value(changes["model"])
     if changes["hidden"] is not None:
         changes["hidden"] = list(changes["hidden"])
     config = config.override(device=device, **changes)

@@ -26,7 +26,8 @@ class Split:
     """Examples and their labels, one row per example.
 
     Attributes:
-        x: (N, 784) float inputs in [0, 1] (pixels, flattened row by row).
+        x: (N, 784) float inputs in [0, 1] (pixels, flattened row by row), or images
+            (N, C, H, W) for a model that wants them (``Dataset.shaped``).
         y: (N,) int64 class labels.
     """
 
@@ -34,11 +35,34 @@ class Split:
     y: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+        if self.x.ndim < 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
             raise DataError(
-                f"a split needs x of shape (N, features) and y of shape (N,); "
+                f"a split needs x of shape (N, features) or (N, C, H, W) and y of shape (N,); "
                 f"got {tuple(self.x.shape)} and {tuple(self.y.shape)}"
             )
+
+    def shaped(
+        self,
+        shape: tuple[int, ...],
+        *,
+        resize: int | None = None,
+        normalize: tuple[float, float] | None = None,
+    ) -> Split:
+        """The examples as ``shape`` per example (e.g. (1, 28, 28) from 784 pixels), resized
+        to ``resize`` x ``resize`` (bilinear with half-pixel centres, as PIL resizes images) and
+        normalised to ``(x - mean) / std``; a new tensor, computed once."""
+        n = len(self)
+        x = self.x.reshape(n, *shape)
+        if resize is not None:
+            if x.dim() != 4:
+                raise DataError(f"only images (N, C, H, W) can be resized, not {tuple(x.shape)}")
+            x = torch.nn.functional.interpolate(
+                x, size=(resize, resize), mode="bilinear", align_corners=False
+            )
+        if normalize is not None:
+            mean, std = normalize
+            x = (x - mean) / std
+        return Split(x.contiguous(), self.y)
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -71,6 +95,29 @@ class Dataset:
     train: Split
     test: Split
     validation: Split | None = None
+
+    def shaped(
+        self,
+        shape: tuple[int, ...],
+        *,
+        resize: int | None = None,
+        normalize: tuple[float, float] | None = None,
+    ) -> Dataset:
+        """Every split's examples shaped, resized and normalised for a model (``Split.shaped``).
+
+        Example:
+            >>> images = synthetic(10, 5).shaped((1, 28, 28), resize=32)
+            >>> images.train.x.shape
+            torch.Size([10, 1, 32, 32])
+        """
+
+        def shape_split(split: Split) -> Split:
+            return split.shaped(shape, resize=resize, normalize=normalize)
+
+        validation = None if self.validation is None else shape_split(self.validation)
+        return replace(
+            self, train=shape_split(self.train), test=shape_split(self.test), validation=validation
+        )
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None

@@ -1,0 +1,545 @@
+"""Models as sequences of blocks (DESIGN.md section 9), from data or from a user's modules.
+
+A block is a parametrised linear part, an element-wise activation and a parameter-free tail:
+
+    a^i = phi_i(h^{i-1}; theta_i),    h^i = tau_i(f_i(a^i)),    logits = a^L.
+
+``BlockNet`` holds such a sequence. Its ``forward`` is plain PyTorch, differentiable by autograd
+(the reference every rule is tested against); ``forward_cache`` keeps every ``a^i``, ``h^i`` and
+each tail's linearisation state for the rules. A model is written as data, a table per block:
+
+    input = [1, 32, 32]              # (C, H, W) the first block receives
+    resize = 32                      # 28x28 images are resized (bilinearly) to 32x32 at load
+    activation = "relu"              # every block's, unless the block names its own
+    [[blocks]]
+    conv = 6                         # output channels; kernel, stride, padding, bias
+    kernel = 5
+    pool = "max:2"                   # max:K, max:K:S, avg:K, avg:K:S
+    [[blocks]]
+    linear = 84                      # output features; a flatten comes before it by itself
+    activation = "identity"
+    [[blocks]]
+    linear = 10                      # the last block is the output (no activation, no tail)
+
+``MODELS`` has the built-ins (``lenet5``), ``from_modules`` turns a user's ``nn.Sequential`` (or
+list of modules) into a ``BlockNet``.
+
+    >>> net = build("lenet5", seed=0)
+    >>> net(torch.zeros(2, 1, 32, 32)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gfalign.blocks import Block, Tail
+from gfalign.network import ACTIVATIONS, IDENTITY, OBJECTIVES, Activation, ForwardCache
+from gfalign.rules import ConfigError
+
+__all__ = ["MODELS", "Block", "BlockNet", "ModelSpec", "build", "from_modules", "model_spec"]
+
+
+def activation_named(name: str, where: str = "activation") -> Activation:
+    """``identity`` or one of ``ACTIVATIONS``, else a ``ConfigError`` naming the known ones."""
+    if name in ("identity", "none"):
+        return IDENTITY
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            f"{where}: unknown activation {name!r}{_close(name, [*ACTIVATIONS, 'identity'])}; "
+            f"known: {', '.join([*ACTIVATIONS, 'identity'])}"
+        )
+    return ACTIVATIONS[name]
+
+
+def _refuse_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = set(table) - known
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            f"{where}: unknown key {key!r}{_close(key, sorted(known))}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+
+
+def _close(word: str, known: Sequence[str]) -> str:
+    match = difflib.get_close_matches(str(word), list(known), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class BlockNet(nn.Module):
+    """A network of blocks; the last block's linear part gives the logits.
+
+    Args:
+        blocks: the blocks in order; the last has no tail, and its activation is the
+            objective's output (softmax or sigmoid).
+        objective: ``"classification"`` or ``"autoencoder"``.
+        input_shape: the shape of one example the first block receives, e.g. ``(1, 32, 32)``.
+
+    Attributes:
+        pre_shapes, post_shapes: the shape of one example's ``a^i`` and ``h^i`` (i = 1..L;
+            ``post_shapes[0]`` is the input's).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[Block],
+        objective: str = "classification",
+        *,
+        input_shape: Sequence[int],
+    ) -> None:
+        super().__init__()
+        blocks = tuple(blocks)
+        if not blocks:
+            raise ConfigError("a model needs at least one block")
+        if blocks[-1].tail.modules:
+            raise ConfigError(
+                f"block {len(blocks)} is the output block: it has no tail, its output is the logits"
+            )
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+        self.objective = OBJECTIVES[objective]
+        self.parts = nn.ModuleList(block.linear for block in blocks)
+        self.tails = nn.ModuleList(nn.Sequential(*block.tail.modules) for block in blocks)
+        self.activations = tuple(block.activation for block in blocks)
+        self._tails = tuple(block.tail for block in blocks)
+        self.input_shape = tuple(int(n) for n in input_shape)
+        self.stack_size = 0  # block models train one after the other, never stacked
+        self.pre_shapes, self.post_shapes = self._shapes()
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return tuple(
+            Block(part, activation, tail)
+            for part, activation, tail in zip(
+                self.parts, self.activations, self._tails, strict=True
+            )
+        )
+
+    @property
+    def depth(self) -> int:
+        """``L``, the number of blocks."""
+        return len(self.parts)
+
+    def _shapes(self) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+        parameter = next(self.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+        try:
+            cache = self.forward_cache(torch.zeros(1, *self.input_shape, dtype=dtype))
+        except RuntimeError as problem:
+            raise ConfigError(
+                f"the blocks do not fit an input of shape {list(self.input_shape)}: "
+                f"{str(problem).splitlines()[0]}"
+            ) from None
+        return (
+            tuple(tuple(a.shape[1:]) for a in cache.pre),
+            tuple(tuple(h.shape[1:]) for h in cache.post),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``a^L``; differentiable by autograd."""
+        h = x
+        last = self.depth - 1
+        for index, (part, activation, tail) in enumerate(
+            zip(self.parts, self.activations, self.tails, strict=True)
+        ):
+            a = part(h)
+            if index == last:
+                return a
+            h = tail(activation.function(a))
+        raise AssertionError("unreachable")
+
+    def forward_cache(self, x: torch.Tensor) -> ForwardCache:
+        """Every ``a^i``, ``h^i`` and tail state of a forward pass, without an autograd graph."""
+        pre: list[torch.Tensor] = []
+        post, activated = [x], [x]
+        states = []
+        last = self.depth - 1
+        with torch.no_grad():
+            for index, (part, activation, tail) in enumerate(
+                zip(self.parts, self.activations, self._tails, strict=True)
+            ):
+                a = part(post[-1])
+                pre.append(a)
+                if index < last:
+                    activated.append(activation.function(a))
+                    h, state = tail.forward(activated[-1])
+                    post.append(h)
+                    states.append(state)
+        return ForwardCache(pre, post, tuple(states), tuple(activated))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.objective.output(self.forward(x))
+
+    def extra_repr(self) -> str:
+        return f"input_shape={list(self.input_shape)}, objective={self.objective.name}"
+
+
+# --------------------------------------------------------------------------- models as data
+
+_MODEL_KEYS = {
+    "name",
+    "description",
+    "input",
+    "resize",
+    "normalize",
+    "activation",
+    "weight_init",
+    "bias_init",
+    "blocks",
+}
+_BLOCK_KEYS = {"conv", "linear", "kernel", "stride", "padding", "bias", "activation", "pool"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A block model as data (see the module docstring); ``to_data`` gives it back.
+
+    Attributes:
+        name: shown in labels.
+        input: (C, H, W) or (features,) the first block receives.
+        resize: images are resized to ``resize`` x ``resize`` at load (``None``: as they are).
+        normalize: ``(mean, std)`` applied to the inputs at load, or ``None``.
+        activation: the blocks' default activation.
+        weight_init, bias_init: ``default`` (PyTorch's), ``xavier_uniform``, ``xavier_normal``;
+            ``default``, ``zeros``, ``normal``.
+        blocks: one plain table per block.
+    """
+
+    name: str
+    input: tuple[int, ...]
+    blocks: tuple[Mapping[str, Any], ...]
+    resize: int | None = None
+    normalize: tuple[float, float] | None = None
+    activation: str = "relu"
+    weight_init: str = "default"
+    bias_init: str = "default"
+    description: str = ""
+
+    def to_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "input": list(self.input),
+            "activation": self.activation,
+            "weight_init": self.weight_init,
+            "bias_init": self.bias_init,
+            "blocks": [dict(block) for block in self.blocks],
+        }
+        if self.description:
+            data["description"] = self.description
+        if self.resize is not None:
+            data["resize"] = self.resize
+        if self.normalize is not None:
+            data["normalize"] = list(self.normalize)
+        return data
+
+    @property
+    def outputs(self) -> int:
+        """The output block's width."""
+        return int(self.blocks[-1]["linear"])
+
+
+MODELS: dict[str, dict[str, Any]] = {
+    "lenet5": {
+        "name": "lenet5",
+        "description": "LeNet-5 as biotorch's LeNetMNIST: three 5x5 relu convolutions (6, 16, "
+        "120 channels, 2x2 max-pooling after the first two), Linear 120-84 without activation, "
+        "Linear 84-10; 32x32 inputs, so 28x28 images are resized to 32x32 as biotorch does",
+        "input": [1, 32, 32],
+        "resize": 32,
+        "activation": "relu",
+        "blocks": [
+            {"conv": 6, "kernel": 5, "pool": "max:2"},
+            {"conv": 16, "kernel": 5, "pool": "max:2"},
+            {"conv": 120, "kernel": 5},
+            {"linear": 84, "activation": "identity"},
+            {"linear": 10},
+        ],
+    },
+}
+"""The built-in models, by name, as data."""
+
+
+def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:
+    """A ``ModelSpec`` from a built-in name or a table, every key checked.
+
+    Raises:
+        ConfigError: naming the block and the key or value at fault.
+    """
+    if isinstance(data, str):
+        if data not in MODELS:
+            raise ConfigError(
+                f"unknown model {data!r}{_close(data, list(MODELS))}; built-in: "
+                f"{', '.join(MODELS)}, or a TOML file of blocks"
+            )
+        data = MODELS[data]
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model: expected a table or a name, got {type(data).__name__}")
+    _refuse_unknown(data, _MODEL_KEYS, "model")
+    blocks = data.get("blocks")
+    if not isinstance(blocks, Sequence) or isinstance(blocks, str) or not blocks:
+        raise ConfigError("model: 'blocks' must be a non-empty list of block tables")
+    shape = data.get("input")
+    if (
+        not isinstance(shape, Sequence)
+        or isinstance(shape, str)
+        or len(shape) not in (1, 3)
+        or not all(_positive_int(n) for n in shape)
+    ):
+        raise ConfigError(
+            f"model: 'input' must be [C, H, W] or [features] of positive integers, got {shape!r}"
+        )
+    for number, block in enumerate(blocks, start=1):
+        _check_block(block, number, last=number == len(blocks))
+    resize = data.get("resize")
+    if resize is not None and not _positive_int(resize):
+        raise ConfigError(f"model: 'resize' must be a positive integer, got {resize!r}")
+    normalize = data.get("normalize")
+    if normalize is not None:
+        if (
+            not isinstance(normalize, Sequence)
+            or len(normalize) != 2
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalize)
+            or not normalize[1] > 0
+        ):
+            raise ConfigError(f"model: 'normalize' must be [mean, std > 0], got {normalize!r}")
+        normalize = (float(normalize[0]), float(normalize[1]))
+    activation = str(data.get("activation", "relu"))
+    activation_named(activation, "model")
+    weight_init = str(data.get("weight_init", "default"))
+    bias_init = str(data.get("bias_init", "default"))
+    if weight_init not in _WEIGHT_INITS:
+        raise ConfigError(
+            f"model: unknown weight_init {weight_init!r}; known: {', '.join(_WEIGHT_INITS)}"
+        )
+    if bias_init not in _BIAS_INITS:
+        raise ConfigError(
+            f"model: unknown bias_init {bias_init!r}; known: {', '.join(_BIAS_INITS)}"
+        )
+    return ModelSpec(
+        name=str(data.get("name", "custom")),
+        input=tuple(int(n) for n in shape),
+        blocks=tuple(dict(block) for block in blocks),
+        resize=None if resize is None else int(resize),
+        normalize=normalize,
+        activation=activation,
+        weight_init=weight_init,
+        bias_init=bias_init,
+        description=str(data.get("description", "")),
+    )
+
+
+_WEIGHT_INITS = ("default", "xavier_uniform", "xavier_normal")
+_BIAS_INITS = ("default", "zeros", "normal")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_block(block: Any, number: int, *, last: bool) -> None:
+    where = f"model block {number}"
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {block!r}")
+    _refuse_unknown(block, _BLOCK_KEYS, where)
+    kinds = [kind for kind in ("conv", "linear") if kind in block]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: give exactly one of 'conv = CHANNELS' or 'linear = WIDTH'")
+    kind = kinds[0]
+    if not _positive_int(block[kind]):
+        raise ConfigError(f"{where}: {kind} must be a positive integer, got {block[kind]!r}")
+    if kind == "linear":
+        extra = {"kernel", "stride", "padding"} & set(block)
+        if extra:
+            raise ConfigError(f"{where}: a linear block has no {', '.join(sorted(extra))}")
+    else:
+        if not _positive_int(block.get("kernel")):
+            raise ConfigError(f"{where}: a conv block needs 'kernel', a positive integer")
+        if not _positive_int(block.get("stride", 1)):
+            raise ConfigError(f"{where}: stride must be a positive integer")
+        padding = block.get("padding", 0)
+        if not (isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0):
+            raise ConfigError(f"{where}: padding must be an integer >= 0, got {padding!r}")
+    if "bias" in block and not isinstance(block["bias"], bool):
+        raise ConfigError(f"{where}: bias must be true or false, got {block['bias']!r}")
+    if "activation" in block:
+        if last:
+            raise ConfigError(f"{where} is the output block: its activation is the objective's")
+        activation_named(str(block["activation"]), where)
+    if "pool" in block:
+        if last:
+            raise ConfigError(f"{where} is the output block: it cannot pool")
+        _pool(block["pool"], where)
+
+
+def _pool(text: Any, where: str) -> nn.Module:
+    parts = str(text).split(":")
+    kinds = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+    if parts[0] not in kinds or len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[1:]):
+        raise ConfigError(f"{where}: pool must be max:K, max:K:S, avg:K or avg:K:S, got {text!r}")
+    sizes = [int(p) for p in parts[1:]]
+    if min(sizes) < 1:
+        raise ConfigError(f"{where}: pool sizes must be positive, got {text!r}")
+    return kinds[parts[0]](sizes[0], sizes[-1])
+
+
+def build(
+    spec: str | Mapping[str, Any] | ModelSpec,
+    objective: str = "classification",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> BlockNet:
+    """The ``BlockNet`` a spec describes, its parameters drawn from ``seed`` (in float64, then
+    cast, so float32 and float64 models share their values).
+
+    Example:
+        >>> net = build({"input": [4], "blocks": [{"linear": 3, "activation": "tanh"},
+        ...                                        {"linear": 2}]})
+        >>> [tuple(p.shape) for p in net.parameters()]
+        [(3, 4), (3,), (2, 3), (2,)]
+    """
+    spec = spec if isinstance(spec, ModelSpec) else model_spec(spec)
+    generator = torch.Generator().manual_seed(seed)
+    shape = spec.input
+    blocks: list[Block] = []
+    count = len(spec.blocks)
+    for number, table in enumerate(spec.blocks, start=1):
+        where = f"model block {number}"
+        if "conv" in table:
+            if len(shape) != 3:
+                raise ConfigError(f"{where}: a conv block needs an image input, gets {list(shape)}")
+            part: nn.Module = nn.Conv2d(
+                shape[0],
+                int(table["conv"]),
+                int(table["kernel"]),
+                stride=int(table.get("stride", 1)),
+                padding=int(table.get("padding", 0)),
+                bias=bool(table.get("bias", True)),
+                dtype=torch.float64,
+            )
+        else:
+            if len(shape) != 1:
+                raise ConfigError(
+                    f"{where}: a linear block needs flat inputs, gets {list(shape)}; give the "
+                    f"model input = [{math.prod(shape)}]"
+                )
+            part = nn.Linear(
+                shape[0],
+                int(table["linear"]),
+                bias=bool(table.get("bias", True)),
+                dtype=torch.float64,
+            )
+        _initialise(part, spec.weight_init, spec.bias_init, generator)
+        last = number == count
+        default = spec.activation
+        activation = IDENTITY if last else activation_named(table.get("activation", default), where)
+        tail: list[nn.Module] = []
+        if "pool" in table:
+            tail.append(_pool(table["pool"], where))
+        if not last and "conv" in table and "linear" in spec.blocks[number]:
+            tail.append(nn.Flatten())  # a linear block after a conv block reads it flattened
+        with torch.no_grad():
+            try:
+                probe = nn.Sequential(part, *tail)(torch.zeros(1, *shape, dtype=torch.float64))
+            except RuntimeError as problem:
+                raise ConfigError(
+                    f"{where} does not fit its input of shape {list(shape)}: "
+                    f"{str(problem).splitlines()[0]}"
+                ) from None
+        shape = tuple(probe.shape[1:])
+        blocks.append(Block(part, activation, Tail(tuple(tail))))
+    net = BlockNet(blocks, objective, input_shape=spec.input)
+    net.spec = spec
+    return net.to(device=device, dtype=dtype)
+
+
+def _initialise(
+    part: nn.Module, weight_init: str, bias_init: str, generator: torch.Generator
+) -> None:
+    weight, bias = part.weight, part.bias
+    receptive = math.prod(weight.shape[2:])
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    with torch.no_grad():
+        if weight_init == "default":  # PyTorch's: kaiming_uniform(a=sqrt 5) = U(+-1/sqrt fan_in)
+            limit = 1.0 / math.sqrt(fan_in)
+            weight.uniform_(-limit, limit, generator=generator)
+        else:
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            if weight_init == "xavier_uniform":
+                weight.uniform_(-bound, bound, generator=generator)
+            else:
+                weight.normal_(0.0, bound / math.sqrt(3.0), generator=generator)
+        if bias is not None:
+            if bias_init == "default":
+                limit = 1.0 / math.sqrt(fan_in)
+                bias.uniform_(-limit, limit, generator=generator)
+            elif bias_init == "zeros":
+                bias.zero_()
+            else:
+                bias.normal_(0.0, 1.0, generator=generator)
+
+
+# -------------------------------------------------------------------------- user modules
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def from_modules(
+    modules: nn.Sequential | Sequence[nn.Module],
+    *,
+    input_shape: Sequence[int],
+    objective: str = "classification",
+) -> BlockNet:
+    """A ``BlockNet`` from a user's modules, in order, sharing their parameters.
+
+    Each module with parameters starts a block as its linear part; a ``ReLU``, ``Tanh`` or
+    ``Sigmoid`` right after it is the block's activation (none: identity); every other
+    parameter-free module (pooling, flatten, ...) joins the block's tail. The last block is the
+    output: nothing may follow its linear part.
+
+    Example:
+        >>> net = from_modules(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+        ...                                  nn.Flatten(), nn.Linear(4 * 13 * 13, 10)),
+        ...                    input_shape=(1, 28, 28))
+        >>> net.depth, net.pre_shapes[0]
+        (2, (4, 26, 26))
+    """
+    modules = list(modules.children() if isinstance(modules, nn.Sequential) else modules)
+    groups: list[list[nn.Module]] = []
+    for module in modules:
+        if _has_parameters(module):
+            groups.append([module])
+        elif not groups:
+            raise ConfigError(
+                f"{type(module).__name__} comes before any module with parameters; a model "
+                "starts with its first block's linear part"
+            )
+        else:
+            groups[-1].append(module)
+    blocks = []
+    for number, (part, *rest) in enumerate(groups, start=1):
+        activation = IDENTITY
+        last = number == len(groups)
+        if rest and type(rest[0]) in _ACTIVATION_MODULES and not last:
+            activation = ACTIVATIONS[_ACTIVATION_MODULES[type(rest.pop(0))]]
+        if last and rest:
+            raise ConfigError(
+                f"block {number} is the output block, but {type(rest[0]).__name__} follows its "
+                f"{type(part).__name__}: the output block's linear part gives the logits"
+            )
+        blocks.append(Block(part, activation, Tail(tuple(rest))))
+    return BlockNet(blocks, objective, input_shape=input_shape)
