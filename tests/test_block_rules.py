@@ -271,3 +271,21 @@ def test_a_term_a_user_module_cannot_take_is_refused_when_the_rule_is_made():
     FeedbackRule("dfa", net, dtype=DTYPE)  # direct terms never run the module backwards
     with pytest.raises(ConfigError, match=r"layer 1, term 0 \(above\): block 2's Opaque cannot"):
         FeedbackRule("fa", net, dtype=DTYPE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("preset", ["bp", "fa", "dfa-aux", "s3"])
+def test_every_term_on_cuda_equals_the_cpu(model, preset, batch):
+    """The whole step on the GPU, data and parameters resident there, in float64."""
+    net, (x, y) = MODELS[model](), batch
+    rule = FeedbackRule(preset, net, seed=6, dtype=DTYPE)
+    expected = rule.backward(net, x, y, reduction="sum").deltas
+    grads = grads_of(net)
+    net.cuda(), rule.cuda()
+    got = rule.backward(net, x.cuda(), y.cuda(), reduction="sum").deltas
+    for i, reference in expected.items():
+        assert got[i].is_cuda
+        torch.testing.assert_close(got[i].cpu(), reference, rtol=0, atol=1e-10)
+    for parameter, reference in zip(net.parameters(), grads, strict=True):
+        torch.testing.assert_close(parameter.grad.cpu(), reference, rtol=0, atol=1e-10)
