@@ -148,26 +148,19 @@ def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Mod
             dtype=config.torch_dtype,
             device=device,
         )
-        rule = FeedbackRule(
-            config.rule_config(), net, seed=config.seed, dtype=config.torch_dtype, device=device
+    else:
+        net = MLP(
+            config.sizes,
+            config.activation,
+            config.objective,
+            weight_init=config.weight_init,
+            bias_init=config.bias_init,
+            seed=config.seed,
+            dtype=config.torch_dtype,
+            device=device,
         )
-        return net, rule
-    net = MLP(
-        config.sizes,
-        config.activation,
-        config.objective,
-        weight_init=config.weight_init,
-        bias_init=config.bias_init,
-        seed=config.seed,
-        dtype=config.torch_dtype,
-        device=device,
-    )
     rule = FeedbackRule(
-        config.rule_config(),
-        config.sizes,
-        seed=config.seed,
-        dtype=config.torch_dtype,
-        device=device,
+        config.rule_config(), net, seed=config.seed, dtype=config.torch_dtype, device=device
     )
     return net, rule
 

@@ -75,24 +75,19 @@ def _hidden(
     return widths
 
 
-def model_value(value: str) -> str | dict[str, Any]:
-    """A built-in model's name, or the model table of a TOML file (top level, or ``[model]``)."""
+def table_value(value: str, section: str) -> str | dict[str, Any]:
+    """A name as it is, or the table of a TOML file: its top level, or its ``[section]``."""
     path = Path(value)
     if value.endswith(".toml") or path.is_file():
         data = load_toml(path)
-        table = data.get("model")
+        table = data.get(section)
         return dict(table) if isinstance(table, Mapping) else data
     return value
 
 
 def rule_value(value: str) -> str | dict[str, Any]:
     """A preset name, or the rule table of a TOML file (top level, or under ``[rule]``)."""
-    path = Path(value)
-    if value.endswith(".toml") or path.is_file():
-        data = load_toml(path)
-        table = data.get("rule")
-        return dict(table) if isinstance(table, Mapping) else data
-    return value
+    return table_value(value, "rule")
 
 
 @click.command("train")
@@ -258,7 +253,7 @@ def _configure(
     if changes["rule"] is not None:
         changes["rule"] = rule_value(changes["rule"])
     if changes["model"] is not None:
-        changes["model"] = model_value(changes["model"])
+        changes["model"] = table_value(changes["model"], "model")
     if changes["hidden"] is not None:
         changes["hidden"] = list(changes["hidden"])
     config = config.override(device=device, **changes)
