@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-DEMO_ARGS ?= --epochs 3 --rule s1 --out runs/demo
+DEMO_ARGS ?= --epochs 3 --rule s1 --out runs/demo --overwrite
 
 .PHONY: install demo test lint clean
 
