@@ -218,6 +218,8 @@ def test_invalid_combinations_are_refused(batch):
         rule.deltas(net, x.flatten(1), y)
     with pytest.raises(ConfigError, match="was built for another model"):
         rule.deltas(user_net(), x, y)
+    with pytest.raises(ConfigError, match="was built for another model"):  # an MLP's rule
+        FeedbackRule("s1", [100, 6, 5], dtype=DTYPE).deltas(net, x.flatten(1), y)
     with pytest.raises(
         ConfigError,
         match=r"layer 1, term 0 \(above\(d\^\(i\+1\)\)\): feedback 'weight' of shape \(2, 2\)",

@@ -296,6 +296,7 @@ class FeedbackRule(nn.Module):
         self.plan = self._make_plan()
         self._uses_auxiliary = self.config.uses_auxiliary
         self.stack_size = 0  # K for the rule of K stacked members (FeedbackRule.stack)
+        self._shapes: tuple | None = None  # a block model's input and a^i shapes
         self.to(device=device, dtype=dtype)
         if isinstance(model, nn.Module) and not isinstance(model, MLP):
             self._shapes = (tuple(model.input_shape), tuple(model.pre_shapes))
