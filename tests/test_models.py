@@ -159,3 +159,22 @@ def test_train_a_model_from_the_command_line(tmp_path):
     # A finished LeNet run resumes (its checkpoint holds the conv kernels) to the same numbers.
     result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "lenet5"), "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_an_experiment_cell_names_its_model():
+    from gfalign.config import RunConfig
+    from gfalign.experiments import cell, from_data
+
+    assert cell(RunConfig(model="lenet5", rule="dfa")) == "lenet5 dfa"
+    assert cell(RunConfig(rule="dfa", feedback="B3")) == "2x800 tanh dfa B3"
+    experiment = from_data(
+        "conv-check",
+        {
+            "description": "LeNet-5 with three rules",
+            "protocol": {"epochs": 1, "seeds": [0, 1]},
+            "base": {"model": "lenet5", "dataset": "synthetic"},
+            "grid": {"rule": ["bp", "fa", "dfa"]},
+        },
+    )
+    assert experiment.cells() == ["lenet5 bp", "lenet5 fa", "lenet5 dfa"]
+    assert len(experiment.configs) == 6

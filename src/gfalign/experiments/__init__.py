@@ -38,10 +38,12 @@ _PROTOCOL_TRAIN = ("epochs", "batch_size", "lr", "optimizer", "reduction")
 
 
 def cell(config: RunConfig) -> str:
-    """The table cell a run belongs to: ``"2x800 tanh s1"``, ``"2x800 tanh dfa B3"``."""
+    """The table cell a run belongs to: ``"2x800 tanh s1"``, ``"2x800 tanh dfa B3"``, or for a
+    model of blocks ``"lenet5 s1"``."""
     widths = config.hidden
     shape = f"{len(widths)}x{widths[0]}" if len(set(widths)) == 1 else "-".join(map(str, widths))
-    text = f"{shape} {config.activation} {config.rule_name}"
+    network = f"{shape} {config.activation}" if config.model is None else config.model_spec().name
+    text = f"{network} {config.rule_name}"
     if config.feedback != "uniform":
         text += f" {config.feedback}"
     return text
