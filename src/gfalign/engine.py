@@ -139,7 +139,6 @@ class _Place:
     layer: int
     index: int
     buffers: tuple[tuple[str, str], ...]
-    shapes: tuple[tuple[int, ...], ...]
     columns: slice | None = None
     transposed: bool = False
 
@@ -282,7 +281,7 @@ class FeedbackRule(nn.Module):
             width = shapes[i - 1].width if term.error == "output" else _numel(shapes[i - 1].post)
             stacked.append(self._draw(i, k, term, (n_out, width)))
             columns = slice(offset, offset + width)
-            self._places[i, k] = _Place(i, k, (("matrix", "direct"),), ((n_out, width),), columns)
+            self._places[i, k] = _Place(i, k, (("matrix", "direct"),), columns)
             offset += width
         self._output_width = sum(shapes[i - 1].width for i, _, t in direct if t.error == "output")
         self.register_buffer(
@@ -357,7 +356,7 @@ class FeedbackRule(nn.Module):
         base = f"layer{i}_term{k}_{term.kind}"
         # A Linear block's below term keeps the matrix B_down = W~^T, (n_{i-1}, n_i).
         transposed = term.kind == "below" and stands_for.products is LINEAR
-        buffers, buffer_shapes = [], []
+        buffers = []
         for name in names:
             shape = shapes[name][::-1] if transposed else shapes[name]
             if names == ("weight",):
@@ -366,8 +365,7 @@ class FeedbackRule(nn.Module):
                 buffer, labels = f"{base}_{name.replace('.', '_')}", (name,)
             self.register_buffer(buffer, self._draw(i, k, term, shape, *labels))
             buffers.append((name, buffer))
-            buffer_shapes.append(tuple(shape))
-        return _Place(i, k, tuple(buffers), tuple(buffer_shapes), transposed=transposed)
+        return _Place(i, k, tuple(buffers), transposed=transposed)
 
     def _make_plan(self) -> Plan:
         hidden = len(self.structure) - 1
