@@ -30,6 +30,7 @@ transports none.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,17 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn import functional
 
-__all__ = ["Block", "LinearProducts", "TAIL_STEPS", "Tail", "TailStep", "linear_products"]
+from gfalign.rules import ConfigError
+
+__all__ = [
+    "Block",
+    "LinearProducts",
+    "TAIL_STEPS",
+    "Tail",
+    "TailStep",
+    "check_dropout_rate",
+    "linear_products",
+]
 
 Parameters = Mapping[str, torch.Tensor]
 
@@ -331,11 +342,32 @@ class Tail:
         return v
 
 
+def check_dropout_rate(rate: Any, name: str = "dropout") -> float:
+    """``rate`` as a float when it is a dropout probability in [0, 1), else a ``ConfigError``.
+
+    Example:
+        >>> check_dropout_rate(0.5)
+        0.5
+    """
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+        raise ConfigError(
+            f"{name} = {rate!r}: not a dropout rate; allowed: a number in [0, 1), the "
+            "probability of dropping a unit"
+        )
+    return float(rate)
+
+
 @dataclass(frozen=True)
 class Block:
     """One block of a model: a linear part (any module with parameters), an element-wise
-    activation (a ``gfalign.network.Activation``) and a parameter-free tail."""
+    activation (a ``gfalign.network.Activation``), a parameter-free tail, and the dropout rate
+    of its activation (in training mode, ``h^i = tau_i(m^i * f(a^i))`` with an inverted-dropout
+    mask ``m^i`` in ``a^i``'s shape; see ``gfalign.network``)."""
 
     linear: nn.Module
     activation: Any
     tail: Tail = Tail()
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dropout", check_dropout_rate(self.dropout))

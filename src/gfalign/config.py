@@ -11,6 +11,8 @@ store, so a sweep recognises a run it has already done.
     rule = "s1"                 # a preset name, or an inline table (see gfalign.rules)
     feedback = "uniform"
     seed = 0
+    dropout_input = 0.1         # dropout rates in training mode (DESIGN.md section 11)
+    dropout_hidden = 0.5
     [train]
     epochs = 100
     batch_size = 32
@@ -22,10 +24,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +46,29 @@ else:  # pragma: no cover
 __all__ = ["DTYPES", "RunConfig", "load_toml", "resolve_device"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_INPUT_WIDTH = 784  # MNIST and Fashion-MNIST images, flattened
+_SYNTHETIC_IMAGE = (1, 28, 28)  # gfalign.data.synthetic: MNIST's shape, 10 classes
 
 
 def _datasets() -> list[str]:
     from gfalign.data.registry import SPECS  # datasets may be registered at run time
 
     return [*SPECS, "synthetic"]
+
+
+def _dataset_facts(name: str) -> tuple[tuple[int, ...], int, bool]:
+    """A dataset's image shape (C, H, W), its number of classes, and whether its inputs are
+    normalised (not in [0, 1])."""
+    from gfalign.data.registry import SPECS
+
+    spec = SPECS.get(name)
+    if spec is None:
+        return _SYNTHETIC_IMAGE, 10, False
+    return spec.image_shape, len(spec.classes), spec.normalize is not None
+
+
+# Fields added after runs were stored: left out of ``to_data`` (and so of a run's key) while they
+# hold their defaults, so that every earlier configuration keeps its key.
+_LATER_FIELDS = {"dropout_input": 0.0, "dropout_hidden": 0.0}
 
 
 # Ranges and names beyond the types of RunConfig's annotations (gfalign.rules.check_fields).
@@ -69,6 +88,8 @@ _LIMITS = {
     "seed": Limit(minimum=0),
     "dtype": Limit(choices=DTYPES),
     "alignment_probe": Limit(minimum=1),
+    "dropout_input": Limit(minimum=0, example="0.1"),
+    "dropout_hidden": Limit(minimum=0, example="0.5"),
 }
 
 
@@ -81,7 +102,8 @@ class RunConfig:
     ``alignment = "no"`` and ``train_subset = 0`` are refused, never converted).
 
     Attributes:
-        dataset: ``mnist``, ``fashion-mnist`` or ``synthetic`` (a small learnable fake set).
+        dataset: ``mnist``, ``fashion-mnist``, ``cifar10`` (images of 3 x 32 x 32, so an MLP's
+            input is 3072 wide) or ``synthetic`` (a small learnable fake set).
         train_subset: train on the first N training examples only (quick runs); ``None``: all.
         test_subset: evaluate on the first N test examples only; ``None``: all.
         validation: hold out the last N training examples as a validation split.
@@ -93,6 +115,9 @@ class RunConfig:
         activation: the MLP's ``tanh``, ``relu`` or ``sigmoid``.
         objective: ``classification`` or ``autoencoder`` (784-...-784, sigmoid output).
         weight_init, bias_init: see ``gfalign.network.MLP``.
+        dropout_input, dropout_hidden: the probabilities in [0, 1) of dropping an input unit
+            and a hidden unit in training mode (DESIGN.md section 11); a model's block may set
+            its own ``dropout``. 0, the default, is no dropout, and leaves ``key()`` as it was.
         rule: a preset name or a configuration table.
         feedback: the default feedback family, e.g. ``"uniform"`` or ``"B6:density=0.2"``
             (or a table ``{family = "B6", density = 0.2}``).
@@ -114,6 +139,8 @@ class RunConfig:
     objective: str = "classification"
     weight_init: str = "xavier_uniform"
     bias_init: str = "normal"
+    dropout_input: float = 0.0
+    dropout_hidden: float = 0.0
     rule: str | Mapping[str, Any] = "s1"
     feedback: str | Mapping[str, Any] = "uniform"
     seed: int = 0
@@ -131,8 +158,21 @@ class RunConfig:
                 f"device must be cpu, cuda or auto, got {self.device!r}; allowed: cpu, auto, "
                 "cuda or cuda:N (GPU number N)"
             )
+        for name in _LATER_FIELDS:
+            if not getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name} = {render(getattr(self, name))}: out of range; allowed: a number "
+                    "in [0, 1), the probability of dropping a unit"
+                )
         if self.train.seed != self.seed:
             object.__setattr__(self, "train", replace(self.train, seed=self.seed))
+        _, _, normalised = _dataset_facts(self.dataset)
+        if normalised and not OBJECTIVES[self.objective].uses_labels:
+            raise ConfigError(
+                f'objective = "{self.objective}" reconstructs inputs in [0, 1] through a '
+                f"sigmoid, but {self.dataset}'s inputs are normalised; allowed: objective = "
+                '"classification"'
+            )
         if self.model is not None:
             self._check_model()
         # Resolving checks the rule and the feedback family now, before any data is loaded.
@@ -158,27 +198,33 @@ class RunConfig:
                     f"{render(self.model)} is given; allowed: leave {name} out (a model's "
                     "widths and activations are in its blocks)"
                 )
-        outputs = 10 if OBJECTIVES[self.objective].uses_labels else _INPUT_WIDTH
+        image, classes, _ = _dataset_facts(self.dataset)
+        width = math.prod(image)
+        outputs = classes if OBJECTIVES[self.objective].uses_labels else width
         if spec.outputs != outputs:
             raise ConfigError(
                 f"model {spec.name!r}: its output block has {spec.outputs} units, the "
                 f"{self.objective} of {self.dataset} needs {outputs}"
             )
-        image = (1, 28, 28)  # MNIST, Fashion-MNIST and the synthetic set
-        size = spec.resize or 28
-        if spec.input not in ((_INPUT_WIDTH,), (1, size, size)) or (
-            spec.resize and spec.input != (1, size, size)
+        channels = image[0]
+        wanted = (channels, spec.resize, spec.resize) if spec.resize else None
+        if (wanted is None and spec.input not in ((width,), image)) or (
+            wanted is not None and spec.input != wanted
         ):
             raise ConfigError(
                 f"model {spec.name!r} takes inputs of shape {list(spec.input)}; {self.dataset} "
-                f"gives images of shape {list(image)} (or [784] flat); allowed: input = "
-                f"[1, 28, 28], [784], or [1, R, R] with resize = R"
+                f"gives images of shape {list(image)} (or [{width}] flat); allowed: input = "
+                f"{list(image)}, [{width}], or [{channels}, R, R] with resize = R"
             )
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        output = _INPUT_WIDTH if self.objective == "autoencoder" else 10
-        return (_INPUT_WIDTH, *self.hidden, output)
+        """The MLP's widths: the dataset's flattened image, ``hidden``, and the classes (or the
+        image again, for the autoencoder)."""
+        image, classes, _ = _dataset_facts(self.dataset)
+        width = math.prod(image)
+        output = width if self.objective == "autoencoder" else classes
+        return (width, *self.hidden, output)
 
     @property
     def rule_name(self) -> str:
@@ -204,9 +250,12 @@ class RunConfig:
         data["rule"] = self.rule if isinstance(self.rule, str) else _plain(self.rule)
         if isinstance(self.model, Mapping):
             data["model"] = _plain(self.model)
-        train = asdict(self.train)
+        train = self.train.to_data()  # leaves later fields out at their defaults: keys stay
         train.pop("seed")
         data["train"] = train
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
         return {k: v for k, v in data.items() if v is not None}
 
     @classmethod
@@ -259,14 +308,18 @@ class RunConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        """A short human-readable name: ``s1 2x800 tanh seed0``."""
+        """A short human-readable name: ``s1 2x800 tanh seed0`` (with dropout:
+        ``s1 2x800 tanh dropout 0.1/0.5 seed0``, the input's rate, then the hidden one)."""
         widths = self.hidden
         shape = (
             f"{len(widths)}x{widths[0]}" if len(set(widths)) == 1 else "-".join(map(str, widths))
         )
         family = "" if self.feedback == "uniform" else f" {self.feedback}"
         network = f"{shape} {self.activation}" if self.model is None else self.model_spec().name
-        return f"{self.rule_name}{family} {network} seed{self.seed}"
+        dropout = ""
+        if self.dropout_input or self.dropout_hidden:
+            dropout = f" dropout {self.dropout_input:g}/{self.dropout_hidden:g}"
+        return f"{self.rule_name}{family} {network}{dropout} seed{self.seed}"
 
 
 _DEFAULTS = {"hidden": (800, 800), "activation": "tanh"}

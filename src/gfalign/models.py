@@ -18,11 +18,12 @@ each tail's linearisation state for the rules. A model is written as data, a tab
     [[blocks]]
     linear = 84                      # output features; a flatten comes before it by itself
     activation = "identity"
+    dropout = 0.5                    # drops f(a^i) in training mode (default: the run's rate)
     [[blocks]]
     linear = 10                      # the last block is the output (no activation, no tail)
 
-``MODELS`` has the built-ins (``lenet5``), ``from_modules`` turns a user's ``nn.Sequential`` (or
-list of modules) into a ``BlockNet``.
+``MODELS`` has the built-ins (``lenet5``, ``lenet5-cifar``), ``from_modules`` turns a user's
+``nn.Sequential`` (or list of modules) into a ``BlockNet``.
 
     >>> net = build("lenet5", seed=0)
     >>> net(torch.zeros(2, 1, 32, 32)).shape
@@ -40,8 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from gfalign.blocks import Block, Tail
-from gfalign.network import ACTIVATIONS, IDENTITY, OBJECTIVES, Activation, ForwardCache
+from gfalign.blocks import Block, Tail, check_dropout_rate
+from gfalign.network import (
+    ACTIVATIONS,
+    IDENTITY,
+    OBJECTIVES,
+    Activation,
+    DropoutState,
+    ForwardCache,
+    StepMasks,
+    apply_mask,
+)
 from gfalign.rules import ConfigError
 
 __all__ = ["MODELS", "Block", "BlockNet", "ModelSpec", "build", "from_modules", "model_spec"]
@@ -74,14 +84,17 @@ def _close(word: str, known: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-class BlockNet(nn.Module):
+class BlockNet(DropoutState):
     """A network of blocks; the last block's linear part gives the logits.
 
     Args:
         blocks: the blocks in order; the last has no tail, and its activation is the
-            objective's output (softmax or sigmoid).
+            objective's output (softmax or sigmoid). Each block's ``dropout`` rate drops units
+            of its activation ``f(a^i)`` in training mode, before its tail.
         objective: ``"classification"`` or ``"autoencoder"``.
         input_shape: the shape of one example the first block receives, e.g. ``(1, 32, 32)``.
+        dropout_input: the rate at which input units are dropped in training mode.
+        seed: seeds the dropout masks (``gfalign.network.DropoutState``).
 
     Attributes:
         pre_shapes, post_shapes: the shape of one example's ``a^i`` and ``h^i`` (i = 1..L;
@@ -94,6 +107,8 @@ class BlockNet(nn.Module):
         objective: str = "classification",
         *,
         input_shape: Sequence[int],
+        dropout_input: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         blocks = tuple(blocks)
@@ -102,6 +117,11 @@ class BlockNet(nn.Module):
         if blocks[-1].tail.modules:
             raise ConfigError(
                 f"block {len(blocks)} is the output block: it has no tail, its output is the logits"
+            )
+        if blocks[-1].dropout:
+            raise ConfigError(
+                f"block {len(blocks)} is the output block: its logits are never dropped; "
+                "allowed: dropout = 0 there"
             )
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
@@ -112,14 +132,15 @@ class BlockNet(nn.Module):
         self._tails = tuple(block.tail for block in blocks)
         self.input_shape = tuple(int(n) for n in input_shape)
         self.stack_size = 0  # block models train one after the other, never stacked
+        self._setup_dropout(dropout_input, [block.dropout for block in blocks], int(seed))
         self.pre_shapes, self.post_shapes = self._shapes()
 
     @property
     def blocks(self) -> tuple[Block, ...]:
         return tuple(
-            Block(part, activation, tail)
-            for part, activation, tail in zip(
-                self.parts, self.activations, self._tails, strict=True
+            Block(part, activation, tail, dropout)
+            for part, activation, tail, dropout in zip(
+                self.parts, self.activations, self._tails, self.dropout_rates, strict=True
             )
         )
 
@@ -132,7 +153,7 @@ class BlockNet(nn.Module):
         parameter = next(self.parameters(), None)
         dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
         try:
-            cache = self.forward_cache(torch.zeros(1, *self.input_shape, dtype=dtype))
+            cache = self._cache(torch.zeros(1, *self.input_shape, dtype=dtype), None)
         except RuntimeError as problem:
             raise ConfigError(
                 f"the blocks do not fit an input of shape {list(self.input_shape)}: "
@@ -144,21 +165,39 @@ class BlockNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits ``a^L``; differentiable by autograd."""
-        h = x
+        """The logits ``a^L``; differentiable by autograd. In training mode with dropout it
+        applies the masks ``forward_cache`` would draw at this step, and advances the step
+        counter as it does."""
+        return self._logits(x, self._step_masks())
+
+    def _logits(self, x: torch.Tensor, masks: StepMasks | None) -> torch.Tensor:
+        h = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
         last = self.depth - 1
-        for index, (part, activation, tail) in enumerate(
-            zip(self.parts, self.activations, self.tails, strict=True)
+        for index, (part, activation, tail, rate) in enumerate(
+            zip(self.parts, self.activations, self.tails, self.dropout_rates, strict=True)
         ):
             a = part(h)
             if index == last:
                 return a
-            h = tail(activation.function(a))
+            z = activation.function(a)
+            if masks is not None:
+                z = apply_mask(z, masks.draw(rate, z))
+            h = tail(z)
         raise AssertionError("unreachable")
 
     def forward_cache(self, x: torch.Tensor) -> ForwardCache:
-        """Every ``a^i``, ``h^i`` and tail state of a forward pass, without an autograd graph."""
+        """Every ``a^i``, ``h^i`` and tail state of a forward pass, without an autograd graph.
+
+        In training mode with dropout, ``activated`` and ``post`` hold the dropped values and
+        ``masks`` the masks (see ``ForwardCache``); the step counter advances by one.
+        """
+        with torch.no_grad():
+            return self._cache(x, self._step_masks())
+
+    def _cache(self, x: torch.Tensor, masks: StepMasks | None) -> ForwardCache:
         pre: list[torch.Tensor] = []
+        drawn: list[torch.Tensor | None] = []
+        x = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
         post, activated = [x], [x]
         states = []
         last = self.depth - 1
@@ -169,18 +208,28 @@ class BlockNet(nn.Module):
                 a = part(post[-1])
                 pre.append(a)
                 if index < last:
-                    activated.append(activation.function(a))
-                    h, state = tail.forward(activated[-1])
+                    z = activation.function(a)
+                    if masks is not None:
+                        drawn.append(masks.draw(self.dropout_rates[index], z))
+                        z = apply_mask(z, drawn[-1])
+                    activated.append(z)
+                    h, state = tail.forward(z)
                     post.append(h)
                     states.append(state)
-        return ForwardCache(pre, post, tuple(states), tuple(activated))
+        masked = (*drawn, None) if any(mask is not None for mask in drawn) else ()
+        return ForwardCache(pre, post, tuple(states), tuple(activated), masked)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``g(a^L)``, never dropped (in either mode; the step counter stays as it is)."""
         with torch.no_grad():
-            return self.objective.output(self.forward(x))
+            return self.objective.output(self._logits(x, None))
 
     def extra_repr(self) -> str:
-        return f"input_shape={list(self.input_shape)}, objective={self.objective.name}"
+        dropout = ""
+        if self.dropout_active:
+            rates = ", ".join(f"{rate:g}" for rate in self.dropout_rates[:-1])
+            dropout = f", dropout_input={self.dropout_input:g}, dropout=[{rates}]"
+        return f"input_shape={list(self.input_shape)}, objective={self.objective.name}{dropout}"
 
 
 # --------------------------------------------------------------------------- models as data
@@ -196,7 +245,17 @@ _MODEL_KEYS = {
     "bias_init",
     "blocks",
 }
-_BLOCK_KEYS = {"conv", "linear", "kernel", "stride", "padding", "bias", "activation", "pool"}
+_BLOCK_KEYS = {
+    "conv",
+    "linear",
+    "kernel",
+    "stride",
+    "padding",
+    "bias",
+    "activation",
+    "pool",
+    "dropout",
+}
 
 
 @dataclass(frozen=True)
@@ -211,7 +270,8 @@ class ModelSpec:
         activation: the blocks' default activation.
         weight_init, bias_init: ``default`` (PyTorch's), ``xavier_uniform``, ``xavier_normal``;
             ``default``, ``zeros``, ``normal``.
-        blocks: one plain table per block.
+        blocks: one plain table per block (a hidden block's ``dropout`` is its own rate,
+            overriding the run's ``dropout_hidden``).
     """
 
     name: str
@@ -261,6 +321,22 @@ MODELS: dict[str, dict[str, Any]] = {
             {"conv": 16, "kernel": 5, "pool": "max:2"},
             {"conv": 120, "kernel": 5},
             {"linear": 84, "activation": "identity"},
+            {"linear": 10},
+        ],
+    },
+    "lenet5-cifar": {
+        "name": "lenet5-cifar",
+        "description": "LeNet for CIFAR-10 as biotorch's LeNetCIFAR: three 3x3 relu "
+        "convolutions (32, 64, 128 channels, 2x2 max-pooling after the first two, a 4x4 average "
+        "pooling of the last one's 4x4 map to 1x1), Linear 128-256 relu, Linear 256-10; 3x32x32 "
+        "inputs",
+        "input": [3, 32, 32],
+        "activation": "relu",
+        "blocks": [
+            {"conv": 32, "kernel": 3, "pool": "max:2"},  # (32, 30, 30) -> (32, 15, 15)
+            {"conv": 64, "kernel": 3, "pool": "max:2"},  # (64, 13, 13) -> (64, 6, 6)
+            {"conv": 128, "kernel": 3, "pool": "avg:4"},  # (128, 4, 4) -> (128, 1, 1)
+            {"linear": 256},
             {"linear": 10},
         ],
     },
@@ -378,6 +454,10 @@ def _check_block(block: Any, number: int, *, last: bool) -> None:
         if last:
             raise ConfigError(f"{where} is the output block: it cannot pool")
         _pool(block["pool"], where)
+    if "dropout" in block:
+        if last:
+            raise ConfigError(f"{where} is the output block: its logits are never dropped")
+        check_dropout_rate(block["dropout"], f"{where}: dropout")
 
 
 def _pool(text: Any, where: str) -> nn.Module:
@@ -396,19 +476,27 @@ def build(
     objective: str = "classification",
     *,
     seed: int = 0,
+    dropout_input: float = 0.0,
+    dropout_hidden: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> BlockNet:
     """The ``BlockNet`` a spec describes, its parameters drawn from ``seed`` (in float64, then
     cast, so float32 and float64 models share their values).
 
+    ``dropout_input`` is the input's dropout rate and ``dropout_hidden`` every hidden block's,
+    except where a block's table gives its own ``dropout``; the masks are drawn from ``seed``.
+
     Example:
         >>> net = build({"input": [4], "blocks": [{"linear": 3, "activation": "tanh"},
         ...                                        {"linear": 2}]})
         >>> [tuple(p.shape) for p in net.parameters()]
         [(3, 4), (3,), (2, 3), (2,)]
+        >>> build("lenet5", dropout_hidden=0.5).dropout_rates
+        (0.5, 0.5, 0.5, 0.5, 0.0)
     """
     spec = spec if isinstance(spec, ModelSpec) else model_spec(spec)
+    dropout_hidden = check_dropout_rate(dropout_hidden, "dropout_hidden")
     generator = torch.Generator().manual_seed(seed)
     shape = spec.input
     blocks: list[Block] = []
@@ -457,8 +545,11 @@ def build(
                     f"{str(problem).splitlines()[0]}"
                 ) from None
         shape = tuple(probe.shape[1:])
-        blocks.append(Block(part, activation, Tail(tuple(tail))))
-    net = BlockNet(blocks, objective, input_shape=spec.input)
+        dropout = 0.0 if last else table.get("dropout", dropout_hidden)
+        blocks.append(Block(part, activation, Tail(tuple(tail)), dropout))
+    net = BlockNet(
+        blocks, objective, input_shape=spec.input, dropout_input=dropout_input, seed=seed
+    )
     net.spec = spec
     return net.to(device=device, dtype=dtype)
 
@@ -492,6 +583,14 @@ def _initialise(
 # -------------------------------------------------------------------------- user modules
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def _has_parameters(module: nn.Module) -> bool:
@@ -503,30 +602,38 @@ def from_modules(
     *,
     input_shape: Sequence[int],
     objective: str = "classification",
+    seed: int = 0,
 ) -> BlockNet:
     """A ``BlockNet`` from a user's modules, in order, sharing their parameters.
 
     Each module with parameters starts a block as its linear part; a ``ReLU``, ``Tanh`` or
-    ``Sigmoid`` right after it is the block's activation (none: identity); every other
-    parameter-free module (pooling, flatten, ...) joins the block's tail. The last block is the
-    output: nothing may follow its linear part.
+    ``Sigmoid`` right after it is the block's activation (none: identity), and an
+    ``nn.Dropout`` right after that is the block's dropout rate (an ``nn.Dropout`` before the
+    first block drops the input); every other parameter-free module (pooling, flatten, ...)
+    joins the block's tail. The last block is the output: nothing may follow its linear part.
+    ``seed`` seeds the dropout masks.
 
     Example:
-        >>> net = from_modules(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
-        ...                                  nn.Flatten(), nn.Linear(4 * 13 * 13, 10)),
+        >>> net = from_modules(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Dropout(0.1),
+        ...                                  nn.MaxPool2d(2), nn.Flatten(),
+        ...                                  nn.Linear(4 * 13 * 13, 10)),
         ...                    input_shape=(1, 28, 28))
-        >>> net.depth, net.pre_shapes[0]
-        (2, (4, 26, 26))
+        >>> net.depth, net.pre_shapes[0], net.dropout_rates
+        (2, (4, 26, 26), (0.1, 0.0))
     """
     modules = list(modules.children() if isinstance(modules, nn.Sequential) else modules)
     groups: list[list[nn.Module]] = []
-    for module in modules:
+    dropout_input = 0.0
+    for index, module in enumerate(modules):
         if _has_parameters(module):
             groups.append([module])
         elif not groups:
+            if type(module) is nn.Dropout and index == 0:
+                dropout_input = module.p
+                continue
             raise ConfigError(
                 f"{type(module).__name__} comes before any module with parameters; a model "
-                "starts with its first block's linear part"
+                "starts with its first block's linear part (or one nn.Dropout of its input)"
             )
         else:
             groups[-1].append(module)
@@ -536,10 +643,22 @@ def from_modules(
         last = number == len(groups)
         if rest and type(rest[0]) in _ACTIVATION_MODULES and not last:
             activation = ACTIVATIONS[_ACTIVATION_MODULES[type(rest.pop(0))]]
+        dropout = 0.0
+        if rest and type(rest[0]) is nn.Dropout and not last:
+            dropout = rest.pop(0).p
         if last and rest:
             raise ConfigError(
                 f"block {number} is the output block, but {type(rest[0]).__name__} follows its "
                 f"{type(part).__name__}: the output block's linear part gives the logits"
             )
-        blocks.append(Block(part, activation, Tail(tuple(rest))))
-    return BlockNet(blocks, objective, input_shape=input_shape)
+        for module in rest:
+            if isinstance(module, _DROPOUT_MODULES):
+                raise ConfigError(
+                    f"block {number}: {type(module).__name__} in its tail; allowed: one "
+                    "nn.Dropout right after the block's activation (its mask multiplies "
+                    "f(a^i), as a feedback rule needs)"
+                )
+        blocks.append(Block(part, activation, Tail(tuple(rest)), dropout))
+    return BlockNet(
+        blocks, objective, input_shape=input_shape, dropout_input=dropout_input, seed=seed
+    )

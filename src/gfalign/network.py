@@ -6,20 +6,32 @@ Row convention, as in PyTorch (DESIGN.md section 2): for a batch ``X`` of shape 
 
 and the output is ``g(a^L)`` with ``g`` the softmax (classification) or the logistic sigmoid
 (autoencoder). ``W^i`` has shape (n_i, n_{i-1}) like ``torch.nn.Linear.weight``.
+
+Dropout (DESIGN.md section 11) multiplies the input by a mask ``m^0`` and each hidden
+activation by a mask ``m^i`` in the shape of ``a^i``, inverted-dropout scaled:
+
+    h^0 = m^0 * X,    h^i = m^i * f(a^i),    m^i_j = 1/(1 - p) with probability 1 - p, else 0,
+
+in training mode only (``net.train()``; ``net.eval()`` applies no mask). The masks are
+counter-based: a training-mode forward pass draws them from a generator seeded by the model's
+seed and its step counter ``dropout_step`` (a buffer, checkpointed with the weights), then
+advances the counter, so the masks of any step can be drawn again (``dropout_at``) and a
+resumed run draws the masks it would have drawn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from gfalign.blocks import Block
+from gfalign.blocks import Block, check_dropout_rate
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,9 +40,12 @@ __all__ = [
     "OBJECTIVES",
     "WEIGHT_INITS",
     "Activation",
+    "DropoutState",
     "ForwardCache",
     "MLP",
     "Objective",
+    "dropout_generator",
+    "dropout_mask",
     "widths",
 ]
 
@@ -153,12 +168,22 @@ class ForwardCache:
     ``tails[i]`` is the state of block ``i + 1``'s tail at this point (``gfalign.blocks.Tail``)
     and ``activated[i]`` is ``f(a^i)`` before its tail (``activated[0]`` the input); both are
     empty for an ``MLP``, whose tails are the identity (``f(a^i) = h^i``).
+
+    Under dropout (a training-mode pass with a rate above 0), ``masks[i - 1]`` is block ``i``'s
+    mask ``m^i`` (values 0 or 1/(1 - p), in ``a^i``'s shape; stacked members: (K, N, ...)) or
+    ``None`` where block ``i`` drops nothing (always the output block), for ``i = 1..L``; a
+    feedback rule multiplies that block's delta by it: ``d^i = F_i * f'(a^i) * m^i``. ``post``
+    and ``activated`` then hold the dropped values, ``h^i = tau_i(m^i * f(a^i))`` (so weight
+    gradients ``(d^{i+1})^T h^i`` see the mask, and ``f'(a^i)`` must be computed from ``a^i``,
+    not from them), and ``post[0]`` is the input times its own mask. ``masks`` is empty when no
+    block draws a mask (evaluation mode, every rate 0, or dropout on the input only).
     """
 
     pre: list[torch.Tensor]
     post: list[torch.Tensor]
     tails: tuple = ()
     activated: tuple = ()
+    masks: tuple = ()
 
     def a(self, layer: int) -> torch.Tensor:
         return self.pre[layer - 1]
@@ -195,12 +220,177 @@ def _lookup(table: dict, key: str, what: str):
         raise ValueError(f"unknown {what} {key!r}; known: {', '.join(sorted(table))}") from None
 
 
+# -------------------------------------------------------------------------------- dropout
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """SplitMix64's output function: a bijection of 64-bit integers that scatters neighbours."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def dropout_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of training step ``step``'s masks for a model of seed ``seed``.
+
+    Its seed is a hash of the pair alone (two rounds of SplitMix64), so the masks of any step can
+    be drawn again, in any order, and neighbouring steps or seeds give unrelated streams. The CPU
+    generator keys on the low 32 bits of its seed, so two pairs may share their masks by chance,
+    about once in 2^32.
+
+    Example:
+        >>> a = torch.rand(3, generator=dropout_generator(0, 7))
+        >>> torch.equal(a, torch.rand(3, generator=dropout_generator(0, 7)))
+        True
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_splitmix64(_splitmix64(seed) ^ step))
+    return generator
+
+
+def dropout_mask(
+    shape: Sequence[int],
+    rate: float,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """An inverted-dropout mask of ``shape``: ``1/(1 - rate)`` where a uniform draw is at least
+    ``rate`` (probability ``1 - rate``), else 0, on the generator's device.
+
+    The uniforms are drawn in float64 whatever ``dtype`` is, so a float32 and a float64 model
+    drop the same units.
+
+    Example:
+        >>> mask = dropout_mask((2, 3), 0.5, dropout_generator(0, 0), torch.float64)
+        >>> sorted(set(mask.flatten().tolist())) in ([0.0, 2.0], [0.0], [2.0])
+        True
+    """
+    uniform = torch.rand(
+        tuple(shape), generator=generator, dtype=torch.float64, device=generator.device
+    )
+    return (uniform >= rate).to(dtype).mul_(1.0 / (1.0 - rate))
+
+
+class StepMasks:
+    """One training step's masks, drawn in the order asked from each member's own generator."""
+
+    def __init__(self, generators: list[torch.Generator], stacked: bool) -> None:
+        self.generators, self.stacked = generators, stacked
+
+    def draw(self, rate: float, like: torch.Tensor) -> torch.Tensor | None:
+        """A mask for ``like`` (stacked members: (K, N, ...), each member's its own), or
+        ``None`` for rate 0, which draws nothing."""
+        if rate == 0:
+            return None
+        if not self.stacked:
+            return dropout_mask(like.shape, rate, self.generators[0], like.dtype)
+        return torch.stack(
+            [dropout_mask(like.shape[1:], rate, g, like.dtype) for g in self.generators]
+        )
+
+
+class DropoutState(nn.Module):
+    """The dropout state an ``MLP`` and a ``gfalign.models.BlockNet`` share.
+
+    Attributes:
+        dropout_input: the input's rate p_0.
+        dropout_rates: block ``i``'s rate at index ``i - 1``, ``i = 1..L`` (the output's is 0).
+        dropout_seed: the seed of the masks (stacked members: one per member).
+        dropout_step: the step counter, an int64 buffer ((K,) for stacked members). It is in
+            ``state_dict`` when a rate is above 0, and stays on the CPU whatever device the
+            model moves to: it seeds generators on the host, so reading it costs no device
+            round trip.
+    """
+
+    def _setup_dropout(
+        self, input_rate: float, rates: Sequence[float], seed: int | tuple[int, ...]
+    ) -> None:
+        self.dropout_input = check_dropout_rate(input_rate, "dropout_input")
+        self.dropout_rates = tuple(rates)
+        self.dropout_seed = seed
+        self._pinned_step: int | tuple[int, ...] | None = None
+        shape = (len(seed),) if isinstance(seed, tuple) else ()
+        self.register_buffer(
+            "dropout_step",
+            torch.zeros(shape, dtype=torch.int64),
+            persistent=self.dropout_active,
+        )
+
+    @property
+    def dropout_active(self) -> bool:
+        """Whether any rate is above 0 (training-mode passes then draw masks)."""
+        return self.dropout_input > 0 or any(rate > 0 for rate in self.dropout_rates)
+
+    @contextlib.contextmanager
+    def dropout_at(self, step: int | Sequence[int]) -> Iterator[DropoutState]:
+        """Within the block, every training-mode forward pass draws the masks of training step
+        ``step`` and leaves ``dropout_step`` as it is; for stacked members ``step`` is one step
+        for all or one per member.
+
+        Example:
+            >>> net = MLP([4, 3, 2], dropout_hidden=0.5, seed=0)
+            >>> x = torch.rand(5, 4)
+            >>> with net.dropout_at(3):
+            ...     first, again = net.forward_cache(x), net.forward_cache(x)
+            >>> torch.equal(first.masks[0], again.masks[0]), int(net.dropout_step)
+            (True, 0)
+        """
+        members = len(self.dropout_seed) if isinstance(self.dropout_seed, tuple) else 0
+        steps = [step] * (members or 1) if isinstance(step, numbers.Integral) else list(step)
+        if (
+            len(steps) != (members or 1)
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in steps)
+            or min(steps) < 0
+        ):
+            wanted = f"or {members} of them, one per member" if members else "only"
+            raise ValueError(f"dropout_at takes a step >= 0 ({wanted}), got {step!r}")
+        previous = self._pinned_step
+        self._pinned_step = tuple(int(s) for s in steps) if members else int(steps[0])
+        try:
+            yield self
+        finally:
+            self._pinned_step = previous
+
+    def _step_masks(self) -> StepMasks | None:
+        """The masks of this training-mode pass (advancing the counter unless it is pinned);
+        ``None`` in evaluation mode or when every rate is 0, so nothing is drawn or changed."""
+        if not self.training or not self.dropout_active:
+            return None
+        steps = self._pinned_step
+        if steps is None:
+            steps = self.dropout_step.tolist()
+            self.dropout_step.add_(1)
+        device = next(self.parameters()).device
+        if isinstance(self.dropout_seed, tuple):
+            generators = [
+                dropout_generator(seed, step, device)
+                for seed, step in zip(self.dropout_seed, steps, strict=True)
+            ]
+            return StepMasks(generators, stacked=True)
+        return StepMasks([dropout_generator(self.dropout_seed, steps, device)], stacked=False)
+
+    def _apply(self, fn, recurse=True):
+        counter = self._buffers.get("dropout_step")
+        module = super()._apply(fn, recurse)
+        if counter is not None:
+            self._buffers["dropout_step"] = counter  # stays on the CPU (see the class docstring)
+        return module
+
+
+def apply_mask(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``h * mask``, or ``h`` itself when nothing is dropped (no operation, no rounding)."""
+    return h if mask is None else h * mask
+
+
 def _stacked_affine(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     """``h W^T + b`` for stacked members: (K, N, n_in) -> (K, N, n_out), W (K, n_out, n_in)."""
     return torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
 
 
-class MLP(nn.Module):
+class MLP(DropoutState):
     """A fully connected network ``sizes[0] -> ... -> sizes[-1]`` of any depth.
 
     Weights are ordinary ``nn.Linear`` parameters, so any ``torch.optim`` optimizer trains them
@@ -214,12 +404,19 @@ class MLP(nn.Module):
         weight_init: ``"xavier_uniform"`` (Glorot, the paper's), ``"xavier_normal"`` or
             ``"default"`` (PyTorch's ``nn.Linear`` initialisation).
         bias_init: ``"normal"`` (N(0, 1), as the paper writes), ``"zeros"`` or ``"default"``.
-        seed: seeds the initialisation; the same seed gives the same weights on any run.
+        seed: seeds the initialisation and the dropout masks; the same seed gives the same
+            weights on any run.
+        dropout_input, dropout_hidden: the probability p in [0, 1) of dropping an input unit
+            and a hidden unit in training mode (see the module docstring); 0 (the default)
+            computes exactly what a network without dropout computes.
 
     Example:
         >>> net = MLP([784, 800, 800, 10], activation="tanh", seed=0)
         >>> net(torch.zeros(2, 784)).shape
         torch.Size([2, 10])
+        >>> noisy = MLP([4, 3, 2], dropout_hidden=0.5, seed=0)
+        >>> noisy.forward_cache(torch.ones(6, 4)).masks[0].shape  # m^1, in a^1's shape
+        torch.Size([6, 3])
     """
 
     def __init__(
@@ -231,6 +428,8 @@ class MLP(nn.Module):
         weight_init: str = "xavier_uniform",
         bias_init: str = "normal",
         seed: int = 0,
+        dropout_input: float = 0.0,
+        dropout_hidden: float = 0.0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -253,6 +452,8 @@ class MLP(nn.Module):
             raise ValueError(f"an autoencoder needs sizes[0] == sizes[-1], got {sizes}")
         self.weight_init, self.bias_init, self.seed = weight_init, bias_init, seed
         self.stack_size = 0  # K for a network of K stacked members (MLP.stack)
+        hidden_rate = check_dropout_rate(dropout_hidden, "dropout_hidden")
+        self._setup_dropout(dropout_input, [hidden_rate] * (len(sizes) - 2) + [0.0], int(seed))
 
         generator = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleList()
@@ -285,12 +486,17 @@ class MLP(nn.Module):
         return len(self.layers)
 
     @property
+    def dropout_hidden(self) -> float:
+        """The hidden layers' dropout rate."""
+        return self.dropout_rates[0] if len(self.dropout_rates) > 1 else 0.0
+
+    @property
     def blocks(self) -> tuple[Block, ...]:
         """The layers as blocks (DESIGN.md section 9): ``nn.Linear`` parts, identity tails."""
         last = len(self.layers) - 1
         return tuple(
-            Block(layer, self.activation if i < last else IDENTITY)
-            for i, layer in enumerate(self.layers)
+            Block(layer, self.activation if i < last else IDENTITY, dropout=rate)
+            for i, (layer, rate) in enumerate(zip(self.layers, self.dropout_rates, strict=True))
         )
 
     @property
@@ -315,21 +521,40 @@ class MLP(nn.Module):
         return self.layers[layer - 1].bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output logits ``a^L`` (shape (N, n_L); stacked: (K, N, n_L)); differentiable."""
+        """The output logits ``a^L`` (shape (N, n_L); stacked: (K, N, n_L)); differentiable.
+
+        In training mode with dropout it applies the masks ``forward_cache`` would draw at this
+        step, and advances the step counter as it does.
+        """
+        return self._logits(x, self._step_masks())
+
+    def _logits(self, x: torch.Tensor, masks: StepMasks | None) -> torch.Tensor:
         h = x
+        if masks is not None:
+            h = apply_mask(h, masks.draw(self.dropout_input, h))
         if self.stack_size:
-            for layer in self.layers[:-1]:
+            for layer, rate in zip(self.layers[:-1], self.dropout_rates[:-1], strict=True):
                 h = self.activation.function(_stacked_affine(layer, h))
+                if masks is not None:
+                    h = apply_mask(h, masks.draw(rate, h))
             return _stacked_affine(self.layers[-1], h)
-        for layer in self.layers[:-1]:
+        for layer, rate in zip(self.layers[:-1], self.dropout_rates[:-1], strict=True):
             h = self.activation.function(layer(h))
+            if masks is not None:
+                h = apply_mask(h, masks.draw(rate, h))
         return self.layers[-1](h)
 
     def forward_cache(self, x: torch.Tensor) -> ForwardCache:
-        """Every ``a^i`` and ``h^i`` of a forward pass, computed without an autograd graph."""
+        """Every ``a^i`` and ``h^i`` of a forward pass, computed without an autograd graph.
+
+        In training mode with dropout, ``h^i`` are the dropped values and ``masks`` the masks
+        (see ``ForwardCache``); the step counter advances by one.
+        """
         pre: list[torch.Tensor] = []
-        post = [x]
         with torch.no_grad():
+            masks = self._step_masks()
+            drawn: list[torch.Tensor | None] = []
+            post = [x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))]
             for index, layer in enumerate(self.layers):
                 if self.stack_size:
                     a = _stacked_affine(layer, post[-1])
@@ -337,7 +562,13 @@ class MLP(nn.Module):
                     a = torch.addmm(layer.bias, post[-1], layer.weight.t())
                 pre.append(a)
                 if index < len(self.layers) - 1:
-                    post.append(self.activation.function(a))
+                    h = self.activation.function(a)
+                    if masks is not None:
+                        drawn.append(masks.draw(self.dropout_rates[index], h))
+                        h = apply_mask(h, drawn[-1])
+                    post.append(h)
+        if any(mask is not None for mask in drawn):
+            return ForwardCache(pre, post, masks=(*drawn, None))
         return ForwardCache(pre, post)
 
     @classmethod
@@ -365,6 +596,19 @@ class MLP(nn.Module):
             None,
         )
         stacked.stack_size = len(nets)
+        for k, net in enumerate(nets):
+            if (net.dropout_input, net.dropout_rates) != (first.dropout_input, first.dropout_rates):
+                raise ValueError(
+                    f"stacked member {k} has dropout rates {net.dropout_input:g} (input) and "
+                    f"{net.dropout_hidden:g} (hidden), member 0 {first.dropout_input:g} and "
+                    f"{first.dropout_hidden:g}; stacked members share their rates"
+                )
+        # Each member draws its masks from its own seed and step, as it would alone.
+        stacked._setup_dropout(
+            first.dropout_input, first.dropout_rates, tuple(net.dropout_seed for net in nets)
+        )
+        with torch.no_grad():
+            torch.stack([net.dropout_step for net in nets], out=stacked.dropout_step)
         stacked.layers = nn.ModuleList()
         with torch.no_grad():
             for i in range(1, first.depth + 1):
@@ -375,12 +619,18 @@ class MLP(nn.Module):
         return stacked
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """``g(a^L)``: class probabilities or the reconstruction."""
+        """``g(a^L)``: class probabilities or the reconstruction, never dropped (in either
+        mode, and the step counter stays as it is)."""
         with torch.no_grad():
-            return self.objective.output(self.forward(x))
+            return self.objective.output(self._logits(x, None))
 
     def extra_repr(self) -> str:
+        dropout = (
+            f", dropout_input={self.dropout_input:g}, dropout_hidden={self.dropout_hidden:g}"
+            if self.dropout_active
+            else ""
+        )
         return (
             f"sizes={list(self.sizes)}, activation={self.activation.name}, "
-            f"objective={self.objective.name}"
+            f"objective={self.objective.name}{dropout}"
         )

@@ -1,8 +1,10 @@
-"""Datasets: MNIST and Fashion-MNIST as verified tensors, plus a small synthetic one.
+"""Datasets: MNIST, Fashion-MNIST and CIFAR-10 as verified tensors, plus a small synthetic one.
 
-``load`` returns a ``Dataset`` of ``Split``s with x (N, 784) floats in [0, 1] and y (N,) int64.
-The IDX files come from a directory the user names (``root=`` or ``GFALIGN_DATA``), the cache, or
-the dataset's public mirrors and packages, and are checked against pinned SHA-256 sums.
+``load`` returns a ``Dataset`` of ``Split``s with y (N,) int64 and x (N, 784) floats in [0, 1]
+(MNIST, Fashion-MNIST) or (N, 3, 32, 32) images normalised per channel as biotorch does
+(CIFAR-10). The files (IDX files, or CIFAR's binary record batches) come from a directory the
+user names (``root=`` or ``GFALIGN_DATA``), the cache, or the dataset's public mirrors and
+packages, and are checked against pinned SHA-256 sums.
 
 Example:
     >>> from gfalign import data
@@ -11,18 +13,34 @@ Example:
     torch.Size([50000, 784])
 """
 
-from gfalign.data.dataset import Dataset, Split, load, synthetic
+from gfalign.data.dataset import Dataset, Split, load, read_labels, synthetic
 from gfalign.data.errors import DataError
 from gfalign.data.files import FileReport, cache_root, fetch, verify
-from gfalign.data.registry import DATASETS, FASHION_MNIST, MNIST, SPECS, get_spec, register
-from gfalign.data.sources import DebianPackage, HttpMirror, LocalDirectory, NpmPackage
-from gfalign.data.specs import DatasetSpec, FileSpec, Source
+from gfalign.data.registry import (
+    CIFAR10,
+    DATASETS,
+    FASHION_MNIST,
+    MNIST,
+    SPECS,
+    get_spec,
+    register,
+)
+from gfalign.data.sources import (
+    ArchiveMirror,
+    DebianPackage,
+    HttpMirror,
+    LocalDirectory,
+    NpmPackage,
+)
+from gfalign.data.specs import DatasetSpec, FileSpec, RecordBatches, Source
 
 __all__ = [
+    "CIFAR10",
     "DATASETS",
     "FASHION_MNIST",
     "MNIST",
     "SPECS",
+    "ArchiveMirror",
     "DataError",
     "Dataset",
     "DatasetSpec",
@@ -32,12 +50,14 @@ __all__ = [
     "HttpMirror",
     "LocalDirectory",
     "NpmPackage",
+    "RecordBatches",
     "Source",
     "Split",
     "cache_root",
     "fetch",
     "get_spec",
     "load",
+    "read_labels",
     "register",
     "synthetic",
     "verify",

@@ -1,4 +1,4 @@
-"""Datasets as tensors: ``load`` for MNIST and Fashion-MNIST, ``synthetic`` for fast tests."""
+"""Datasets as tensors: ``load`` for MNIST, Fashion-MNIST and CIFAR-10, ``synthetic`` for tests."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from gfalign.data import idx
+from gfalign.data import idx, records
 from gfalign.data.errors import DataError
 from gfalign.data.files import fetch_into_cache, named_directory
 from gfalign.data.progress import progress_bar
@@ -26,8 +27,9 @@ class Split:
     """Examples and their labels, one row per example.
 
     Attributes:
-        x: (N, 784) float inputs in [0, 1] (pixels, flattened row by row), or images
-            (N, C, H, W) for a model that wants them (``Dataset.shaped``).
+        x: (N, 784) float inputs in [0, 1] (MNIST's pixels, flattened row by row), images
+            (N, C, H, W) (CIFAR-10's, normalised per channel, or any dataset's for a model that
+            wants them, ``Dataset.shaped``).
         y: (N,) int64 class labels.
     """
 
@@ -85,7 +87,7 @@ class Dataset:
     """A named dataset's splits.
 
     Attributes:
-        name: ``"mnist"``, ``"fashion-mnist"`` or ``"synthetic"``.
+        name: ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"`` or ``"synthetic"``.
         train: the training examples (less the validation ones, when held out).
         test: the test examples.
         validation: examples held out of the end of the training set, or None.
@@ -144,13 +146,16 @@ def load(
 ) -> Dataset:
     """Load a dataset as tensors, fetching and verifying its files the first time.
 
-    Pixels p in 0..255 become x = p / 255 in [0, 1]. The first load parses the verified IDX files
-    and writes a fast cache that later loads read in well under a second.
+    Pixels p in 0..255 become x = p / 255 in [0, 1], normalised per channel to
+    ``(p / 255 - mean_c) / std_c`` for a dataset whose spec says so (CIFAR-10). The first load
+    parses the verified files and writes a fast cache that later loads read in well under a
+    second.
 
     Args:
-        name: ``"mnist"`` or ``"fashion-mnist"`` (or a name added to ``SPECS``).
-        root: a directory holding the four files, gzipped or not (or ``root/<name>``); default
-            ``$GFALIGN_DATA``, then the cache and the dataset's sources (see ``fetch``).
+        name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"`` (or a name added to ``SPECS``).
+        root: a directory holding the files, gzipped or not (or ``root/<name>``, or one of the
+            spec's ``folders``); default ``$GFALIGN_DATA``, then the cache and the dataset's
+            sources (see ``fetch``).
         validation: hold out the last ``validation`` training examples as
             ``Dataset.validation``; 0 keeps the whole training set (the paper's train/test).
         device: where the tensors go.
@@ -159,7 +164,9 @@ def load(
         quiet: no progress bars.
 
     Returns:
-        A Dataset: train x (60000 - validation, 784), test x (10000, 784) for both datasets.
+        A Dataset: train x (60000 - validation, 784), test x (10000, 784) for MNIST and
+        Fashion-MNIST; train x (50000 - validation, 3, 32, 32), test x (10000, 3, 32, 32) for
+        CIFAR-10.
 
     Example:
         >>> data = load("mnist", validation=10_000)  # doctest: +SKIP
@@ -193,41 +200,102 @@ def load(
         )
     held_out = None
     if validation:
-        held_out = _split(train_images[kept:], train_labels[kept:], device, dtype)
+        held_out = _split(spec, train_images[kept:], train_labels[kept:], device, dtype)
     return Dataset(
         name=spec.name,
-        train=_split(train_images[:kept], train_labels[:kept], device, dtype),
-        test=_split(test_images, test_labels, device, dtype),
+        train=_split(spec, train_images[:kept], train_labels[:kept], device, dtype),
+        test=_split(spec, test_images, test_labels, device, dtype),
         validation=held_out,
     )
 
 
 def _split(
-    images: torch.Tensor, labels: torch.Tensor, device: str | torch.device, dtype: torch.dtype
+    spec: DatasetSpec,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: str | torch.device,
+    dtype: torch.dtype,
 ) -> Split:
-    """uint8 (N, 784) pixels and (N,) labels as a Split of floats in [0, 1] and int64."""
+    """uint8 (N, C * H * W) pixels and (N,) labels as a Split of floats in [0, 1] (or
+    normalised, for a spec that says so) of one example's ``spec.example_shape``, and int64."""
     # Moving uint8 before converting sends a quarter of the bytes to an accelerator.
-    x = images.to(device).to(dtype).div_(255)
+    x = images.to(device).to(dtype).div_(255).view(len(images), *spec.example_shape)
+    if spec.normalize is not None:
+        means, stds = (
+            torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)  # (C, 1, 1)
+            for values in spec.normalize
+        )
+        x = x.view(len(images), *spec.image_shape).sub_(means).div_(stds)
+        x = x.view(len(images), *spec.example_shape)
     return Split(x, labels.to(device=device, dtype=torch.int64))
 
 
 def _parse(spec: DatasetSpec, directory: Path) -> dict[str, torch.Tensor]:
-    """Read the four IDX files in ``directory`` as uint8 tensors, images flattened to (N, 784)."""
+    """Read the dataset's files in ``directory`` as uint8 tensors: images flattened to
+    (N, C * H * W) (784 for MNIST), labels (N,), keyed by ``KEYS``."""
+    if spec.batches is not None:
+        return _parse_batches(spec, directory)
     tensors = {}
     for key, file in zip(KEYS, spec.files, strict=True):
-        path = find_file(directory, file)
-        if path is None:
-            raise DataError(f"{directory}: no {file.name}[.gz]")
+        path = _path(directory, file)
         array = idx.read(path, file.shape, file.dtype)
         tensor = torch.from_numpy(array)
         if key.endswith("images"):
             tensor = tensor.reshape(tensor.shape[0], -1)
-        elif tensor.numel() and int(tensor.max()) >= len(spec.classes):
-            raise DataError(
-                f"{path}: label {int(tensor.max())} out of range for {len(spec.classes)} classes"
-            )
+        else:
+            _check_labels(array, path, spec)
         tensors[key] = tensor
     return tensors
+
+
+def _parse_batches(spec: DatasetSpec, directory: Path) -> dict[str, torch.Tensor]:
+    """The record batches of each split, concatenated in order (see ``gfalign.data.records``)."""
+    tensors = {}
+    for split, files in (("train", spec.batches.train), ("test", spec.batches.test)):
+        images, labels = [], []
+        for file in files:
+            path = _path(directory, file)
+            batch_images, batch_labels = records.split(records.read(path, file))
+            _check_labels(batch_labels, path, spec)
+            images.append(batch_images)
+            labels.append(batch_labels)
+        tensors[f"{split}_images"] = torch.from_numpy(np.concatenate(images))
+        tensors[f"{split}_labels"] = torch.from_numpy(np.concatenate(labels))
+    return tensors
+
+
+def _path(directory: Path, file) -> Path:
+    path = find_file(directory, file)
+    if path is None:
+        raise DataError(f"{directory}: no {file.name}[.gz]")
+    return path
+
+
+def _check_labels(labels: np.ndarray, path: Path, spec: DatasetSpec) -> None:
+    if labels.size and int(labels.max()) >= len(spec.classes):
+        raise DataError(
+            f"{path}: label {int(labels.max())} out of range for {len(spec.classes)} classes"
+        )
+
+
+def read_labels(spec: DatasetSpec, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The training and test labels of the dataset's files in ``directory`` (verified or not:
+    the caller checks them first), for counts and summaries.
+
+    Raises:
+        DataError: a file is missing or does not parse.
+    """
+    if spec.batches is None:
+        return (
+            idx.read(_path(directory, spec.train_labels), spec.train_labels.shape),
+            idx.read(_path(directory, spec.test_labels), spec.test_labels.shape),
+        )
+    return tuple(
+        np.concatenate(
+            [records.split(records.read(_path(directory, file), file))[1] for file in files]
+        )
+        for files in (spec.batches.train, spec.batches.test)
+    )
 
 
 def synthetic(

@@ -1,8 +1,9 @@
-"""Finding, fetching and verifying a dataset's four IDX files.
+"""Finding, fetching and verifying a dataset's files (four IDX files, or CIFAR's record batches).
 
 Files come, in order, from a directory the user names (``root=`` or ``GFALIGN_DATA``), the cache
 (``GFALIGN_CACHE``, else ``$XDG_CACHE_HOME/gfalign``, else ``~/.cache/gfalign``), then each of the
-dataset's sources. Every file is checked against its pinned SHA-256 and IDX header before use.
+dataset's sources. Every file is checked against its pinned SHA-256 and its IDX header (or, for
+a headerless record file, its exact length) before use.
 Downloads land in a temporary file inside the cache and are renamed into place only once verified,
 under a lock, so concurrent fetches leave one good cache and a failed one leaves nothing behind.
 The user's own files are read, never moved or deleted.
@@ -65,9 +66,12 @@ def user_directory(root: str | os.PathLike | None) -> Path | None:
 
 
 def dataset_directory(root: Path, spec: DatasetSpec) -> Path:
-    """``root/<name>`` when it exists, so one directory can hold several datasets; else ``root``."""
-    nested = root / spec.name
-    return nested if nested.is_dir() else root
+    """The first of ``root/<name>/<folder>``, ``root/<name>``, ``root/<folder>`` (for each of the
+    spec's ``folders``, such as the ``cifar-10-batches-bin`` a CIFAR archive unpacks to) that
+    exists, so one directory can hold several datasets; else ``root``."""
+    candidates = [root / spec.name / folder for folder in spec.folders]
+    candidates += [root / spec.name, *(root / folder for folder in spec.folders)]
+    return next((path for path in candidates if path.is_dir()), root)
 
 
 @dataclass(frozen=True)
@@ -182,16 +186,31 @@ def check_file(
 ) -> None:
     """Raise DataError unless ``path`` (gzipped or not) holds exactly ``file``.
 
-    Checks the IDX header (magic number, type, dimensions), the length it implies and the pinned
-    SHA-256 of the decompressed content, in one pass that also copies it to ``destination``.
+    Checks the IDX header (magic number, type, dimensions) and the length it implies, or a raw
+    file's length, and the pinned SHA-256 of the decompressed content, in one pass that also
+    copies it to ``destination``.
     """
     inspection = _inspect(path, label, file.size, progress, destination)
+    if file.format == "raw":
+        if inspection.overflowed or inspection.length != file.size:
+            held = "more than" if inspection.overflowed else "only"
+            length = file.size if inspection.overflowed else inspection.length
+            raise DataError(
+                f"{label}: {held} {length} bytes, expected exactly {file.size} "
+                f"({idx.describe(file.shape, file.dtype)})"
+            )
+        _check_sha256(inspection, file, label)
+        return
     header = idx.parse_header(inspection.head, label)
     if inspection.overflowed:
         # A wrong type or shape explains a long file better than its length does.
         idx.check(header, header.total_bytes, label, file.shape, file.dtype)
         raise DataError(f"{label}: longer than the {file.size} bytes expected")
     idx.check(header, inspection.length, label, file.shape, file.dtype)
+    _check_sha256(inspection, file, label)
+
+
+def _check_sha256(inspection: _Inspection, file: FileSpec, label: str) -> None:
     if inspection.sha256 != file.sha256:
         raise DataError(
             f"{label}: SHA-256 {inspection.sha256} does not match the pinned {file.sha256}"
@@ -222,7 +241,7 @@ def verify_directory(
 
 
 def verify(name: str, *, root: str | os.PathLike | None = None) -> list[FileReport]:
-    """Check a dataset's four files where ``load`` would look first, without fetching anything.
+    """Check a dataset's files where ``load`` would look first, without fetching anything.
 
     Args:
         name: a dataset name, e.g. ``"mnist"``.
@@ -230,7 +249,7 @@ def verify(name: str, *, root: str | os.PathLike | None = None) -> list[FileRepo
             else the cache.
 
     Returns:
-        One ``FileReport`` per file: train images, train labels, test images, test labels.
+        One ``FileReport`` per file, in the order of ``DatasetSpec.files``.
 
     Example:
         >>> all(report.good for report in verify("mnist"))  # doctest: +SKIP
@@ -253,7 +272,7 @@ def fetch(
     quiet: bool = False,
     download: bool = True,
 ) -> Path:
-    """Make sure a dataset's four verified files are at hand; return the directory holding them.
+    """Make sure a dataset's verified files are at hand; return the directory holding them.
 
     A complete, verified directory named by ``root`` or ``$GFALIGN_DATA`` is used in place.
     Otherwise the cache is checked and whatever it lacks is fetched from the dataset's sources in
@@ -316,7 +335,7 @@ def fetch_into_cache(
     download: bool = True,
     attempts: list[str] | None = None,
 ) -> Path:
-    """The cache directory, once it holds the dataset's four verified files: what it lacks is
+    """The cache directory, once it holds the dataset's verified files: what it lacks is
     fetched from the dataset's sources in order (see ``fetch``, which looks at the user's
     directory first)."""
     attempts = [] if attempts is None else attempts
@@ -414,9 +433,10 @@ def _give_up(spec: DatasetSpec, attempts: Sequence[str]) -> str:
     """The message when no source gave the files: what was tried, how to supply them by hand."""
     tried = "\n".join(f"  - {line}" for line in attempts) or "  (no sources)"
     names = ", ".join(file.name for file in spec.files)
+    count = {4: "four"}.get(len(spec.files), str(len(spec.files)))
     message = (
         f"cannot obtain the {spec.name} files; tried:\n{tried}\n"
-        f"To supply them by hand, put the four files ({names}; gzipped as .gz or not) in a "
+        f"To supply them by hand, put the {count} files ({names}; gzipped as .gz or not) in a "
         f"directory and pass --data-dir DIR (root=DIR in Python) or set {DATA_VARIABLE}=DIR."
     )
     return f"{message} {spec.hint}".rstrip()

@@ -1,4 +1,5 @@
-"""Where dataset files come from: HTTP mirrors, npm and Debian packages, installed directories.
+"""Where dataset files come from: HTTP mirrors of files or of one pinned archive, npm and Debian
+packages, installed directories.
 
 Each source is a frozen dataclass with a ``description`` and a ``retrieve`` generator (the
 ``Source`` protocol of ``specs``). Sources only fetch; checking what they gave is the caller's job.
@@ -6,6 +7,7 @@ Each source is a frozen dataclass with a ``description`` and a ``retrieve`` gene
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import shutil
 import subprocess
@@ -91,28 +93,130 @@ class HttpMirror:
             yield file, path
 
     def _download(self, url: str, path: Path, limit: int, progress: Progress) -> None:
-        request = urllib.request.Request(url, headers={"User-Agent": "gfalign"})
-        name = url.rsplit("/", 1)[-1]
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                length = response.headers.get("Content-Length")
-                expected = int(length) if length and length.isdigit() else None
-                with open(path, "wb") as stream:
-                    received = copy_stream(response, stream, limit, progress, name, expected)
-        except urllib.error.HTTPError as error:
-            raise DataError(f"{name}: HTTP {error.code} {error.reason}") from None
-        except urllib.error.URLError as error:
-            raise DataError(f"{name}: cannot connect ({error.reason})") from None
-        except TimeoutError:
-            raise DataError(f"{name}: no answer within {self.timeout:g} s") from None
-        except http.client.IncompleteRead as error:
+        download(url, path, limit, progress, self.timeout)
+
+
+def download(url: str, path: Path, limit: int, progress: Progress, timeout: float) -> int:
+    """Fetch ``url`` into ``path``; return the bytes received. DataError, in one line, when the
+    server refuses, the connection fails or stalls for ``timeout`` seconds, the transfer ends
+    short of its announced length, or more than ``limit`` bytes arrive."""
+    request = urllib.request.Request(url, headers={"User-Agent": "gfalign"})
+    name = url.rsplit("/", 1)[-1]
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            with open(path, "wb") as stream:
+                received = copy_stream(response, stream, limit, progress, name, expected)
+    except urllib.error.HTTPError as error:
+        raise DataError(f"{name}: HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        raise DataError(f"{name}: cannot connect ({error.reason})") from None
+    except TimeoutError:
+        raise DataError(f"{name}: no answer within {timeout:g} s") from None
+    except http.client.IncompleteRead as error:
+        raise DataError(
+            f"{name}: connection closed after {len(error.partial)} bytes of the transfer"
+        ) from None
+    except (http.client.HTTPException, OSError) as error:
+        raise DataError(f"{name}: download failed ({error!r})") from None
+    if expected is not None and received != expected:
+        raise DataError(f"{name}: connection closed after {received} of {expected} bytes")
+    return received
+
+
+@dataclass(frozen=True)
+class ArchiveMirror:
+    """An HTTP(S) URL serving one ``.tar.gz`` archive that holds the files, the archive itself
+    pinned by size and SHA-256 (CIFAR-10's ``cifar-10-binary.tar.gz``).
+
+    The archive is checked before anything is read from it. Only the members named
+    ``<directory>/<file name>`` are taken, only when they are regular files (no links, devices
+    or directories), and each is written under its base name inside the scratch directory:
+    nothing is extracted by the archive's own paths, so no member can land outside it.
+
+    Attributes:
+        url: the archive's URL.
+        sha256: hex SHA-256 of the archive as served.
+        size: its length in bytes.
+        directory: the folder inside the archive holding the files.
+        timeout: seconds to wait for a connection or for each read.
+    """
+
+    url: str
+    sha256: str
+    size: int
+    directory: str
+    timeout: float = 20.0
+
+    @property
+    def description(self) -> str:
+        return self.url
+
+    def retrieve(
+        self, files: Sequence[FileSpec], workdir: Path, progress: Progress
+    ) -> Iterator[tuple[FileSpec, Path]]:
+        archive = workdir / self.url.rsplit("/", 1)[-1]
+        received = download(self.url, archive, self.size, progress, self.timeout)
+        if received != self.size:
+            raise DataError(f"{archive.name}: {received} bytes, the pinned archive has {self.size}")
+        digest = _sha256(archive)
+        if digest != self.sha256:
             raise DataError(
-                f"{name}: connection closed after {len(error.partial)} bytes of the transfer"
-            ) from None
-        except (http.client.HTTPException, OSError) as error:
-            raise DataError(f"{name}: download failed ({error!r})") from None
-        if expected is not None and received != expected:
-            raise DataError(f"{name}: connection closed after {received} of {expected} bytes")
+                f"{archive.name}: SHA-256 {digest} does not match the pinned {self.sha256}"
+            )
+        yield from extract_members(archive, self.directory, files, workdir, progress)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_members(
+    archive: Path, directory: str, files: Sequence[FileSpec], workdir: Path, progress: Progress
+) -> Iterator[tuple[FileSpec, Path]]:
+    """Yield each of ``files`` extracted from the ``.tar.gz`` ``archive``'s member
+    ``<directory>/<name>`` (or ``<name>.gz``) into ``workdir/<name>``, unverified.
+
+    Raises:
+        DataError: the archive cannot be read, a file is missing from it, or its member is not
+            a regular file or is larger than the file can be.
+    """
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for file in files:
+                member = _archive_member(tar, directory, file, archive.name)
+                if member.size > file.size + SIZE_MARGIN_BYTES:
+                    raise DataError(f"{member.name} in {archive.name}: larger than the file")
+                extracted = tar.extractfile(member)
+                if extracted is None:  # pragma: no cover - regular files always extract
+                    raise DataError(f"{member.name} in {archive.name} is not a regular file")
+                # Only the base name is used, so a crafted member name cannot escape workdir.
+                path = workdir / Path(file.name).name
+                with extracted, open(path, "wb") as stream:
+                    limit = file.size + SIZE_MARGIN_BYTES
+                    copy_stream(extracted, stream, limit, progress, path.name, member.size)
+                yield file, path
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        raise DataError(f"cannot read {archive.name} ({error})") from None
+
+
+def _archive_member(
+    tar: tarfile.TarFile, directory: str, file: FileSpec, label: str
+) -> tarfile.TarInfo:
+    for name in (file.name, f"{file.name}.gz"):
+        try:
+            member = tar.getmember(f"{directory}/{name}")
+        except KeyError:
+            continue
+        if not member.isreg():
+            raise DataError(f"{member.name} in {label} is not a regular file")
+        return member
+    raise DataError(f"{label} has no {directory}/{file.name}[.gz]")
 
 
 @dataclass(frozen=True)
