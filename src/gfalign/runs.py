@@ -13,9 +13,14 @@ A run directory holds
     checkpoint.prev.pt      the checkpoint before it, and its ``.sha256``: what a resume can fall
                             back to (``--from-previous``) when checkpoint.pt is damaged
     checkpoint.discarded.pt a checkpoint set aside by ``--from-previous`` (kept, never read)
+    best.pt, best.pt.sha256 with ``keep_best``: the state (as a checkpoint holds it) of the
+                            epoch with the lowest validation error, rewritten whenever an epoch
+                            improves on it; ``load_checkpoint`` reads it
     environment.json        versions, device, threads, machine
     summary.json            status (running, finished, diverged, interrupted), the final
-                            metrics, and the error that stopped the run
+                            metrics, and the error that stopped the run; with ``keep_best`` or
+                            ``early_stopping`` the best epoch and its record; with
+                            ``evaluate_test = false`` the test set measured once at the end
     .claim.lock, .claim.json  the claim of the process training the run (``gfalign.claims``)
 
 Every file is replaced atomically (temporary file, fsync, rename, fsync of the directory), so a
@@ -33,11 +38,13 @@ Checkpoints written before hashes existed have no ``.sha256`` and still load, un
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -53,11 +60,11 @@ import torch
 from torch import nn
 
 from gfalign.claims import RunBusyError, claim
-from gfalign.config import RunConfig, resolve_device
+from gfalign.config import RunConfig, _dataset_facts, resolve_device
 from gfalign.engine import FeedbackRule
 from gfalign.network import MLP
-from gfalign.rules import ConfigError
-from gfalign.train import DivergenceError, Trainer
+from gfalign.rules import ConfigError, render
+from gfalign.train import DivergenceError, Trainer, evaluate, stacking_problem
 
 __all__ = [
     "CheckpointError",
@@ -74,6 +81,7 @@ __all__ = [
 ]
 
 CONFIG, CHECKPOINT, SUMMARY = "config.toml", "checkpoint.pt", "summary.json"
+BEST_CHECKPOINT = "best.pt"
 PREVIOUS_CHECKPOINT, DISCARDED_CHECKPOINT = "checkpoint.prev.pt", "checkpoint.discarded.pt"
 METRICS_CSV, METRICS_JSONL, ENVIRONMENT = "metrics.csv", "metrics.jsonl", "environment.json"
 HASH_SUFFIX = ".sha256"
@@ -114,7 +122,7 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
     from gfalign import data as datasets
 
     if config.dataset == "synthetic":
-        dataset = datasets.synthetic(seed=0)
+        dataset = datasets.synthetic(seed=0, validation=config.validation)
     else:
         dataset = datasets.load(
             config.dataset, root=data_dir, validation=config.validation, quiet=quiet
@@ -128,10 +136,13 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
         )
     dataset = dataset.to(device=device, dtype=config.torch_dtype)
     spec = config.model_spec()
-    if spec is not None and spec.input != (dataset.train.x.shape[1],):
-        # Images for a model that wants them: (N, 1, 28, 28), resized once here if it asks.
-        image = (1, 28, 28)
-        dataset = dataset.shaped(image, resize=spec.resize, normalize=spec.normalize)
+    image = _dataset_facts(config.dataset)[0]  # (C, H, W) of one example
+    if spec is not None:
+        if tuple(dataset.train.x.shape[1:]) != tuple(spec.input):
+            # Images for a model that wants them, resized once here if it asks.
+            dataset = dataset.shaped(image, resize=spec.resize, normalize=spec.normalize)
+    elif dataset.train.x.dim() > 2:  # images (CIFAR-10) flattened for the MLP
+        dataset = dataset.shaped((math.prod(image),))
     return dataset
 
 
@@ -147,6 +158,8 @@ def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Mod
             seed=config.seed,
             dtype=config.torch_dtype,
             device=device,
+            dropout_input=config.dropout_input,
+            dropout_hidden=config.dropout_hidden,
         )
     else:
         net = MLP(
@@ -158,6 +171,8 @@ def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Mod
             seed=config.seed,
             dtype=config.torch_dtype,
             device=device,
+            dropout_input=config.dropout_input,
+            dropout_hidden=config.dropout_hidden,
         )
     rule = FeedbackRule(
         config.rule_config(), net, seed=config.seed, dtype=config.torch_dtype, device=device
@@ -421,6 +436,23 @@ def _save_checkpoint(directory: Path, state: Mapping[str, Any]) -> None:
     _fsync_directory(directory)
 
 
+def _save_best(directory: Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` as ``best.pt`` and its hash. The bytes are written and synced to a
+    temporary file first and renamed over ``best.pt`` after the hash, as for checkpoints; a
+    write cut between the two leaves a ``best.pt`` that loading refuses, never a wrong one."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    data = buffer.getvalue()
+    path, fresh = directory / BEST_CHECKPOINT, directory / f".{BEST_CHECKPOINT}.tmp"
+    try:
+        _write_durably(fresh, data)
+        _record_digest(path, hashlib.sha256(data).hexdigest())
+        os.replace(fresh, path)
+    finally:
+        fresh.unlink(missing_ok=True)
+    _fsync_directory(directory)
+
+
 def _checkpoint_epoch(path: Path) -> int | None:
     """The epochs a checkpoint holds, None when it is not an intact checkpoint."""
     try:
@@ -592,6 +624,13 @@ class _OpenRun:
             )
         if config is None:
             raise ConfigError("execute needs a configuration unless it resumes a run directory")
+        watching = config.train.needs_validation
+        if watching and config.validation == 0:
+            raise ConfigError(
+                f"[train] {watching[0]} = {render(getattr(config.train, watching[0]))} watches the "
+                "validation error, but validation = 0 holds no examples out; allowed: "
+                "validation = N (training examples held out as a validation split)"
+            )
         device = resolve_device(config.device)
         if dataset is None:
             dataset = load_data(config, device, data_dir=data_dir, quiet=quiet)
@@ -638,7 +677,7 @@ class _OpenRun:
         checkpoint aside and make the previous one current; then the run's own files."""
         directory = self.directory
         if overwrite:
-            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, DISCARDED_CHECKPOINT):
+            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, DISCARDED_CHECKPOINT, BEST_CHECKPOINT):
                 (directory / name).unlink(missing_ok=True)
                 _hash_path(directory / name).unlink(missing_ok=True)
         if from_previous:
@@ -675,17 +714,33 @@ class _OpenRun:
             ) from None
         self.checkpointed = epoch
 
+    def _save_best(self) -> None:
+        path = self.directory / BEST_CHECKPOINT
+        try:
+            _save_best(self.directory, self._state())
+        except OSError as problem:
+            action = "free space" if problem.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it"
+            raise RunError(
+                f"{_write_failure(problem, f'the best checkpoint {path}')}; {action}, then "
+                f"`gfalign train --resume {self.directory}`"
+            ) from None
+
     def epoch_done(self, checkpoint_every: int, target: int) -> None:
         """Record the epoch the trainer has just finished: its checkpoint when due (after
-        the first epoch, every ``checkpoint_every`` and at ``target``), then its metrics row.
+        the first epoch, every ``checkpoint_every``, at ``target`` and when early stopping
+        ends the run), ``best.pt`` when the epoch is the best so far and ``keep_best`` is
+        set, then its metrics row.
 
         Raises:
             RunError: a file could not be written (a full disk); what was recorded stays.
         """
-        epoch = self.trainer.epoch
+        trainer = self.trainer
+        epoch = trainer.epoch
         # Checkpointing the first epoch makes recorded epochs without a checkpoint mean a lost one.
-        if epoch % checkpoint_every == 0 or epoch in (1, target):
+        if epoch % checkpoint_every == 0 or epoch in (1, target) or trainer.stopped_early:
             self._checkpoint()
+        if self.config.train.keep_best and trainer.history[-1].get("best_epoch") == epoch:
+            self._save_best()
         try:
             _append_metrics(self.directory, self.trainer.history)
         except OSError as problem:
@@ -706,8 +761,8 @@ class _OpenRun:
             _write_json(self.directory / SUMMARY, self.summary)
 
     def close(self) -> RunResult:
-        trainer, summary = self.trainer, self.summary
-        finished = trainer.epoch >= self.config.train.epochs
+        trainer, summary, train = self.trainer, self.summary, self.config.train
+        finished = trainer.epoch >= train.epochs or trainer.stopped_early
         summary.update(
             status="finished" if finished else "stopped",
             epochs=trainer.epoch,
@@ -715,8 +770,31 @@ class _OpenRun:
             train_seconds=sum(r["seconds"] for r in trainer.history),
             final=dict(trainer.history[-1]) if trainer.history else {},
         )
+        best = trainer.best_epoch if train.tracks_best else None
+        if best is not None:
+            summary.update(best_epoch=best, best=dict(trainer.history[best - 1]))
+        if trainer.stopped_early:
+            summary["stopped_early"] = True
+        if finished and not train.evaluate_test and trainer.history:
+            summary["test"] = self._test_once()
+            summary["final"].update(
+                test_loss=summary["test"]["test_loss"], test_error=summary["test"]["test_error"]
+            )
         _write_json(self.directory / SUMMARY, summary)
         return RunResult(self.directory, self.config, list(trainer.history), summary)
+
+    def _test_once(self) -> dict[str, float]:
+        """The test split measured once, for a run that never evaluated it during training:
+        on the weights of ``best.pt`` with ``keep_best``, else on the final weights."""
+        trainer, net, epoch = self.trainer, self.trainer.net, self.trainer.epoch
+        best = self.directory / BEST_CHECKPOINT
+        if self.config.train.keep_best and best.exists():
+            state = load_checkpoint(best, map_location=self.device)
+            net = copy.deepcopy(trainer.net)
+            net.load_state_dict(state["net"])
+            epoch = len(state["history"])
+        loss, error = evaluate(net, trainer.data.test, self.config.train.eval_batch_size)
+        return {"epoch": epoch, "test_loss": loss, "test_error": error}
 
 
 def _open_runs(
@@ -819,7 +897,7 @@ def execute(
         trainer, epochs = run.trainer, run.config.train.epochs
         target = epochs if stop_after is None else min(stop_after, epochs)
         try:
-            while trainer.epoch < target:
+            while trainer.epoch < target and not trainer.stopped_early:
                 record = trainer.train_epoch(on_batch)
                 run.epoch_done(checkpoint_every, target)
                 if on_epoch is not None:
@@ -892,6 +970,9 @@ def execute_stacked(
                 f"{config.label()} cannot stack with {configs[0].label()}: stacked runs may "
                 "differ only in seed and feedback family"
             )
+    problem = stacking_problem(configs[0].train)
+    if problem is not None:
+        raise ConfigError(problem)
     if len({d.resolve() for d in directories}) != len(directories):
         raise ConfigError("execute_stacked needs a different directory for every configuration")
     if dataset is None:

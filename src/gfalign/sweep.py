@@ -211,7 +211,8 @@ def _done_out(config: RunConfig, directory: Path) -> dict | None:
     if not isinstance(summary, dict) or summary.get("key") != config.key():
         return None
     status = summary.get("status")
-    if status == "finished" and summary.get("epochs") == config.train.epochs:
+    complete = summary.get("epochs") == config.train.epochs or summary.get("stopped_early")
+    if status == "finished" and complete:
         return {**_out(directory, None), "trained": False}
     if status == "diverged":
         return {**_out(directory, None), "trained": False}

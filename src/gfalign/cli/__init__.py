@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reproduce": ("gfalign.cli.reproduce", "reproduce", "Rerun the paper's experiments."),
     "runs": ("gfalign.cli.reproduce", "runs", "List, show and export stored runs."),
     "report": ("gfalign.cli.reproduce", "report", "Write the report beside the paper's numbers."),
+    "tune": ("gfalign.cli.tune", "tune", "Search hyperparameters on the validation split."),
 }
 
 

@@ -44,6 +44,11 @@ CONFIG_FLAGS = (
     "dtype",
     "train_subset",
     "test_subset",
+    "validation",
+    "dropout_input",
+    "dropout_hidden",
+    "weight_decay",
+    "schedule",
     "alignment",
 )
 
@@ -119,6 +124,13 @@ def rule_value(value: str) -> str | dict[str, Any]:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="[default: float32]")
 @click.option("--train-subset", type=int, help="Train on the first N examples only.")
 @click.option("--test-subset", type=int, help="Evaluate on the first N test examples only.")
+@click.option(
+    "--validation", type=int, help="Hold out the last N training examples as a validation split."
+)
+@click.option("--dropout-input", type=float, help="Dropout rate of the input  [default: 0]")
+@click.option("--dropout-hidden", type=float, help="Dropout rate of hidden blocks  [default: 0]")
+@click.option("--weight-decay", type=float, help="The optimizer's weight decay  [default: 0]")
+@click.option("--schedule", help="Learning-rate schedule: step:every=30,gamma=0.1, cosine ...")
 @click.option(
     "--alignment/--no-alignment", default=None, help="Measure alignment with backprop per epoch."
 )
@@ -323,14 +335,14 @@ def _run(
         if state["task"] is not None:
             progress.remove_task(state["task"])
             state["task"] = None
-        train_error = record.get("train_error")
-        train_text = ""
-        if train_error is not None:
-            train_text = "  " + error_text(config.objective, train_error, 6, split="train")
+        errors = ""
+        for split in ("train", "validation", "test"):  # those the epoch measured
+            value = record.get(f"{split}_error")
+            if value is not None:
+                errors += "  " + error_text(config.objective, value, 6, split=split)
         console.print(
             f"epoch {int(record['epoch']):>4}/{epochs}  loss {record['batch_loss']:.4g}"
-            f"{train_text}  {error_text(config.objective, record['test_error'], 6)}  "
-            f"{record['seconds']:.1f}s",
+            f"{errors}  {record['seconds']:.1f}s",
             highlight=False,
         )
         if tensorboard is not None:

@@ -1,0 +1,909 @@
+"""Hyperparameter search on the validation split, on Optuna (``gfalign tune``).
+
+A study is a TOML file: a base run (the format ``gfalign train --config`` reads, inline as
+``[base]`` or a file named by ``base = "run.toml"``), a search space over any of its fields,
+how many trials to finish and how many epochs each trains::
+
+    name = "dfa-2x800"          # the study's name in its storage (default: the file's stem)
+    trials = 40                 # trials to finish: completed, pruned or diverged
+    epochs = 20                 # epochs of every trial (replaces [base.train] epochs)
+    seed = 0                    # seeds the sampler
+    sampler = "tpe"             # or "random"
+
+    [base]
+    dataset = "mnist"
+    validation = 10000          # required: the objective is the validation error
+    hidden = [800, 800]
+    rule = "dfa"
+
+    [space]
+    "train.lr" = {low = 1e-4, high = 1e-1, log = true}
+    "train.batch_size" = {low = 16, high = 128, step = 16}
+    "train.optimizer" = ["sgd", "adam"]
+    "rule.layers.1.combine" = [[0.5, 0.5], [0.8, 0.2]]
+
+    [pruner]
+    kind = "median"             # or "none"
+    startup_trials = 5          # completed trials before any is pruned
+    warmup_epochs = 0           # epochs of every trial before it may be pruned
+
+    [final]
+    seeds = 5                   # the final runs of the best trial: seeds 0..4 (or a list)
+
+A space key is a dotted path into the run's configuration as ``RunConfig.to_data`` writes it
+(``"train.lr"``, ``"activation"``, ``"feedback.density"``, ``"rule.layers.1.combine"``), so a
+field added to ``RunConfig`` later can be searched without a change here. Its value is a list of
+choices, or a range ``{low, high}`` with ``log = true`` or a ``step`` (integers when ``low`` and
+``high`` are). Every trial trains ``epochs`` epochs of the base with the trial's values, and
+reports the validation error of every epoch to Optuna (``trial.report``), so a pruner can stop
+a trial that is worse than the median at the same epoch. Its objective is the validation error
+of its last epoch, or of its best epoch when the base keeps the best (``keep_best`` or
+``early_stopping``). The test split is never evaluated during a study (``evaluate_test =
+false``): ``final`` trains the best trial's configuration on several seeds and measures the
+test set once per run, recording the runs in a results store like every other run.
+
+Trials live in an Optuna storage: by default an SQLite file ``study.db`` in the study's
+directory (``<study>.tune/`` beside the TOML file), so a killed study continues where it
+stopped; a database URL (``postgresql://...``) shares one study between machines. A trial
+that was killed is not counted and is replaced; stale ones are marked failed by Optuna's
+heartbeat.
+
+Example:
+    >>> study = from_data(
+    ...     {"trials": 2, "epochs": 1, "base": {"dataset": "synthetic", "validation": 100},
+    ...      "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}},
+    ...     name="demo",
+    ... )
+    >>> study.config_for({"train.lr": 0.001}).train.lr
+    0.001
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import statistics
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gfalign.config import RunConfig, load_toml, resolve_device
+from gfalign.rules import ConfigError, Limit, check_fields, render
+from gfalign.train import DivergenceError, Trainer
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "PRUNERS",
+    "SAMPLERS",
+    "Dimension",
+    "Study",
+    "counted",
+    "final",
+    "from_data",
+    "load",
+    "open_study",
+    "plot",
+    "run",
+    "storage_url",
+    "summarize",
+    "write_json",
+]
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+EXPERIMENT_PREFIX = "tune:"
+"""Final runs are recorded in the results store under the experiment ``tune:<study name>``."""
+
+# Keys a study's space may not search: the study sets them itself.
+_RESERVED = {
+    "train.epochs": "every trial trains the study's `epochs`",
+    "train.evaluate_test": "a study never evaluates the test set",
+    "device": "the device does not change the numbers; use --device",
+}
+_TOP = ("name", "description", "trials", "epochs", "seed", "sampler", "base", "space")
+_TABLES = ("pruner", "final")
+_SCALARS = (int, float, str, bool)
+
+
+def _install_hint() -> ConfigError:
+    return ConfigError("gfalign tune needs Optuna: pip install optuna")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:  # pragma: no cover - a dependency of gfalign
+        raise _install_hint() from None
+    return optuna
+
+
+# ------------------------------------------------------------------------------ the space
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched field: a path into the run's configuration and the values it may take.
+
+    Attributes:
+        path: dotted path into ``RunConfig.to_data()`` (``"train.lr"``).
+        kind: ``float``, ``int`` (a range) or ``choice``.
+        low, high: the range's bounds (inclusive).
+        log: sample the range on a log scale.
+        step: the range's step (``None``: continuous floats, or 1 for integers).
+        choices: a choice's values, any TOML values (lists and tables too).
+
+    Example:
+        >>> Dimension.parse("train.optimizer", ["sgd", "adam"]).choices
+        ('sgd', 'adam')
+    """
+
+    path: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    @classmethod
+    def parse(cls, path: str, value: Any) -> Dimension:
+        """Read one ``[space]`` entry: a list of choices, or ``{low, high, log, step}``.
+
+        Raises:
+            ConfigError: naming the key, what is wrong and what is allowed.
+        """
+        where = f"[space] {json.dumps(path)} = {render(value)}"
+        if not path or any(not part for part in path.split(".")):
+            raise ConfigError(f'{where}: not a dotted path; allowed: a path like "train.lr"')
+        if path in _RESERVED:
+            raise ConfigError(f"{where}: not searchable ({_RESERVED[path]})")
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{where}: no choices; allowed: a list of at least one value")
+            return cls(path, "choice", choices=tuple(value))
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{where}: neither choices nor a range; allowed: a list of choices, or a "
+                "range {low = 1e-4, high = 0.1, log = true} (or with step = N)"
+            )
+        unknown = sorted(set(value) - {"low", "high", "log", "step"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: low, high, log, step")
+        low, high = value.get("low"), value.get("high")
+        log, step = value.get("log", False), value.get("step")
+
+        def number(entry: Any) -> bool:
+            return isinstance(entry, (int, float)) and not isinstance(entry, bool)
+
+        if not number(low) or not number(high) or not math.isfinite(low + high):
+            raise ConfigError(f"{where}: low and high must be finite numbers; allowed: both given")
+        if not low < high:
+            raise ConfigError(f"{where}: low must be below high")
+        if not isinstance(log, bool):
+            raise ConfigError(f"{where}: log = {render(log)}; allowed: true or false")
+        if step is not None and (not number(step) or not step > 0):
+            raise ConfigError(f"{where}: step = {render(step)}; allowed: a number > 0")
+        if log and step is not None:
+            raise ConfigError(f"{where}: log and step exclude each other; allowed: one of them")
+        if log and low <= 0:
+            raise ConfigError(f"{where}: a log range needs low > 0")
+        integer = all(isinstance(v, int) for v in (low, high)) and (
+            step is None or isinstance(step, int)
+        )
+        return cls(path, "int" if integer else "float", low, high, log, step)
+
+    @property
+    def labels(self) -> list[Any]:
+        """What Optuna stores for each choice: the value itself when every choice is a
+        number, string or boolean, else each choice's JSON text."""
+        if all(isinstance(choice, _SCALARS) for choice in self.choices):
+            return list(self.choices)
+        return [json.dumps(choice, sort_keys=True) for choice in self.choices]
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """The trial's value of this field (drawn by the study's sampler)."""
+        if self.kind == "choice":
+            return self.decode(trial.suggest_categorical(self.path, self.labels))
+        if self.kind == "int":
+            return trial.suggest_int(
+                self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        return trial.suggest_float(self.path, self.low, self.high, step=self.step, log=self.log)
+
+    def decode(self, stored: Any) -> Any:
+        """The value of a stored Optuna parameter (a choice's label back to the choice)."""
+        if self.kind != "choice":
+            return stored
+        return self.choices[self.labels.index(stored)]
+
+    def extremes(self) -> list[Any]:
+        """Values that every configuration of the space must accept: the bounds, or every
+        choice."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
+
+    def to_data(self) -> dict[str, Any]:
+        if self.kind == "choice":
+            return {"path": self.path, "choices": list(self.choices)}
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "low": self.low,
+            "high": self.high,
+            "log": self.log,
+            "step": self.step,
+        }
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for the path ``a.b.c``, creating missing tables."""
+    parts = path.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            above = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"[space] {json.dumps(path)}: {above} is {render(child)}, not a table; "
+                f"allowed: write {above} as a table in the base run"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """A study's scalar settings, checked by type and range like every configuration."""
+
+    trials: int = 20
+    epochs: int = 10
+    seed: int = 0
+    sampler: str = "tpe"
+    pruner: str = "median"
+    startup_trials: int = 5
+    warmup_epochs: int = 0
+    final_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    final_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, _SETTING_LIMITS)
+
+
+_SETTING_LIMITS = {
+    "trials": Limit(minimum=1),
+    "epochs": Limit(minimum=1),
+    "seed": Limit(minimum=0),
+    "sampler": Limit(choices=SAMPLERS),
+    "pruner": Limit(choices=PRUNERS),
+    "startup_trials": Limit(minimum=0),
+    "warmup_epochs": Limit(minimum=0),
+    "final_seeds": Limit(minimum=0, example="5 or [0, 1, 2, 3, 4]"),
+    "final_epochs": Limit(minimum=1, absent="the study's epochs"),
+}
+
+
+@dataclass(frozen=True)
+class Study:
+    """A hyperparameter search: the base run, the space, and how the search goes.
+
+    Attributes:
+        name: the study's name in its storage.
+        base: the base ``RunConfig``; it must hold a validation split out.
+        space: the searched fields.
+        settings: trials, epochs per trial, sampler, pruner and final seeds.
+        directory: where the default storage, the summary, the plot and the final runs go.
+        description: one line, for the summary.
+    """
+
+    name: str
+    base: RunConfig
+    space: tuple[Dimension, ...]
+    settings: _Settings = field(default_factory=_Settings)
+    directory: Path = Path("study.tune")
+    description: str = ""
+
+    @property
+    def trials(self) -> int:
+        return self.settings.trials
+
+    @property
+    def epochs(self) -> int:
+        return self.settings.epochs
+
+    def config_for(
+        self, params: Mapping[str, Any], *, seed: int | None = None, epochs: int | None = None
+    ) -> RunConfig:
+        """The base with the fields of ``params`` (space path -> value) set, training
+        ``epochs`` (default: the study's) without evaluating the test set.
+
+        Raises:
+            ConfigError: the values do not make a valid run.
+        """
+        data = copy.deepcopy(self.base.to_data())
+        for path, value in params.items():
+            _set(data, path, value)
+        data.setdefault("train", {})
+        data["train"]["epochs"] = self.epochs if epochs is None else epochs
+        data["train"]["evaluate_test"] = False
+        if seed is not None:
+            data["seed"] = seed
+        return RunConfig.from_data(data)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a storage's study must have been made from to be continued by this one."""
+        return {
+            "base": self.base.key(),
+            "space": [dimension.to_data() for dimension in self.space],
+            "epochs": self.epochs,
+        }
+
+
+def from_data(
+    data: Mapping[str, Any],
+    *,
+    name: str,
+    root: str | Path = ".",
+    directory: str | Path | None = None,
+) -> Study:
+    """A study from a study TOML's plain data; ``root`` is where a ``base`` file name is
+    looked up, ``directory`` where the study writes (default ``root/<name>.tune``).
+
+    Raises:
+        ConfigError: an unknown key, a bad value, a base without a validation split, or a
+            space value that makes no valid run (naming the key).
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a study must be a table, got {render(data)}")
+    known = [*_TOP, *_TABLES]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown study key {key!r}{hint}; known: {', '.join(sorted(known))}")
+    root = Path(root)
+    base = _base(data.get("base"), root)
+    if base.validation == 0:
+        raise ConfigError(
+            "the study's objective is the validation error, but its base run holds no "
+            "validation split (validation = 0); allowed: validation = N in the base run"
+        )
+    space_data = data.get("space", {})
+    if not isinstance(space_data, Mapping) or not space_data:
+        raise ConfigError(
+            f"space = {render(space_data)}: nothing to search; allowed: a [space] table like "
+            '"train.lr" = {low = 1e-4, high = 0.1, log = true}'
+        )
+    space = tuple(Dimension.parse(str(path), value) for path, value in space_data.items())
+    settings = _settings(data)
+    name = str(data.get("name", name))
+    directory = Path(directory) if directory is not None else root / f"{name}.tune"
+    study = Study(name, base, space, settings, directory, str(data.get("description", "")))
+    for dimension in space:  # every bound and every choice must make a run
+        for value in dimension.extremes():
+            try:
+                study.config_for({dimension.path: value})
+            except ConfigError as problem:
+                raise ConfigError(
+                    f"[space] {json.dumps(dimension.path)} = {render(value)}: {problem}"
+                ) from None
+    return study
+
+
+def _base(value: Any, root: Path) -> RunConfig:
+    if isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else root / value
+        return RunConfig.from_data(load_toml(path))
+    if isinstance(value, Mapping):
+        return RunConfig.from_data(value)
+    raise ConfigError(
+        f"base = {render(value)}: allowed: a [base] table (a run configuration) or the name of "
+        "a run TOML file"
+    )
+
+
+def _settings(data: Mapping[str, Any]) -> _Settings:
+    values: dict[str, Any] = {
+        key: data[key] for key in ("trials", "epochs", "seed", "sampler") if key in data
+    }
+    pruner = data.get("pruner", {})
+    if isinstance(pruner, str):
+        pruner = {"kind": pruner}
+    if not isinstance(pruner, Mapping):
+        raise ConfigError(f"pruner = {render(pruner)}: allowed: a [pruner] table or a name")
+    unknown = sorted(set(pruner) - {"kind", "startup_trials", "warmup_epochs"})
+    if unknown:
+        raise ConfigError(
+            f"[pruner] unknown key(s) {unknown}; known: kind, startup_trials, warmup_epochs"
+        )
+    if "kind" in pruner:
+        values["pruner"] = pruner["kind"]
+    for key in ("startup_trials", "warmup_epochs"):
+        if key in pruner:
+            values[key] = pruner[key]
+    final_data = data.get("final", {})
+    if not isinstance(final_data, Mapping):
+        raise ConfigError(f"final = {render(final_data)}: allowed: a [final] table")
+    unknown = sorted(set(final_data) - {"seeds", "epochs"})
+    if unknown:
+        raise ConfigError(f"[final] unknown key(s) {unknown}; known: seeds, epochs")
+    seeds = final_data.get("seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ConfigError(f"[final] seeds = {seeds}: allowed: at least 1 seed")
+        seeds = list(range(seeds))
+    if seeds is not None:
+        values["final_seeds"] = seeds
+    if "epochs" in final_data:
+        values["final_epochs"] = final_data["epochs"]
+    return _Settings(**values)
+
+
+def load(
+    path: str | Path, *, directory: str | Path | None = None, device: str | None = None
+) -> Study:
+    """The study in a TOML file; it writes to ``directory`` (default ``<stem>.tune`` beside
+    the file). ``device`` replaces the base run's (it is not part of a run's key).
+
+    Raises:
+        ConfigError: see ``from_data``.
+    """
+    path = Path(path)
+    study = from_data(load_toml(path), name=path.stem, root=path.parent, directory=directory)
+    if device is not None:
+        study = replace(study, base=study.base.override(device=device))
+    return study
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def storage_url(study: Study, storage: str | None = None) -> str:
+    """``storage``, or the SQLite file ``study.db`` in the study's directory."""
+    return storage or f"sqlite:///{(study.directory / 'study.db').resolve()}"
+
+
+def _storage(url: str):
+    optuna = _optuna()
+    engine: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        engine["connect_args"] = {"timeout": 60}  # parallel trials wait for the file's lock
+    try:
+        with warnings.catch_warnings():
+            # The heartbeat marks trials whose process died as failed, so they are replaced;
+            # Optuna calls the argument experimental.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180
+            )
+    except Exception as problem:  # noqa: BLE001 - any driver or URL error, named in one line
+        text = " ".join(str(problem).split())[:200]
+        raise ConfigError(f"storage {url}: cannot be opened ({text})") from None
+
+
+def _sampler(study: Study, offset: int):
+    optuna = _optuna()
+    # Seeded past the trials already stored, so a continued study does not draw its first
+    # values again.
+    seed = study.settings.seed + offset
+    if study.settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(study: Study):
+    optuna = _optuna()
+    if study.settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=study.settings.startup_trials,
+        n_warmup_steps=study.settings.warmup_epochs,
+    )
+
+
+def open_study(study: Study, storage: str | None = None, *, pruner=None) -> optuna.Study:
+    """The study's Optuna study in its storage, created the first time.
+
+    ``pruner`` replaces the study's own (an ``optuna.pruners.BasePruner``).
+
+    Raises:
+        ConfigError: the storage cannot be opened, or its study was made from another base
+            run, space or number of epochs (it cannot be continued by this one).
+    """
+    optuna = _optuna()
+    url = storage_url(study, storage)
+    if storage is None:
+        study.directory.mkdir(parents=True, exist_ok=True)
+    opened = optuna.create_study(
+        storage=_storage(url),
+        study_name=study.name,
+        direction="minimize",
+        load_if_exists=True,
+        pruner=pruner if pruner is not None else _pruner(study),
+    )
+    opened.sampler = _sampler(study, len(opened.get_trials(deepcopy=False)))
+    mine = study.fingerprint()
+    recorded = opened.user_attrs.get("gfalign")
+    if recorded is None:
+        opened.set_user_attr("gfalign", mine)
+    elif recorded != mine:
+        changed = [key for key in mine if recorded.get(key) != mine[key]]
+        raise ConfigError(
+            f"study {study.name!r} in {url} was made from another {' and '.join(changed)}; "
+            "allowed: the same base, space and epochs, or another name (or storage) for the "
+            "changed study"
+        )
+    return opened
+
+
+def counted(opened: optuna.Study) -> int:
+    """Trials that count towards a study's ``trials``: completed, pruned, or diverged (a
+    failed trial whose training diverged). Killed or broken trials are replaced."""
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    return sum(
+        1
+        for trial in opened.get_trials(deepcopy=False)
+        if trial.state in (states.COMPLETE, states.PRUNED)
+        or (trial.state == states.FAIL and "diverged" in trial.user_attrs)
+    )
+
+
+# ------------------------------------------------------------------------------ trials
+
+
+class _Objective:
+    """Trains one trial's configuration and returns its validation error."""
+
+    def __init__(self, study: Study, data_dir: str | Path | None) -> None:
+        self.study, self.data_dir = study, data_dir
+        self._data: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def dataset(self, config: RunConfig):
+        """Each distinct dataset once, shared by the trials of this process."""
+        from gfalign.runs import load_data
+
+        spec = config.model_spec()
+        marker = json.dumps(
+            [
+                config.dataset,
+                config.train_subset,
+                config.test_subset,
+                config.validation,
+                config.dtype,
+                config.device,
+                None if spec is None else spec.to_data(),
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        with self._lock:
+            if marker not in self._data:
+                device = resolve_device(config.device)
+                self._data[marker] = load_data(config, device, data_dir=self.data_dir, quiet=True)
+            return self._data[marker]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        optuna = _optuna()
+        from gfalign.runs import build
+
+        params = {dimension.path: dimension.suggest(trial) for dimension in self.study.space}
+        config = self.study.config_for(params)
+        trial.set_user_attr("key", config.key())
+        trial.set_user_attr("config", config.to_data())
+        data = self.dataset(config)
+        net, rule = build(config, resolve_device(config.device))
+        metrics = []
+        if config.alignment:
+            from gfalign.alignment import alignment_metric
+
+            metrics.append(alignment_metric(data, size=config.alignment_probe))
+        trainer = Trainer(net, rule, data, config.train, metrics=metrics)
+        try:
+            while trainer.epoch < config.train.epochs and not trainer.stopped_early:
+                error = trainer.train_epoch()["validation_error"]
+                trial.report(error, trainer.epoch)
+                if trial.should_prune():
+                    trial.set_user_attr("epochs", trainer.epoch)
+                    raise optuna.TrialPruned(
+                        f"pruned after epoch {trainer.epoch}: validation error {error:.4g}"
+                    )
+        except DivergenceError as problem:
+            trial.set_user_attr("diverged", str(problem))
+            raise
+        best = trainer.best_epoch if config.train.tracks_best else trainer.epoch
+        trial.set_user_attr("epochs", trainer.epoch)
+        trial.set_user_attr("best_epoch", best)
+        return trainer.history[best - 1]["validation_error"]
+
+
+def run(
+    study: Study,
+    *,
+    storage: str | None = None,
+    trials: int | None = None,
+    jobs: int = 1,
+    data_dir: str | Path | None = None,
+    pruner=None,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Run the study until ``trials`` (default: the study's) count (``counted``), continuing
+    the trials its storage already holds; returns the Optuna study.
+
+    Args:
+        study: the study.
+        storage: a database URL; default the SQLite file in the study's directory.
+        trials: trials to reach in total.
+        jobs: trials trained at once (threads of this process; other processes or machines
+            may work on the same storage at the same time).
+        data_dir: where the dataset's files are.
+        pruner: replaces the study's pruner (an ``optuna.pruners.BasePruner``).
+        on_trial: called with every trial this process finishes.
+
+    Raises:
+        ConfigError: as for ``open_study``, or a trial's values make no valid run.
+        DataError: the data.
+    """
+    opened = open_study(study, storage, pruner=pruner)
+    target = study.trials if trials is None else trials
+    left = target - counted(opened)
+    if left <= 0:
+        return opened
+
+    def finished(current: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_trial is not None:
+            on_trial(trial)
+        if counted(current) >= target:
+            current.stop()
+
+    opened.optimize(
+        _Objective(study, data_dir),
+        n_trials=left,
+        n_jobs=jobs,
+        catch=(DivergenceError,),
+        callbacks=[finished],
+    )
+    return opened
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def _importances(opened: optuna.Study) -> tuple[dict[str, float], str]:
+    """Parameter importances (PED-ANOVA, Optuna's default evaluator) and a note saying why
+    there are none, when the trials cannot give them yet."""
+    optuna = _optuna()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            found = optuna.importance.get_param_importances(
+                opened, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+            )
+        except (ValueError, RuntimeError) as problem:
+            return {}, f"no importances: {problem}"
+    notes = [
+        str(warning.message)
+        for warning in caught
+        if not issubclass(warning.category, optuna.exceptions.ExperimentalWarning)
+    ]
+    if any("too small" in note for note in notes):
+        return {}, "no importances yet: too few completed trials"
+    return {name: float(value) for name, value in found.items()}, " ".join(notes)
+
+
+def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> dict[str, Any]:
+    """The study's results as plain data: trial counts, the best trial (number, validation
+    error, values, run key and epochs), parameter importances and every trial.
+
+    Importances (PED-ANOVA, ``optuna.importance``) need enough completed trials; before,
+    they are ``{}`` and ``importances_note`` says why. ``trials`` is the target the search
+    ran to (default: the study's).
+    """
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    trials = opened.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for trial in trials:
+        state = "diverged" if "diverged" in trial.user_attrs else trial.state.name.lower()
+        counts[state] = counts.get(state, 0) + 1
+    complete = [t for t in trials if t.state == states.COMPLETE]
+    decode = {dimension.path: dimension.decode for dimension in study.space}
+
+    def values(trial) -> dict[str, Any]:
+        return {name: decode[name](v) if name in decode else v for name, v in trial.params.items()}
+
+    best = None
+    if complete:
+        trial = opened.best_trial
+        best = {
+            "number": trial.number,
+            "validation_error": trial.value,
+            "params": values(trial),
+            "key": trial.user_attrs.get("key"),
+            "epochs": trial.user_attrs.get("epochs"),
+            "best_epoch": trial.user_attrs.get("best_epoch"),
+        }
+    importances, note = ({}, "no importances yet: they need two completed trials")
+    if len(complete) >= 2:
+        importances, note = _importances(opened)
+    return {
+        "study": study.name,
+        "description": study.description,
+        "objective": "validation_error",
+        "task": study.base.objective,
+        "target_trials": study.trials if trials is None else trials,
+        "counted": counted(opened),
+        "states": counts,
+        "best": best,
+        "importances": importances,
+        "importances_note": note,
+        "trials": [
+            {
+                "number": t.number,
+                "state": "diverged" if "diverged" in t.user_attrs else t.state.name.lower(),
+                "validation_error": t.value,
+                "params": values(t),
+                "epochs": t.user_attrs.get("epochs"),
+                "intermediate": {int(k): float(v) for k, v in t.intermediate_values.items()},
+            }
+            for t in trials
+        ],
+    }
+
+
+def plot(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Draw a summary's optimisation history (every trial's validation error per epoch,
+    completed trials' results and the best so far) and its parameter importances to ``path``
+    (PNG, PDF or SVG by its suffix)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    history, importance = figure.subplots(1, 2, width_ratios=[3, 2])
+    trials = summary["trials"]
+    done = [t for t in trials if t["state"] == "complete"]
+    pruned = [t for t in trials if t["state"] == "pruned" and t["intermediate"]]
+    if done:
+        numbers = [t["number"] for t in done]
+        values = [t["validation_error"] for t in done]
+        best = [min(values[: k + 1]) for k in range(len(values))]
+        history.plot(numbers, values, "o", color="C0", label="completed")
+        history.step(numbers, best, where="post", color="C1", label="best so far")
+    if pruned:
+        last = [t["intermediate"][max(t["intermediate"])] for t in pruned]
+        history.plot([t["number"] for t in pruned], last, "x", color="C3", label="pruned (last)")
+    history.set_xlabel("trial")
+    percent = summary.get("task", "classification") == "classification"
+    history.set_ylabel("validation error (%)" if percent else "validation reconstruction error")
+    history.set_title(f"{summary['study']}: optimisation history", fontsize="medium")
+    if done or pruned:
+        history.legend(fontsize="small")
+    names = list(summary["importances"])
+    if names:
+        importance.barh(names[::-1], [summary["importances"][n] for n in names[::-1]])
+        importance.set_xlabel("importance (PED-ANOVA)")
+    else:
+        note = summary.get("importances_note") or "no importances yet"
+        importance.text(0.5, 0.5, note.replace(": ", ":\n"), ha="center", va="center", wrap=True)
+        importance.set_axis_off()
+    importance.set_title("parameter importances", fontsize="medium")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def final(
+    study: Study,
+    *,
+    storage: str | None = None,
+    seeds: Sequence[int] | None = None,
+    store_path: str | Path,
+    runs_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    on_run: Callable[[RunConfig, Any], None] | None = None,
+) -> dict[str, Any]:
+    """Train the best trial's configuration on ``seeds`` (default the study's final seeds),
+    measure the test set once per run, and record the runs in the results store.
+
+    Each run is an ordinary run directory (``runs_dir/<key>``, default the study's
+    ``final/``), resumed when it exists; it trains the study's final epochs with
+    ``evaluate_test = false``, so the test set is measured once, after the last epoch (on the
+    best-validation weights when the base keeps the best). The store records each run under
+    the experiment ``tune:<study name>``.
+
+    Returns:
+        The trial, its values, and every run's key, seed, status and test error, with their
+        mean and standard deviation.
+
+    Raises:
+        ConfigError: the study has no completed trial yet, or as for ``open_study``.
+    """
+    from gfalign.runs import ENVIRONMENT, execute
+    from gfalign.store import Store
+
+    opened = open_study(study, storage)
+    states = _optuna().trial.TrialState
+    if not any(t.state == states.COMPLETE for t in opened.get_trials(deepcopy=False)):
+        raise ConfigError(
+            f"study {study.name!r} has no completed trial yet: run `gfalign tune` first"
+        )
+    best = opened.best_trial
+    decode = {dimension.path: dimension.decode for dimension in study.space}
+    params = {name: decode[name](value) for name, value in best.params.items() if name in decode}
+    seeds = list(study.settings.final_seeds if seeds is None else seeds)
+    epochs = study.settings.final_epochs or study.epochs
+    runs_dir = Path(runs_dir) if runs_dir is not None else study.directory / "final"
+    rows = []
+    with Store(store_path) as store:
+        for seed in seeds:
+            config = study.config_for(params, seed=seed, epochs=epochs)
+            directory = runs_dir / config.key()
+            result = execute(config, directory, resume=True, data_dir=data_dir)
+            environment = directory / ENVIRONMENT
+            store.upsert(
+                config.key(),
+                experiment=EXPERIMENT_PREFIX + study.name,
+                label=config.label(),
+                config=config.to_data(),
+                status=result.summary["status"],
+                epochs_done=int(result.summary["epochs"]),
+                final=result.summary["final"],
+                history=result.history,
+                seconds=result.summary.get("train_seconds"),
+                versions=json.loads(environment.read_text()) if environment.exists() else {},
+            )
+            test = result.summary.get("test", {})
+            rows.append(
+                {
+                    "seed": seed,
+                    "key": config.key(),
+                    "directory": str(directory),
+                    "status": result.summary["status"],
+                    "epochs": result.summary["epochs"],
+                    "test_error": test.get("test_error"),
+                    "test_epoch": test.get("epoch"),
+                }
+            )
+            if on_run is not None:
+                on_run(config, result)
+    errors = [row["test_error"] for row in rows if row["test_error"] is not None]
+    return {
+        "study": study.name,
+        "trial": best.number,
+        "validation_error": best.value,
+        "params": params,
+        "epochs": epochs,
+        "runs": rows,
+        "test_error": {
+            "mean": statistics.fmean(errors) if errors else None,
+            "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+            "n": len(errors),
+        },
+    }
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON (the study's ``summary.json`` and ``final.json``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    temporary.replace(path)
+    return path

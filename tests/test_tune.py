@@ -1,0 +1,313 @@
+"""``gfalign tune``: studies on the synthetic set, tiny MLPs, two or three trials of 1-2 epochs.
+
+What is checked: a study file is read and refused clearly; trials report their validation
+error per epoch and a pruner stops them; the test set is never evaluated during a study; a
+stopped study continues where it was and replaces a killed trial; the same seed gives the same
+study; ``--final`` trains the best trial on several seeds, measures the test set once per run
+and records the runs in the results store.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from gfalign import runs, train, tune
+from gfalign.cli import main
+from gfalign.rules import ConfigError
+from gfalign.store import Store
+
+STUDY = """\
+trials = 3
+epochs = 2
+seed = 3
+[base]
+dataset = "synthetic"
+train_subset = 200
+test_subset = 50
+validation = 100
+hidden = [8]
+rule = "dfa"
+[base.train]
+batch_size = 50
+lr = 0.01
+evaluate_train = false
+[space]
+"train.lr" = {low = 1e-3, high = 0.1, log = true}
+"train.optimizer" = ["sgd", "adam"]
+[pruner]
+kind = "none"
+[final]
+seeds = 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _study(tmp_path: Path, text: str = STUDY, name: str = "study") -> tune.Study:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return tune.load(path)
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    """Every dataset a study loads, and every split the trainer evaluates."""
+    seen: dict[str, list] = {"datasets": [], "evaluated": []}
+    load_data, evaluate = runs.load_data, train.evaluate
+
+    def loading(*args, **kwargs):
+        dataset = load_data(*args, **kwargs)
+        seen["datasets"].append(dataset)
+        return dataset
+
+    def evaluating(net, split, *args, **kwargs):
+        seen["evaluated"].append(split)
+        return evaluate(net, split, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "load_data", loading)
+    monkeypatch.setattr(train, "evaluate", evaluating)
+    monkeypatch.setattr(runs, "evaluate", evaluating)
+    return seen
+
+
+# ------------------------------------------------------------------------------ the file
+
+
+def test_a_study_file_reads_into_a_base_a_space_and_settings(tmp_path):
+    study = _study(tmp_path)
+    assert (study.name, study.trials, study.epochs) == ("study", 3, 2)
+    assert [d.path for d in study.space] == ["train.lr", "train.optimizer"]
+    assert study.settings.final_seeds == (0, 1)
+    assert study.directory == tmp_path / "study.tune"
+    config = study.config_for({"train.lr": 0.05, "train.optimizer": "adam"}, seed=4)
+    assert (config.train.lr, config.train.optimizer, config.seed) == (0.05, "adam", 4)
+    assert config.train.epochs == 2 and config.train.evaluate_test is False
+
+
+def test_a_base_file_and_nested_paths_of_any_field(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'dataset = "synthetic"\nvalidation = 50\nhidden = [6, 6]\n'
+        '[rule]\nname = "mixed"\n[rule.layers.1]\nterms = ["direct", "above"]\n'
+        '[rule.layers.2]\nterms = ["direct"]\n'
+    )
+    text = (
+        'base = "run.toml"\ntrials = 2\nepochs = 1\n[space]\n'
+        '"rule.layers.1.combine" = [[0.5, 0.5], [0.9, 0.1]]\n"activation" = ["tanh", "relu"]\n'
+    )
+    study = _study(tmp_path, text)
+    combine = study.space[0]
+    assert combine.labels == ["[0.5, 0.5]", "[0.9, 0.1]"]  # lists are stored as JSON text
+    assert combine.decode("[0.9, 0.1]") == [0.9, 0.1]
+    config = study.config_for({"rule.layers.1.combine": [0.9, 0.1], "activation": "relu"})
+    assert config.rule_config().layers[0].coefficients() == (0.9, 0.1)
+    assert config.activation == "relu"
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ('"train.epochs" = [1, 2]', "not searchable (every trial trains the study's `epochs`)"),
+        ('"train.lr" = []', "no choices"),
+        ('"train.lr" = 0.1', "neither choices nor a range"),
+        ('"train.lr" = {low = 0.1, high = 0.01}', "low must be below high"),
+        ('"train.lr" = {low = 0, high = 0.1, log = true}', "a log range needs low > 0"),
+        ('"train.lr" = {low = 0.1, high = 1, lo = 3}', "unknown key(s) ['lo']"),
+        ('"train.lr" = {low = 1e-3, high = 1, log = true, step = 0.1}', "log and step exclude"),
+        ('"train.lr" = {low = 0, high = 0.1}', '"train.lr" = 0.0: [train] lr = 0.0: out of range'),
+        ('"train.lrate" = [0.1]', "[space] \"train.lrate\" = 0.1: unknown [train] key 'lrate'"),
+        ('"rule.layers.1.combine" = ["sum"]', 'rule is "dfa", not a table'),
+        ('"train.batch_size" = {low = 0, high = 8}', "[train] batch_size = 0: out of range"),
+    ],
+)
+def test_a_bad_space_is_one_line_naming_the_key(tmp_path, change, fragment):
+    space = '"train.lr" = {low = 1e-3, high = 0.1, log = true}\n"train.optimizer" = ["sgd", "adam"]'
+    text = STUDY.replace(space, change)
+    assert text != STUDY
+    with pytest.raises(ConfigError) as caught:
+        _study(tmp_path, text)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ("validation = 100\n", "", "holds no validation split (validation = 0)"),
+        ("trials = 3\n", "trails = 3\n", "unknown study key 'trails' (did you mean 'trials'?)"),
+        ("epochs = 2\n", "epochs = 0\n", "epochs = 0: out of range"),
+        ('kind = "none"', 'kind = "hyperband"', 'pruner = "hyperband": unknown'),
+        ("seeds = 2", "seeds = 0", "[final] seeds = 0: allowed: at least 1 seed"),
+    ],
+)
+def test_bad_study_settings_are_one_line(tmp_path, old, new, fragment):
+    with pytest.raises(ConfigError) as caught:
+        _study(tmp_path, STUDY.replace(old, new))
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def test_a_study_never_evaluates_the_test_set(tmp_path, watched):
+    study = _study(tmp_path)
+    opened = tune.run(study, trials=2)
+    assert tune.counted(opened) == 2
+    assert watched["datasets"] and watched["evaluated"]
+    for dataset in watched["datasets"]:
+        assert all(split is not dataset.test for split in watched["evaluated"])
+        assert all(split is dataset.validation for split in watched["evaluated"])
+
+
+def test_every_epochs_validation_error_is_reported(tmp_path):
+    study = _study(tmp_path)
+    opened = tune.run(study, trials=2)
+    for trial in opened.trials:
+        assert sorted(trial.intermediate_values) == [1, 2]
+        assert trial.value == trial.intermediate_values[2]  # the last epoch's, without keep_best
+        assert trial.user_attrs["config"]["train"]["evaluate_test"] is False
+
+
+def test_the_pruning_hook_stops_a_trial_after_its_epoch(tmp_path):
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    study = _study(tmp_path)
+    opened = tune.run(study, trials=2, pruner=Always())
+    states = [trial.state for trial in opened.trials]
+    assert states == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(list(trial.intermediate_values) == [1] for trial in opened.trials)
+    assert tune.summarize(study, opened)["best"] is None
+
+
+def test_the_median_pruner_stops_a_trial_worse_than_the_median(tmp_path):
+    text = STUDY.replace('kind = "none"', 'kind = "median"\nstartup_trials = 1')
+    study = _study(tmp_path, text)
+    opened = tune.open_study(study)
+    opened.enqueue_trial({"train.lr": 0.1, "train.optimizer": "adam"})
+    opened.enqueue_trial({"train.lr": 0.001, "train.optimizer": "sgd"})  # learns far slower
+    opened = tune.run(study, trials=2)
+    first, second = opened.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert second.state == optuna.trial.TrialState.PRUNED
+    assert second.intermediate_values[1] > first.intermediate_values[1]
+
+
+def test_a_stopped_study_continues_and_replaces_a_killed_trial(tmp_path, monkeypatch):
+    study = _study(tmp_path)
+    first = tune.run(study, trials=2)
+    before = [(t.params, t.value) for t in first.trials]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: a heartbeat is meant for Study.optimize
+        tune.open_study(study).ask()  # a trial whose process was killed: left RUNNING
+    real, calls = train.Trainer.train_epoch, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run(study)  # killed in the middle of its third trial
+    monkeypatch.setattr(train.Trainer, "train_epoch", real)
+    assert tune.counted(tune.open_study(study)) == 2
+    resumed = tune.run(study)
+    assert tune.counted(resumed) == 3
+    trials = resumed.trials
+    assert [(t.params, t.value) for t in trials[:2]] == before
+    states = optuna.trial.TrialState
+    assert [t.state for t in trials[2:]] == [states.RUNNING, states.FAIL, states.COMPLETE]
+    assert trials[-1].params != trials[0].params  # the continued sampler draws anew
+
+
+def test_the_same_seed_gives_the_same_study(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = (tune.run(_study(tmp_path / name), trials=2) for name in ("one", "two"))
+    assert [(t.params, t.value) for t in one.trials] == [(t.params, t.value) for t in two.trials]
+
+
+def test_a_changed_study_is_not_continued_in_the_same_storage(tmp_path):
+    tune.run(_study(tmp_path), trials=1)
+    changed = STUDY.replace("lr = 0.01\n", "lr = 0.02\n")
+    with pytest.raises(ConfigError, match=r"was made from another base; allowed: the same"):
+        tune.run(_study(tmp_path, changed))
+
+
+def test_a_summary_and_its_plot(tmp_path):
+    study = _study(tmp_path)
+    summary = tune.summarize(study, tune.run(study, trials=2))
+    assert summary["counted"] == 2 and summary["states"] == {"complete": 2}
+    values = [t["validation_error"] for t in summary["trials"]]
+    assert summary["best"]["validation_error"] == min(values)
+    assert set(summary["importances"]) <= {"train.lr", "train.optimizer"}
+    path = tune.plot(summary, tmp_path / "study.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def test_cli_searches_then_final_runs_are_stored_with_one_test_evaluation(tmp_path, watched):
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY)
+    store = tmp_path / "runs.sqlite"
+    runner = CliRunner()
+    result = runner.invoke(main, ["tune", str(path), "--trials", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["counted"] == 2
+    out = tmp_path / "study.tune"
+    assert (out / "summary.json").exists() and (out / "study.png").exists()
+    assert (out / "study.db").exists()
+    tests = [d.test for d in watched["datasets"]]
+    assert not any(split is test for split in watched["evaluated"] for test in tests)
+
+    result = runner.invoke(main, ["tune", str(path), "--final", "--store", str(store), "-q"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "final.json").read_text())
+    assert final["trial"] == summary["best"]["number"] and len(final["runs"]) == 2
+    tests = [d.test for d in watched["datasets"]]
+    measured = [s for s in watched["evaluated"] if any(s is test for test in tests)]
+    assert len(measured) == 2  # once per final run
+    with Store(store, readonly=True) as opened:
+        rows = opened.list("tune:study")
+    assert sorted(row["key"] for row in rows) == sorted(run["key"] for run in final["runs"])
+    for row in rows:
+        assert row["status"] == "finished" and "test_error" in row["final"]
+        assert all("test_error" not in record for record in row["history"])
+        assert row["config"]["train"]["lr"] == summary["best"]["params"]["train.lr"]
+    errors = [run["test_error"] for run in final["runs"]]
+    assert final["test_error"]["mean"] == pytest.approx(sum(errors) / 2)
+
+
+def test_cli_refuses_clearly(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY)
+    runner = CliRunner()
+    result = runner.invoke(main, ["tune", str(path), "--final", "--store", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "has no completed trial yet: run `gfalign tune` first" in result.output
+    result = runner.invoke(main, ["tune", str(path), "--seeds", "3"])
+    assert result.exit_code == 2 and "add --final" in result.output
+    path.write_text(STUDY.replace("validation = 100\n", ""))
+    result = runner.invoke(main, ["tune", str(path)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "validation split" in result.output
+
+
+def test_cli_help_has_an_example():
+    result = CliRunner().invoke(main, ["tune", "--help"])
+    assert result.exit_code == 0
+    assert '"train.lr" = {low = 1e-5, high = 1e-2, log = true}' in result.output
+    assert "gfalign tune dfa.toml --final --seeds 5" in result.output
