@@ -175,9 +175,12 @@ def test_cli_table_and_ensemble_section():
         assert name in result.output
 
 
-def test_cli_refuses_an_ensemble_of_lenets():
-    result = CliRunner().invoke(main, tiny_arguments("--model", "lenet5", "--ensemble", "2"))
-    assert result.exit_code != 0 and "EnsembleTrainer" in result.output
+def test_cli_times_an_ensemble_of_lenets_member_after_member():
+    result = CliRunner().invoke(
+        main, tiny_arguments("--model", "lenet5", "--rules", "fa", "--ensemble", "2")
+    )
+    assert result.exit_code == 0, result.output
+    assert "fa x2 sequential" in result.output and "fa x2 ensemble" in result.output
 
 
 def test_cli_refuses_cuda_without_cuda():
@@ -240,16 +243,20 @@ def test_sgd_step_equals_backward_and_optimizer(name, reduction):
     x, y = data.train.x[:13], data.train.y[:13]
     fused = MLP(sizes, seed=1, dtype=DT)
     reference = MLP(sizes, seed=1, dtype=DT)
+    # One rule per network: a rule's state (learned feedback, a step counter) is its run's.
     rule = FeedbackRule(name, sizes, seed=2, dtype=DT)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference_rule = FeedbackRule(name, sizes, seed=2, dtype=DT)
+    optimizer = torch.optim.SGD([*reference.parameters(), *reference_rule.parameters()], lr=0.1)
     for _ in range(3):
         step = rule.sgd_step(fused, x, y, lr=0.1, reduction=reduction)
-        expected = rule.backward(reference, x, y, reduction=reduction)
+        expected = reference_rule.backward(reference, x, y, reduction=reduction)
         optimizer.step()
         assert torch.allclose(step.loss, expected.loss, atol=1e-13, rtol=0)
     for a, b in zip(fused.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-13, rtol=0)
         assert a.grad is None
+    for a, b in zip(rule.parameters(), reference_rule.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-13, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["bp", "s3", "dfa-aux"])

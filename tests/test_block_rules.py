@@ -89,6 +89,8 @@ def transcribe(net, rule, x, y) -> dict[int, torch.Tensor]:
             D = feedback["matrix"]  # (classes, numel)
             if term.error == "output":
                 return (e @ D).view(a[i].shape)
+            if term.error == "target":
+                return (functional.one_hot(y, CLASSES).to(DTYPE) @ D).view(a[i].shape)
             logits = h[i].flatten(1) @ D.t()
             e_i = torch.softmax(logits, 1) - functional.one_hot(y, CLASSES).to(DTYPE)
             return tail_vjp(i, (e_i @ D).view(h[i].shape))

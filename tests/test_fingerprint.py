@@ -5,9 +5,11 @@ and biases (their bytes) with every per-epoch number but the timing. The hashes 
 ``fingerprints.json`` were taken from the engine that produced the committed results in
 ``results/``, so a test that passes here says those results stay valid, bit for bit.
 
-Bit-identity holds for one build of PyTorch on one kind of processor (its matrix kernels fix the
-order of every sum). The file records both; elsewhere the test compares the stored final test
-losses to 1e-5 instead of the hashes. Regenerate after an intended change of the numbers with
+Bit-identity holds for one build of PyTorch on one kind of processor at one number of threads
+(its matrix kernels fix the order of every sum; the hashes were taken with two threads, which
+the tests set whatever ``OMP_NUM_THREADS`` says). The file records the build and the processor;
+elsewhere the test compares the stored final test losses to 1e-5 instead of the hashes.
+Regenerate after an intended change of the numbers with
 ``GFALIGN_WRITE_FINGERPRINTS=1 pytest tests/test_fingerprint.py``.
 """
 
@@ -113,6 +115,14 @@ def _digest(net: torch.nn.Module, history: list[dict]) -> str:
             if key != "seconds" and isinstance(record[key], (int, float)):
                 digest.update(key.encode() + struct.pack("<d", float(record[key])))
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

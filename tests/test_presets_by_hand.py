@@ -75,6 +75,19 @@ def by_hand(name, net, rule, x, y):
         t2 = (eps(2) @ M(2, 0)) * f2
         d2 = ((eps(2) @ M(2, 0) + t1 @ M(2, 1)) / 2) * f2
         d1 = ((eps(1) @ M(1, 0) + t2 @ M(1, 1)) / 2) * f1
+    elif base == "usf":  # B = sqrt(2 / (fan_in + fan_out)) * sign(W), from the live weights
+        d2 = (e @ (torch.sign(W3) * (2 / sum(W3.shape)) ** 0.5)) * f2
+        d1 = (d2 @ (torch.sign(W2) * (2 / sum(W2.shape)) ** 0.5)) * f1
+    elif base in ("frsf", "brsf"):  # B = |R| * sign(W), |R| the magnitudes the rule holds
+        d2 = (e @ (M(2, 0).abs() * torch.sign(W3))) * f2
+        d1 = (d2 @ (M(1, 0).abs() * torch.sign(W2))) * f1
+    elif base == "kp":  # before any step, the learned B is its initial draw: FA
+        d2 = (e @ M(2, 0)) * f2
+        d1 = (d2 @ M(1, 0)) * f1
+    elif base == "drtp":  # the one-hot target y* in place of the error
+        target = torch.nn.functional.one_hot(y, e.shape[1]).to(DT)
+        d2 = (target @ M(2, 0)) * f2
+        d1 = (target @ M(1, 0)) * f1
     else:
         raise AssertionError(f"no transcription for preset {name}: add one")
     return {1: d1, 2: d2, 3: e}

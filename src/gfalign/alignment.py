@@ -19,10 +19,12 @@ Gradient alignment, measured on a fixed probe batch with the model's current par
 
 Weight alignment, from the parameters and the fixed feedback alone:
 
-    weight_angle_i_above    angle between an ``above`` term's fixed parameters and the forward
+    weight_angle_i_above    angle between an ``above`` term's feedback parameters (as they are
+                            now: fixed, made from the live signs, or learned) and the forward
                             parameters of block i+1 they stand for (both flattened; for an MLP
                             B_up^i against W^{i+1}, for a conv block kernel against kernel, for
-                            any other part every parameter): FA's alignment (Lillicrap et al.)
+                            any other part every parameter): FA's alignment (Lillicrap et al.);
+                            for Kolen-Pollack it falls as the feedback learns the weights
     weight_angle_i_direct   angle between the product W^L W^{L-1} ... W^{i+1} and D^i (both
                             (n_L, numel(a^i))): the linear part of the backprop path against the
                             direct feedback, the weight alignment of DFA theory (Nokland;
@@ -34,8 +36,8 @@ Weight alignment, from the parameters and the fixed feedback alone:
                             backprop's, is ``update_angle_i``.
 
 ``below`` terms have no counterpart in backprop and ``backprop`` terms use the forward
-parameters themselves, so they add no weight angle; a direct term on an auxiliary error neither
-(its ``D^i`` is the layer's own classifier, not a stand-in for the layers above).
+parameters themselves, so they add no weight angle; a direct term on an auxiliary error or on
+the target neither (its ``D^i`` is not a stand-in for the layers above).
 
 Backprop here is ``torch.autograd`` through the whole model (``backprop_reference``),
 independently of the rule engine: a forward pass on the model's own modules keeps every a^i in
@@ -75,6 +77,7 @@ from torch.func import functional_call
 
 from gfalign.blocks import LINEAR
 from gfalign.engine import FeedbackRule
+from gfalign.terms import KINDS
 
 if TYPE_CHECKING:
     from gfalign.data import Dataset
@@ -282,14 +285,17 @@ def _output_paths(net: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def weight_alignment(net: nn.Module, rule: FeedbackRule) -> dict[str, float]:
-    """The weight angles of every hidden block's ``above`` and output-error ``direct`` terms.
+    """The weight angles of every hidden block's feedback parameters and ``direct`` terms.
 
-    Keys ``weight_angle_{i}_above`` (an above term's fixed parameters against block ``i+1``'s
-    forward parameters of the same names, flattened and concatenated: ``B_up^i`` and ``W^{i+1}``
-    in an MLP) and ``weight_angle_{i}_direct`` (``W^L ... W^{i+1}`` against ``D^i``, only where
-    the path above block ``i`` is a chain of Linear blocks with identity or flatten tails; the
-    key is left out elsewhere). A second term of the same kind in one layer gets its term index
-    appended.
+    Keys ``weight_angle_{i}_{kind}`` for every term that runs a block's part backwards with
+    feedback parameters in place of backprop's (``above``; ``gfalign.terms.KINDS``): its
+    parameters (as they are
+    now: a sign-concordant term's from the live weights, a learned one's as learned) against
+    the forward parameters of the block they stand in for, flattened and concatenated (``B_up^i``
+    and ``W^{i+1}`` in an MLP); and ``weight_angle_{i}_direct`` (``W^L ... W^{i+1}`` against
+    ``D^i``, only where the path above block ``i`` is a chain of Linear blocks with identity or
+    flatten tails; the key is left out elsewhere). A second term of the same kind in one layer
+    gets its term index appended.
     """
     rule.check(net)
     blocks = net.blocks
@@ -298,11 +304,12 @@ def weight_alignment(net: nn.Module, rule: FeedbackRule) -> dict[str, float]:
         paths = _output_paths(net)
         for i, layer in enumerate(rule.config.layers, start=1):
             for k, term in enumerate(layer.terms):
-                if term.kind == "above":
-                    fixed = rule.feedback(i, k)
-                    forward = dict(blocks[i].linear.named_parameters())
+                kind = KINDS[term.kind]
+                if kind.part is not None and kind.has_parameters and kind.backward:
+                    fixed = rule.feedback(i, k, net)
+                    forward = dict(blocks[i + kind.part - 1].linear.named_parameters())
                     value = angle(_flat(fixed, list(fixed)), _flat(forward, list(fixed)))
-                elif term.kind == "direct" and term.error == "output" and i in paths:
+                elif kind.is_direct and term.error == "output" and i in paths:
                     value = angle(rule.feedback(i, k)["matrix"], paths[i])
                 else:
                     continue
@@ -341,6 +348,12 @@ def measure(
     rule.check(net, x)
     if net.objective.uses_labels and y is None:
         raise ValueError(f"the {net.objective.name} objective needs labels y for the probe")
+    if net.training:  # measured without dropout, and without drawing training's masks
+        net.eval()
+        try:
+            return measure(net, rule, x, y, weights=weights)
+        finally:
+            net.train()
     target = y if net.objective.uses_labels else x.flatten(1)
     reference = backprop_reference(net, x, target)
     record: dict[str, float] = {}

@@ -115,7 +115,8 @@ class BenchConfig:
         threads: ``torch.set_num_threads`` (default: leave torch's choice).
         peak_size: side of the square matrices of the peak measurement.
         ensemble: K > 0 also times K members trained sequentially against one
-            ``EnsembleTrainer`` of K members, for every rule (MLP only).
+            ``EnsembleTrainer`` of K members, for every rule (MLP members stack into one
+            computation; a block model's members run one after the other inside it).
         chunks: every epoch is timed in this many chunks of steps, chunk c of every case
             before chunk c + 1 of any, so a shared machine's noise reaches all cases alike.
         seed: seeds the networks, rules, shuffling and random data.
@@ -161,10 +162,6 @@ class BenchConfig:
             raise BenchError(f"examples must be at least 1, got {self.examples}")
         if self.ensemble < 0 or self.warmup < 0 or self.profile_steps < 0:
             raise BenchError("ensemble, warmup and profile_steps cannot be negative")
-        if self.ensemble and self.model != "mlp":
-            raise BenchError(
-                f"ensemble: EnsembleTrainer stacks MLPs; model {self.model!r} is not one"
-            )
 
     @property
     def label(self) -> str:
@@ -900,6 +897,8 @@ class _EnsembleCase(_Case):
     def state_bytes(self) -> int:
         trainer = self.trainer  # the members' own tensors and the stacked net and rule
         members = [part for m in trainer.members for part in (m.net, m.rule, m.optimizer)]
+        if not trainer.stacks:  # a block model's members train one after the other
+            return _tensor_bytes(*members)
         return _tensor_bytes(*members, trainer._net, trainer._rule)
 
     def steps(self, size: int, count: int) -> None:
@@ -909,14 +908,16 @@ class _EnsembleCase(_Case):
         step = 0 if size == self.batch else epoch.steps - 1
         for _ in range(count):
             trainer.train_step(epoch, step)
-        trainer._unstack(list(epoch.active))
+        if trainer.stacks:
+            trainer._unstack(list(epoch.active))
 
     def warm_up(self) -> None:
         trainer = self.trainer
         epoch = trainer.begin_epoch()
         for step in range(min(self.warmup, epoch.steps)):
             trainer.train_step(epoch, step)
-        trainer._unstack(list(epoch.active))
+        if trainer.stacks:
+            trainer._unstack(list(epoch.active))
 
     def epoch(self, chunks: Chunks) -> Iterator[None]:
         trainer = self.trainer
@@ -927,7 +928,8 @@ class _EnsembleCase(_Case):
             for step in range(first, last):
                 losses.append(trainer.train_step(epoch, step))
             yield
-        trainer._unstack(list(epoch.active))
+        if trainer.stacks:
+            trainer._unstack(list(epoch.active))
         _check_finite(self.name, losses)
 
 

@@ -30,6 +30,7 @@ from gfalign.feedback import FeedbackSpec
 from gfalign.network import IDENTITY, MLP, OBJECTIVES, Activation, widths
 from gfalign.network import tanh as network_tanh
 from gfalign.rules import ConfigError, RuleConfig, Term, resolve
+from gfalign.terms import KINDS, SIGNALS, ModeSpec, step_generator
 
 __all__ = [
     "BlockShape",
@@ -141,19 +142,31 @@ class _Place:
     buffers: tuple[tuple[str, str], ...]
     columns: slice | None = None
     transposed: bool = False
+    block: int = 0  # the block whose forward parameters the feedback ones stand in for
+    mode: ModeSpec | None = None  # None: fixed
+    magnitudes: tuple[tuple[str, str], ...] = ()  # frSF's |R|, by parameter name
+
+    @property
+    def live(self) -> bool:
+        return self.mode is not None and self.mode.mode.live
+
+    @property
+    def learned(self) -> bool:
+        return self.mode is not None and self.mode.mode.learned
 
 
 @dataclass(frozen=True)
 class PlannedTerm:
     """One term of one hidden layer, resolved once for the hot loop.
 
-    ``kind`` is ``direct``, ``above``, ``below`` or ``backprop``; ``source`` the layer whose
-    delta a product term reads (``L`` for the output error); ``final`` whether it reads the final
-    delta ``d^j`` (else the direct-only ``t^j``). A product of two Linear blocks with identity
-    tails is a matrix product: ``buffer`` names its fixed matrix (empty for backprop, which reads
-    the weight). Any other product term has ``parameters`` (name, buffer) and ``block``, the
-    block whose linear part it runs. A direct term has ``columns`` in the stacked ``direct``
-    buffer.
+    ``kind`` names its ``gfalign.terms.TermKind``; ``source`` the layer whose delta a product
+    term reads (``L`` for the output error); ``final`` whether it reads the final delta ``d^j``
+    (else the direct-only ``t^j``). A product of two Linear blocks with identity tails is a
+    matrix product: ``buffer`` names its feedback matrix (empty for a term on the forward
+    weight, which reads ``W^block``). Any other product term has ``parameters`` (name, buffer)
+    and ``block``, the block whose linear part it runs, ``backward`` its direction and
+    ``transported`` whether it runs the forward parameters. A direct term has ``columns`` in the
+    stacked ``direct`` buffer and ``signal``, the error signal it projects.
     """
 
     index: int
@@ -167,6 +180,9 @@ class PlannedTerm:
     matrix: bool = True
     block: int = 0
     parameters: tuple[tuple[str, str], ...] = ()
+    signal: str = "output"
+    backward: bool = True
+    transported: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,15 +199,20 @@ class Plan:
     """A rule's term loop, fixed at construction: what ``propagate`` executes every step.
 
     ``layers`` are in dependency order; ``direct_term[j]`` is the index of layer ``j``'s single
-    direct term (defines ``t^j``) where it has exactly one; ``output_width`` the number of
-    columns of the ``direct`` buffer that the output error ``e`` multiplies.
+    direct term (defines ``t^j``) where it has exactly one; ``signals`` the column range of the
+    ``direct`` buffer that each batch-wide error signal multiplies (the output error ``e``
+    first: ``output_width`` columns).
     """
 
     hidden: int
     layers: tuple[LayerPlan, ...]
     direct: tuple[PlannedTerm, ...]
     direct_term: dict[int, int]
-    output_width: int
+    signals: tuple[tuple[str, slice], ...]
+
+    @property
+    def output_width(self) -> int:
+        return next((c.stop - c.start for name, c in self.signals if name == "output"), 0)
 
 
 class FeedbackRule(nn.Module):
@@ -264,34 +285,46 @@ class FeedbackRule(nn.Module):
         if self.objective is not None and self.config.uses_auxiliary:
             self._check_labels(OBJECTIVES[self.objective])
         self.seed = seed
+        self.seeds = (seed,)  # one per stacked member
         self._order = self.config.order()
         self._places: dict[tuple[int, int], _Place] = {}
 
         n_out = self.sizes[-1]
-        # Direct terms on the output error first, so one product reaches all of them.
+        # Direct terms by signal, batch-wide signals first, so one product per signal reaches
+        # every layer that projects it.
         direct = [
             (i, k, term)
             for i, layer in enumerate(self.config.layers, start=1)
             for k, term in enumerate(layer.terms)
-            if term.kind == "direct"
+            if KINDS[term.kind].is_direct
         ]
-        direct.sort(key=lambda item: item[2].error != "output")
-        stacked, offset = [], 0
+        direct.sort(key=lambda item: SIGNALS[item[2].error].order)
+        stacked, offset, signals = [], 0, {}
         for i, k, term in direct:
-            width = shapes[i - 1].width if term.error == "output" else _numel(shapes[i - 1].post)
+            signal = SIGNALS[term.error]
+            width = _numel(shapes[i - 1].post) if signal.local else shapes[i - 1].width
             stacked.append(self._draw(i, k, term, (n_out, width)))
             columns = slice(offset, offset + width)
             self._places[i, k] = _Place(i, k, (("matrix", "direct"),), columns)
+            if not signal.local:
+                signals[term.error] = slice(signals.get(term.error, columns).start, columns.stop)
             offset += width
-        self._output_width = sum(shapes[i - 1].width for i, _, t in direct if t.error == "output")
+        self._signals = tuple(signals.items())
         self.register_buffer(
             "direct", torch.cat(stacked, dim=1) if stacked else torch.empty(n_out, 0)
         )
 
         for i, layer in enumerate(self.config.layers, start=1):
             for k, term in enumerate(layer.terms):
-                if term.kind in ("above", "below"):
+                kind = KINDS[term.kind]
+                if kind.part is not None and kind.has_parameters:
                     self._places[i, k] = self._register(i, k, term)
+        self._live = tuple(place for place in self._places.values() if place.live)
+        self._learned = tuple(place for place in self._places.values() if place.learned)
+        self._decays = self._forward_decays()
+        self._mirrored = frozenset(place.block for place in self._learned)
+        if any(place.mode is not None and place.mode.mode.redraw for place in self._live):
+            self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.plan = self._make_plan()
         self._uses_auxiliary = self.config.uses_auxiliary
         self.stack_size = 0  # K for the rule of K stacked members (FeedbackRule.stack)
@@ -334,6 +367,11 @@ class FeedbackRule(nn.Module):
                     f"0 ({first.config.name!r}); stacked rules share their configuration "
                     "structure (they may differ in seeds and feedback families)"
                 )
+            if [p.mode for p in rule._places.values()] != [p.mode for p in first._places.values()]:
+                raise ValueError(
+                    f"rule {k} ({rule.config.name!r}) has other feedback modes than rule 0 "
+                    f"({first.config.name!r}); stacked rules share them"
+                )
         if any(shape.products is not LINEAR or not shape.plain_tail for shape in first.structure):
             raise ValueError("only rules of MLPs stack; train other models one after the other")
         stacked = cls.__new__(cls)
@@ -341,63 +379,102 @@ class FeedbackRule(nn.Module):
         fresh = set(stacked.__dict__)
         stacked.__dict__.update({k: v for k, v in first.__dict__.items() if k not in fresh})
         stacked.stack_size = len(rules)
+        stacked.seeds = tuple(seed for rule in rules for seed in rule.seeds)
         with torch.no_grad():
             for name, _ in first.named_buffers():
                 stacked.register_buffer(
                     name, torch.stack([rule.get_buffer(name) for rule in rules])
                 )
+            for name, _ in first.named_parameters():
+                value = torch.stack([rule.get_parameter(name) for rule in rules])
+                stacked.register_parameter(name, nn.Parameter(value, requires_grad=False))
         return stacked
 
     def _register(self, i: int, k: int, term: Term) -> _Place:
-        """Draw and register the fixed parameters of an above or below term."""
-        stands_for = self.structure[i if term.kind == "above" else i - 1]  # whose part it runs
+        """Draw and register the feedback parameters of a term that runs a block's part."""
+        kind = KINDS[term.kind]
+        block = i + kind.part
+        stands_for = self.structure[block - 1]  # the block whose part it runs
         shapes = dict(stands_for.parameters)
         names = stands_for.transported
         base = f"layer{i}_term{k}_{term.kind}"
-        # A Linear block's below term keeps the matrix B_down = W~^T, (n_{i-1}, n_i).
-        transposed = term.kind == "below" and stands_for.products is LINEAR
-        buffers = []
+        # A Linear block run forwards keeps the matrix B_down = W~^T, (n_{i-1}, n_i).
+        transposed = not kind.backward and stands_for.products is LINEAR
+        mode = term.mode
+        stored = "draw" if mode is None else mode.mode.stored
+        buffers, magnitudes = [], []
         for name in names:
             shape = shapes[name][::-1] if transposed else shapes[name]
             if names == ("weight",):
                 buffer, labels = base, ()
             else:
                 buffer, labels = f"{base}_{name.replace('.', '_')}", (name,)
-            self.register_buffer(buffer, self._draw(i, k, term, shape, *labels))
+            value = self._draw(i, k, term, shape, *labels)
+            if stored == "magnitude":
+                self.register_buffer(f"{buffer}_magnitude", value.abs())
+                magnitudes.append((name, f"{buffer}_magnitude"))
+            if stored != "draw":
+                value = torch.zeros_like(value)  # made from the forward parameters every step
+            if mode is not None and mode.mode.learned:
+                self.register_parameter(buffer, nn.Parameter(value, requires_grad=False))
+            else:
+                self.register_buffer(buffer, value)
             buffers.append((name, buffer))
-        return _Place(i, k, tuple(buffers), transposed=transposed)
+        return _Place(
+            i,
+            k,
+            tuple(buffers),
+            transposed=transposed,
+            block=block,
+            mode=mode,
+            magnitudes=tuple(magnitudes),
+        )
+
+    def _forward_decays(self) -> dict[int, float]:
+        """The decay of each block whose parameters learned feedback stands in for (both decay,
+        as Kolen-Pollack's rule has it); two different decays for one block are refused."""
+        decays: dict[int, float] = {}
+        for place in self._learned:
+            decay = place.mode.decay
+            if decays.setdefault(place.block, decay) != decay:
+                raise ConfigError(
+                    f"layer {place.layer}, term {place.index}: decay {decay:g} for block "
+                    f"{place.block}, which another learned term decays by "
+                    f"{decays[place.block]:g}; give them one decay"
+                )
+        return {block: decay for block, decay in decays.items() if decay}
 
     def _make_plan(self) -> Plan:
         hidden = len(self.structure) - 1
         shapes = self.structure
         direct_term = {
-            j: next(k for k, term in enumerate(layer.terms) if term.kind == "direct")
+            j: next(k for k, term in enumerate(layer.terms) if KINDS[term.kind].is_direct)
             for j, layer in enumerate(self.config.layers, start=1)
-            if sum(term.kind == "direct" for term in layer.terms) == 1
+            if sum(KINDS[term.kind].is_direct for term in layer.terms) == 1
         }
         planned: dict[tuple[int, int], PlannedTerm] = {}
         for i, layer in enumerate(self.config.layers, start=1):
             for k, (term, weight) in enumerate(zip(layer.terms, layer.coefficients(), strict=True)):
+                kind = KINDS[term.kind]
                 place = self._places.get((i, k))
-                if term.kind == "direct":
+                if kind.is_direct:
                     planned[i, k] = PlannedTerm(
                         k,
-                        "direct",
+                        term.kind,
                         weight,
                         columns=place.columns,
-                        auxiliary=term.error == "auxiliary",
+                        auxiliary=SIGNALS[term.error].local,
+                        signal=term.error,
                     )
                     continue
-                # above and backprop run block i+1's part back through block i's tail; below
-                # runs block i's part on block i-1's tail's forward linearisation.
-                block = i if term.kind == "below" else i + 1
-                tail = i - 1 if term.kind == "below" else i
-                matrix = shapes[block - 1].products is LINEAR and shapes[tail - 1].plain_tail
-                j = i - 1 if term.kind == "below" else i + 1
-                final = term.kind == "backprop" or j == hidden + 1 or term.source == "final"
-                buffer = ""
-                if term.kind != "backprop" and matrix:
-                    buffer = place.buffers[0][1]
+                # Backwards: block i+1's part, then back through block i's tail; forwards:
+                # block i's part on block i-1's tail's linearisation. Either way the tail in
+                # between is block - 1's.
+                block = i + kind.part
+                matrix = shapes[block - 1].products is LINEAR and shapes[block - 2].plain_tail
+                j = i + kind.reads
+                final = kind.always_final or j == hidden + 1 or term.source == "final"
+                buffer = place.buffers[0][1] if kind.has_parameters and matrix else ""
                 planned[i, k] = PlannedTerm(
                     k,
                     term.kind,
@@ -408,6 +485,8 @@ class FeedbackRule(nn.Module):
                     matrix=matrix,
                     block=block,
                     parameters=() if place is None else place.buffers,
+                    backward=kind.backward,
+                    transported=not kind.has_parameters,
                 )
         layers = []
         for i in self.config.order():
@@ -415,17 +494,17 @@ class FeedbackRule(nn.Module):
             layers.append(
                 LayerPlan(
                     i,
-                    tuple(t for t in terms if t.kind == "direct"),
-                    tuple(t for t in terms if t.kind != "direct"),
+                    tuple(t for t in terms if t.columns is not None),
+                    tuple(t for t in terms if t.columns is None),
                 )
             )
         direct = tuple(
             sorted(
-                (t for t in planned.values() if t.kind == "direct"),
+                (t for t in planned.values() if t.columns is not None),
                 key=lambda t: t.columns.start,
             )
         )
-        return Plan(hidden, tuple(layers), direct, direct_term, self._output_width)
+        return Plan(hidden, tuple(layers), direct, direct_term, self._signals)
 
     def _draw(
         self, layer: int, index: int, term: Term, shape: tuple[int, ...], *labels: str
@@ -444,12 +523,19 @@ class FeedbackRule(nn.Module):
 
     # ------------------------------------------------------------------- fixed parameters
 
-    def feedback(self, layer: int, index: int) -> dict[str, torch.Tensor]:
-        """The fixed parameters of term ``index`` (0-based) of hidden layer ``layer``
+    def feedback(
+        self, layer: int, index: int, net: nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The feedback parameters of term ``index`` (0-based) of hidden layer ``layer``
         (1-based): ``{"matrix": D^i}`` for a direct term; for an above or below term the
         parameters it puts in place of the forward ones, by the forward parameter's name and in
-        its shape (``{"weight": ...}`` for a Linear or Conv2d part)."""
+        its shape (``{"weight": ...}`` for a Linear or Conv2d part). A sign-concordant term's
+        are made from ``net``'s live parameters (give ``net``; without it, those of the last
+        step)."""
         place = self._place(layer, index)
+        if place.live and net is not None:
+            with torch.no_grad():
+                self._refresh(net)
         if place.columns is not None:
             return {"matrix": self.direct[:, place.columns]}
         values = {name: getattr(self, buffer) for name, buffer in place.buffers}
@@ -600,15 +686,52 @@ class FeedbackRule(nn.Module):
                         torch.sum(d, dim=-2, out=bias.grad)
                         if scale != 1.0:
                             bias.grad.mul_(scale)
-                    continue
-                grads = shape.products.param_vjp(part, h, d)
-                for name, parameter in part.named_parameters():
-                    grad = grads[name] if scale == 1.0 else grads[name].mul_(scale)
-                    if parameter.grad is None:
-                        parameter.grad = grad.contiguous()
-                    else:
-                        parameter.grad.copy_(grad)
+                else:
+                    grads = shape.products.param_vjp(part, h, d)
+                    for name, parameter in part.named_parameters():
+                        grad = grads[name] if scale == 1.0 else grads[name].mul_(scale)
+                        if parameter.grad is None:
+                            parameter.grad = grad.contiguous()
+                        else:
+                            parameter.grad.copy_(grad)
+                if i in self._mirrored:
+                    self._learn(i, part)
+            self._advance()
         return step
+
+    def _learn(self, block: int, part: nn.Module) -> None:
+        """Learned feedback standing in for ``block``'s parameters gets their gradient (the
+        rule's update), so an optimizer takes the same step on both."""
+        self._decay(block, part)
+        forward = dict(part.named_parameters())
+        for place in self._learned:
+            if place.block == block:
+                for name, buffer in place.buffers:
+                    grad = forward[name].grad
+                    grad = grad.transpose(-1, -2) if place.transposed else grad
+                    self.get_parameter(buffer).grad = grad.clone()
+
+    def _decay(self, block: int, part: nn.Module) -> None:
+        """Kolen-Pollack's decay, ``theta <- (1 - decay) theta`` on the learned feedback and the
+        forward parameters it stands in for, once per training step, before the optimizer's
+        step: together ``Delta theta = -eta g - decay theta`` for both (DESIGN.md section 10),
+        so their difference shrinks by ``1 - decay`` every step whatever the optimizer."""
+        decay = self._decays.get(block, 0.0)
+        if not decay:
+            return
+        transported = self.structure[block - 1].transported
+        for name, parameter in part.named_parameters():
+            if name in transported:
+                parameter.mul_(1.0 - decay)
+        for place in self._learned:
+            if place.block == block:
+                for _, buffer in place.buffers:
+                    self.get_parameter(buffer).mul_(1.0 - decay)
+
+    def _advance(self) -> None:
+        """One training step done: a redrawing term (brSF) draws anew next time."""
+        if "steps" in self._buffers:
+            self.steps.add_(1)
 
     def sgd_step(
         self,
@@ -648,15 +771,32 @@ class FeedbackRule(nn.Module):
             step = self._deltas(net, cache, _target(net, x, target))
             for i, (part, shape) in enumerate(zip(_parts(net), self.structure, strict=True), 1):
                 d = step.deltas[i] if rates is None else step.deltas[i] * rates
-                if shape.products is LINEAR:
+                if shape.products is LINEAR and i not in self._mirrored:
                     _addmm_(part.weight, d.transpose(-1, -2), cache.post[i - 1], alpha=alpha)
                     if part.bias is not None:
                         part.bias.add_(d.sum(dim=-2), alpha=alpha)
                     continue
-                grads = shape.products.param_vjp(part, cache.post[i - 1], d)
+                if shape.products is LINEAR:
+                    grads = {"weight": _mm(d.transpose(-1, -2), cache.post[i - 1])}
+                    if part.bias is not None:
+                        grads["bias"] = d.sum(dim=-2)
+                else:
+                    grads = shape.products.param_vjp(part, cache.post[i - 1], d)
+                self._learn_in_place(i, part, grads, alpha)
                 for name, parameter in part.named_parameters():
                     parameter.add_(grads[name], alpha=alpha)
+            self._advance()
         return step
+
+    def _learn_in_place(self, block: int, part: nn.Module, grads, alpha: float) -> None:
+        """``sgd_step``'s ``_learn``: both decay, then mirrors take the forward step
+        ``alpha * grad``."""
+        self._decay(block, part)
+        for place in self._learned:
+            if place.block == block:
+                for name, buffer in place.buffers:
+                    grad = grads[name].transpose(-1, -2) if place.transposed else grads[name]
+                    self.get_parameter(buffer).add_(grad, alpha=alpha)
 
     def _batch_size(self, x: torch.Tensor) -> int:
         return x.shape[1] if self.stack_size else x.shape[0]
@@ -664,8 +804,16 @@ class FeedbackRule(nn.Module):
     def _deltas(self, net: nn.Module, cache, target: torch.Tensor) -> Step:
         plan = self.plan
         loss, e = net.objective.error(cache.pre[-1], target)
-        slope = times_slope(_activations(net), cache.pre, cache.activated or cache.post)
-        buffers = self._buffers
+        activations = _activations(net)
+        activated = cache.activated or cache.post
+        if cache.masks:  # dropout: the forward pass's mask multiplies the masked block's delta
+            activated = _undropped(activations, cache.pre, activated, cache.masks)
+        slope = times_slope(activations, cache.pre, activated)
+        if cache.masks:
+            slope = _masked(slope, cache.masks)
+        if self._live:
+            self._refresh(net)
+        buffers = self._buffers if not self._learned else {**self._buffers, **self._parameters}
         through = None if not cache.tails else _Through(net, cache, self.structure, buffers)
         values, auxiliary_losses = direct_values(
             plan, e, buffers["direct"], cache.post, target, _auxiliary_error, through
@@ -676,6 +824,44 @@ class FeedbackRule(nn.Module):
         ]
         d = propagate(plan, e, slope, values, buffers, weights, through)
         return Step(loss, d, auxiliary_losses)
+
+    def _refresh(self, net: nn.Module) -> None:
+        """Make every sign-concordant term's parameters from the live forward ones:
+        ``M * sign(theta)`` with M a scale (uSF), a stored ``|R|`` (frSF) or one drawn for this
+        step (brSF)."""
+        parts = _parts(net)
+        step = int(self.steps.reshape(-1)[0]) if "steps" in self._buffers else 0
+        for place in self._live:
+            spec = place.mode
+            forward = dict(parts[place.block - 1].named_parameters())
+            shapes = dict(self.structure[place.block - 1].parameters)
+            magnitudes = dict(place.magnitudes)
+            for name, buffer in place.buffers:
+                value, theta = self.get_buffer(buffer), forward[name]
+                torch.sign(theta.transpose(-1, -2) if place.transposed else theta, out=value)
+                if spec.mode.redraw:
+                    value.mul_(self._redraw(place, name, tuple(value.shape), step))
+                elif name in magnitudes:
+                    value.mul_(self.get_buffer(magnitudes[name]))
+                else:
+                    value.mul_(spec.scale_for(shapes[name]))
+
+    def _redraw(self, place: _Place, name: str, shape: tuple[int, ...], step: int) -> torch.Tensor:
+        """brSF's ``|R|`` for one training step, from the term's family and a generator of the
+        seed, the step and the place, one per stacked member."""
+        term = self.config.layer(place.layer).terms[place.index]
+        spec = term.feedback or self.config.feedback
+        one = shape[1:] if self.stack_size else shape
+        draws = [
+            feedback_families.draw(
+                spec,
+                one,
+                step_generator(seed, step, "layer", place.layer, "term", place.index, name),
+            ).abs_()
+            for seed in self.seeds
+        ]
+        value = torch.stack(draws) if self.stack_size else draws[0]
+        return value.to(device=self.direct.device, dtype=self.direct.dtype)
 
     def extra_repr(self) -> str:
         config = self.config
@@ -733,14 +919,14 @@ class _Through:
     def _term(self, term: PlannedTerm, source: torch.Tensor) -> torch.Tensor:
         j = term.block
         block, shape = self.blocks[j - 1], self.structure[j - 1]
-        if term.kind == "backprop":
+        if term.transported:
             params = dict(block.linear.named_parameters())
         else:
             params = {name: self.buffers[buffer] for name, buffer in term.parameters}
-            if term.kind == "below" and shape.products is LINEAR:
+            if not term.backward and shape.products is LINEAR:  # kept as W~^T
                 params = {name: value.t() for name, value in params.items()}
         point = self.cache.post[j - 1]
-        if term.kind == "below":  # block j's part on block j-1's tail's linearisation
+        if not term.backward:  # block j's part on block j-1's tail's linearisation
             lower = j - 1
             signal = source
             if not self.structure[lower - 1].plain_tail:
@@ -837,6 +1023,35 @@ def times_slope(
     return block_slope
 
 
+def _undropped(
+    activation: Activation | Sequence[Activation],
+    pre: Sequence[torch.Tensor],
+    activated: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """``f(a^i)`` before dropout for every masked block (the cache keeps the dropped values),
+    so that ``f'(a^i)`` is the activation's own slope."""
+    values = list(activated)
+    for i, mask in enumerate(masks, start=1):
+        if mask is not None and i < len(values):
+            function = activation if isinstance(activation, Activation) else activation[i - 1]
+            values[i] = function.function(pre[i - 1])
+    return values
+
+
+def _masked(
+    slope: Callable[[int, torch.Tensor], torch.Tensor], masks: Sequence[torch.Tensor | None]
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``slope(i, g) * m^i``: dropout's mask ``m^i`` (0 or 1/(1-p), in ``a^i``'s shape) on
+    every delta of block ``i``, final and direct-only (DESIGN.md section 11)."""
+
+    def masked(i: int, g: torch.Tensor) -> torch.Tensor:
+        mask = masks[i - 1]
+        return slope(i, g) if mask is None else slope(i, g).mul_(mask)
+
+    return masked
+
+
 def direct_values(
     plan: Plan,
     e: torch.Tensor,
@@ -848,16 +1063,19 @@ def direct_values(
 ) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
     """``eps^i D^i`` of every direct term, keyed by (layer, term index), and auxiliary losses.
 
-    Every output-error term is a column block of one product ``e @ D_stacked``
-    ((..., N, n_L) @ (..., n_L, sum n_i)), reshaped to its block's ``a^i``. An auxiliary term
+    Every term of a batch-wide signal (the output error ``e``, the one-hot target) is a column
+    block of one product per signal, ``e @ D_stacked`` ((..., N, n_L) @ (..., n_L, sum n_i)),
+    reshaped to its block's ``a^i``. An auxiliary term
     reads the layer's own logits ``flatten(h^i) (D^i)^T`` (DESIGN.md sections 4 and 9) and
     ``auxiliary_error(logits, labels)`` returns ``(loss, e^i)``; its value ``e^i D^i`` in
     ``h^i``'s shape goes back through the block's tail (``through``, for models with tails).
     """
     values: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, torch.Tensor] = {}
-    if plan.output_width:
-        stacked = _mm(e, direct[..., : plan.output_width])
+    stacked: dict[str, tuple[torch.Tensor, int]] = {}
+    for name, columns in plan.signals:
+        signal = SIGNALS[name].make(e, target, e.shape[-1])
+        stacked[name] = (_mm(signal, direct[..., columns]), columns.start)
     for layer in plan.layers:
         i = layer.layer
         for term in layer.values:
@@ -871,7 +1089,8 @@ def direct_values(
                     value = through.tail_back(i, value.view(h.shape))
                 values[i, term.index] = value
             else:
-                value = stacked[..., term.columns]
+                product, start = stacked[term.signal]
+                value = product[..., term.columns.start - start : term.columns.stop - start]
                 if through is not None:
                     value = value.reshape(e.shape[0], *through.structure[i - 1].pre)
                 values[i, term.index] = value
@@ -896,7 +1115,8 @@ def propagate(
             (``times_slope``).
         values: ``direct_values``'s direct terms.
         matrices: the fixed parameters by buffer name.
-        weights: ``weights[i] = W^i`` (backprop terms read ``W^{i+1}``; index 0 unused).
+        weights: ``weights[i] = W^i`` (a term on the forward weight, backprop's, reads
+            ``W^{i+1}``; index 0 unused).
         through: the non-matrix products of this forward pass (models with tails or parts
             other than Linear).
 
@@ -934,7 +1154,12 @@ def propagate(
             if not term.matrix:
                 add(through.term(i, term, source), term.coefficient)
                 continue
-            matrix = weights[j] if term.kind == "backprop" else matrices[term.buffer]
+            if term.transported:  # the forward weight W^block itself
+                matrix = weights[term.block]
+                if not term.backward:
+                    matrix = matrix.transpose(-1, -2)
+            else:
+                matrix = matrices[term.buffer]
             if total is None:
                 total, scale = _mm(source, matrix), term.coefficient
             else:

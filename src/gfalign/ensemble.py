@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from gfalign.engine import FeedbackRule
 from gfalign.network import MLP
@@ -46,6 +47,7 @@ from gfalign.train import (
     Trainer,
     _plain_sgd_group,
     make_optimizer,
+    stacking_problem,
 )
 
 if TYPE_CHECKING:
@@ -133,6 +135,9 @@ class EnsembleTrainer:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         first = members[0]
+        problem = stacking_problem(first.config)
+        if problem is not None:
+            raise ValueError(problem)
         for k, member in enumerate(members):
             where = f"ensemble member {k}"
             _check_config(where, member.config, first.config)
@@ -218,17 +223,21 @@ class EnsembleTrainer:
                     self._net.parameters(), *(m.net.parameters() for m in members), strict=True
                 ):
                     torch.stack(own, out=stacked)
+                for name, stacked in self._net.named_buffers():  # a dropout step counter
+                    torch.stack([m.net.get_buffer(name) for m in members], out=stacked)
                 for name, stacked in self._rule.named_buffers():
                     torch.stack([m.rule.get_buffer(name) for m in members], out=stacked)
+                for name, stacked in self._rule.named_parameters():
+                    torch.stack([m.rule.get_parameter(name) for m in members], out=stacked)
         self._optimizer = None
         if not self.fused:
             self._optimizer = self._stacked_optimizer(members)
 
     def _stacked_optimizer(self, members: list[Trainer]) -> torch.optim.Optimizer:
         """One optimizer over the stacked parameters, its state stacked from the members'."""
-        optimizer = make_optimizer(members[0].config, self._net.parameters())
-        own = [list(member.net.parameters()) for member in members]
-        for position, stacked in enumerate(self._net.parameters()):
+        optimizer = make_optimizer(members[0].config, _trained(self._net, self._rule))
+        own = [_trained(member.net, member.rule) for member in members]
+        for position, stacked in enumerate(_trained(self._net, self._rule)):
             states = [
                 member.optimizer.state.get(params[position])
                 for member, params in zip(members, own, strict=True)
@@ -241,15 +250,21 @@ class EnsembleTrainer:
     def _unstack(self, active: list[int]) -> None:
         """Hand the stacked parameters (and optimizer state) back to the members."""
         members = [self.members[k] for k in active]
-        own = [list(member.net.parameters()) for member in members]
+        own = [_trained(member.net, member.rule) for member in members]
         with torch.no_grad():
-            for position, stacked in enumerate(self._net.parameters()):
+            for position, stacked in enumerate(_trained(self._net, self._rule)):
                 for k, member in enumerate(members):
                     own[k][position].copy_(stacked[k])
                     if self._optimizer is not None and stacked in self._optimizer.state:
                         member.optimizer.state[own[k][position]] = _member_state(
                             self._optimizer.state[stacked], stacked, k
                         )
+            for name, stacked in self._rule.named_buffers():  # a step counter, say
+                for k, member in enumerate(members):
+                    member.rule.get_buffer(name).copy_(stacked[k])
+            for name, stacked in self._net.named_buffers():  # the dropout step counter
+                for k, member in enumerate(members):
+                    member.net.get_buffer(name).copy_(stacked[k])
 
     # --------------------------------------------------------------------------- training
 
@@ -425,3 +440,8 @@ def _check_rule(where: str, rule: FeedbackRule, first: FeedbackRule) -> None:
     reference = {name: tuple(b.shape) for name, b in first.named_buffers()}
     if shapes != reference:
         raise ValueError(f"{where}: feedback matrices {shapes} differ from member 0's {reference}")
+
+
+def _trained(net: nn.Module, rule: FeedbackRule) -> list[torch.Tensor]:
+    """What an optimizer steps: the network's parameters, then the rule's learned feedback."""
+    return [*net.parameters(), *rule.parameters()]

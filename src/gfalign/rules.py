@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gfalign.feedback import FeedbackSpec
+from gfalign.terms import KINDS, SIGNALS, SOURCES, ModeSpec
 
 __all__ = [
     "KINDS",
@@ -60,9 +61,6 @@ __all__ = [
     "resolve",
 ]
 
-KINDS = ("direct", "above", "below", "backprop")
-SOURCES = ("final", "direct-only")
-ERRORS = ("output", "auxiliary")
 COMBINERS = ("mean", "sum")
 
 
@@ -296,91 +294,123 @@ def _range(value: float, limit: Limit) -> str:
 
 @dataclass(frozen=True)
 class Term:
-    """One error term reaching a hidden layer.
+    """One error term reaching a hidden layer; what each kind is lives in ``gfalign.terms``.
 
     Attributes:
-        kind: ``direct``, ``above``, ``below`` or ``backprop``.
-        source: for ``above``/``below``: the neighbour's ``final`` delta d^j or its
-            ``direct-only`` delta t^j.
-        error: for ``direct``: the ``output`` error e or the layer's ``auxiliary`` error e^i.
-        feedback: the family of this term's fixed matrix; ``None`` uses the rule's default.
+        kind: a name in ``gfalign.terms.KINDS``: ``direct``, ``above``, ``below``, ``backprop``.
+        source: for a term reading a neighbour's delta (``above``/``below``): its ``final``
+            delta d^j or its ``direct-only`` delta t^j.
+        error: for ``direct``: the signal it projects, a name in ``gfalign.terms.SIGNALS``: the
+            ``output`` error e, the layer's ``auxiliary`` error e^i, or the one-hot ``target``
+            (DRTP).
+        feedback: the family of this term's fixed parameters; ``None`` uses the rule's default.
+        mode: how its feedback parameters are had each step (``gfalign.terms.MODES``):
+            ``None`` is ``fixed``; ``usf``, ``frsf``, ``brsf`` (sign-concordant), ``kp``
+            (learned, Kolen-Pollack).
     """
 
     kind: str
     source: str = "final"
     error: str = "output"
     feedback: FeedbackSpec | None = None
+    mode: ModeSpec | None = None
 
     @classmethod
     def parse(cls, value: str | Mapping | Term, where: str = "") -> Term:
         if isinstance(value, Term):
             return value
         if isinstance(value, str):
-            kind, _, option = value.partition(":")
-            fields: dict[str, Any] = {"kind": kind.strip()}
+            name, _, option = value.partition(":")
+            fields: dict[str, Any] = {"kind": name.strip()}
             option = option.strip()
-            if option:
-                fields["error" if fields["kind"] == "direct" else "source"] = option
+            declared = KINDS.get(fields["kind"])
+            if option and declared is not None:
+                if declared.option is None:
+                    raise ConfigError(
+                        f"{where}a {declared.name} term takes no option, got {option!r}"
+                    )
+                fields[declared.option] = option
         elif isinstance(value, Mapping):
             fields = dict(value)
-            unknown = set(fields) - {"kind", "source", "error", "feedback"}
+            unknown = set(fields) - {"kind", "source", "error", "feedback", "mode"}
             if unknown:
                 raise ConfigError(
                     f"{where}unknown term key(s) {sorted(unknown)}; "
-                    "known: kind, source, error, feedback"
+                    "known: kind, source, error, feedback, mode"
                 )
         else:
             raise ConfigError(f"{where}a term must be a string or a table, got {value!r}")
-        kind = fields.get("kind")
-        if kind not in KINDS:
-            raise ConfigError(f"{where}unknown term {kind!r}{_suggest(kind, KINDS)}")
+        name = fields.get("kind")
+        if name not in KINDS:
+            raise ConfigError(f"{where}unknown term {name!r}{_suggest(name, KINDS)}")
+        kind = KINDS[name]
         source, error = fields.get("source", "final"), fields.get("error", "output")
         if source not in SOURCES:
             raise ConfigError(
-                f"{where}unknown source {source!r} for a {kind} term{_suggest(source, SOURCES)}"
+                f"{where}unknown source {source!r} for a {name} term{_suggest(source, SOURCES)}"
             )
-        if error not in ERRORS:
+        if error not in SIGNALS:
             raise ConfigError(
-                f"{where}unknown error {error!r} for a {kind} term{_suggest(error, ERRORS)}"
+                f"{where}unknown error {error!r} for a {name} term{_suggest(error, SIGNALS)}"
             )
-        if kind != "direct" and error != "output":
-            raise ConfigError(f"{where}only a direct term takes an error option, not {kind}")
-        if kind not in ("above", "below") and source != "final":
-            raise ConfigError(f"{where}only above/below terms take a source option, not {kind}")
+        if kind.option != "error" and error != "output":
+            raise ConfigError(f"{where}only a direct term takes an error option, not {name}")
+        if kind.option != "source" and source != "final":
+            raise ConfigError(f"{where}only above/below terms take a source option, not {name}")
         feedback = fields.get("feedback")
         if feedback is not None:
             feedback = feedback_spec(feedback, where)
-        if kind == "backprop" and feedback is not None:
-            raise ConfigError(f"{where}a backprop term uses W^(i+1) and takes no feedback")
-        return cls(kind, source, error, feedback)
+        if not kind.has_parameters and feedback is not None:
+            raise ConfigError(
+                f"{where}a {name} term uses the forward parameters and takes no feedback"
+            )
+        mode = fields.get("mode")
+        if mode is not None:
+            try:
+                mode = ModeSpec.parse(mode)
+            except ValueError as problem:
+                raise ConfigError(f"{where}{problem}") from None
+            if kind.part is None or not kind.has_parameters:
+                raise ConfigError(
+                    f"{where}a {name} term takes no feedback mode ({mode.name}); modes are for "
+                    "terms whose parameters stand in for a block's: "
+                    + ", ".join(k.name for k in KINDS.values() if k.part is not None and k.fixed)
+                )
+            if mode.name == "fixed" and not mode.params:
+                mode = None
+        return cls(name, source, error, feedback, mode)
 
     @property
     def has_matrix(self) -> bool:
-        return self.kind != "backprop"
+        return KINDS[self.kind].has_parameters
 
     def to_data(self) -> str | dict:
-        option = self.error if self.kind == "direct" else self.source
-        default = "output" if self.kind == "direct" else "final"
+        option_name = KINDS[self.kind].option
+        option = getattr(self, option_name) if option_name else None
+        default = {"error": "output", "source": "final"}.get(option_name or "")
         text = self.kind if option == default else f"{self.kind}:{option}"
-        if self.feedback is None:
+        if self.feedback is None and self.mode is None:
             return text
         data: dict[str, Any] = {"kind": self.kind}
-        if self.kind == "direct" and self.error != "output":
+        if self.error != "output":
             data["error"] = self.error
         if self.source != "final":
             data["source"] = self.source
-        data["feedback"] = str(self.feedback)
+        if self.feedback is not None:
+            data["feedback"] = str(self.feedback)
+        if self.mode is not None:
+            data["mode"] = str(self.mode)
         return data
 
     def __str__(self) -> str:
-        if self.kind == "direct":
-            symbol = "e^i" if self.error == "auxiliary" else "e"
-            return f"direct({symbol})"
-        if self.kind == "backprop":
-            return "backprop(d^(i+1) W^(i+1))"
-        neighbour = "i+1" if self.kind == "above" else "i-1"
+        kind = KINDS[self.kind]
+        if kind.reads is None:
+            return f"{self.kind}({SIGNALS[self.error].symbol})"
+        if kind.always_final:
+            return f"{self.kind}(d^({kind.symbol}) W^({kind.symbol}))"
         symbol = "d" if self.source == "final" else "t"
-        return f"{self.kind}({symbol}^({neighbour}))"
+        mode = "" if self.mode is None else f" [{self.mode}]"
+        return f"{self.kind}({symbol}^({kind.symbol})){mode}"
 
 
 @dataclass(frozen=True)
@@ -426,7 +456,18 @@ class RuleConfig:
 
     @property
     def uses_auxiliary(self) -> bool:
-        return any(t.error == "auxiliary" for layer in self.layers for t in layer.terms)
+        """Some term's signal needs class labels (an auxiliary error, the DRTP target)."""
+        return any(
+            KINDS[t.kind].is_direct and SIGNALS[t.error].labels
+            for layer in self.layers
+            for t in layer.terms
+        )
+
+    def source_of(self, layer: int, term: Term) -> int | None:
+        """The layer whose delta ``term`` of hidden layer ``layer`` reads (``L`` for the
+        output error), or ``None`` for a term reading an error signal."""
+        reads = KINDS[term.kind].reads
+        return None if reads is None else layer + reads
 
     def with_feedback(self, feedback: FeedbackSpec | str) -> RuleConfig:
         return replace(self, feedback=feedback_spec(feedback, f"rule {self.name!r}: "))
@@ -437,11 +478,9 @@ class RuleConfig:
         for i, layer in enumerate(self.layers, start=1):
             needs[i] = set()
             for term in layer.terms:
-                if term.kind in ("above", "backprop") and term.source == "final":
-                    if i < self.hidden_layers:
-                        needs[i].add(i + 1)
-                elif term.kind == "below" and term.source == "final":
-                    needs[i].add(i - 1)
+                j = self.source_of(i, term)
+                if j is not None and term.source == "final" and 1 <= j <= self.hidden_layers:
+                    needs[i].add(j)
         return needs
 
     def order(self) -> tuple[int, ...]:
@@ -490,24 +529,30 @@ class RuleConfig:
                     where + f"{len(layer.combine)} combine weights for {len(layer.terms)} terms"
                 )
             for term in layer.terms:
-                if term.kind == "below" and i == 1:
+                j = self.source_of(i, term)
+                if j is None:
+                    continue
+                if j < 1:
                     raise ConfigError(
-                        where + "a 'below' term needs a hidden layer below; layer 1 sits on the "
-                        "input"
+                        where + f"a '{term.kind}' term needs a hidden layer below; layer 1 sits "
+                        "on the input"
                     )
-                if term.kind in ("above", "below") and term.source == "direct-only":
-                    j = i + 1 if term.kind == "above" else i - 1
-                    if term.kind == "above" and i == self.hidden_layers:
+                if j > self.hidden_layers + 1:
+                    raise ConfigError(
+                        where + f"a '{term.kind}' term reads layer {j}, above the output layer"
+                    )
+                if term.source == "direct-only":
+                    if j == self.hidden_layers + 1:
                         raise ConfigError(
-                            where + "'above:direct-only' has no hidden layer above; the top "
-                            "layer's 'above' term carries the output error e"
+                            where + f"'{term.kind}:direct-only' has no hidden layer above; the "
+                            f"top layer's '{term.kind}' term carries the output error e"
                         )
-                    if sum(t.kind == "direct" for t in self.layers[j - 1].terms) != 1:
+                    if sum(KINDS[t.kind].is_direct for t in self.layers[j - 1].terms) != 1:
                         raise ConfigError(
                             where + f"uses the direct-only delta t^{j}, but layer {j} needs "
                             "exactly one direct term to define it"
                         )
-            directs = [t for t in layer.terms if t.kind == "direct"]
+            directs = [t for t in layer.terms if KINDS[t.kind].is_direct]
             if len({t.error for t in directs}) < len(directs):
                 raise ConfigError(where + "two direct terms with the same error")
         self.order()
@@ -739,6 +784,31 @@ _BASE: dict[str, dict] = {
             "bottom": {"terms": ["direct", "above:direct-only"]},
             "all": {"terms": ["direct", "above:direct-only", "below:direct-only"]},
         },
+    },
+    "usf": {
+        "description": "uniform sign-concordant feedback (Liao et al. 2016; biotorch's uSF): FA "
+        "with B = scale * sign(W^(i+1)) of the live weights, scale Xavier's std",
+        "template": {"all": {"terms": [{"kind": "above", "mode": "usf"}]}},
+    },
+    "frsf": {
+        "description": "fixed random-magnitude sign-concordant feedback (frSF): FA with "
+        "B = |R| * sign(W^(i+1)), R drawn once",
+        "template": {"all": {"terms": [{"kind": "above", "mode": "frsf"}]}},
+    },
+    "brsf": {
+        "description": "batchwise random-magnitude sign-concordant feedback (brSF): FA with "
+        "B = |R| * sign(W^(i+1)), R redrawn every step",
+        "template": {"all": {"terms": [{"kind": "above", "mode": "brsf"}]}},
+    },
+    "kp": {
+        "description": "Kolen-Pollack (Akrout et al. 2019): FA whose B learns with W^(i+1)'s "
+        "update, both shrinking by (1 - 1e-4) a step, so B tends to W^(i+1)",
+        "template": {"all": {"terms": [{"kind": "above", "mode": "kp:decay=1e-4"}]}},
+    },
+    "drtp": {
+        "description": "direct random target projection (Frenkel et al. 2021): d^i = "
+        "(y* D^i) * f'(a^i), the one-hot target instead of the error",
+        "template": {"all": {"terms": ["direct:target"]}},
     },
 }
 

@@ -142,7 +142,8 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="K > 0: also time K sequential runs against one K-member EnsembleTrainer (MLP only).",
+    help="K > 0: also time K sequential runs against one K-member EnsembleTrainer (an "
+    "MLP's members stack; a block model's run one after the other).",
 )
 @click.option(
     "--chunks",
