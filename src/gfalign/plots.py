@@ -1,15 +1,35 @@
-"""Learning curves of runs, in the style of the paper's Figure 4 (test error against epoch)."""
+"""Figures from plain data: learning curves, panels of curves over seeds, reconstructions,
+filters.
+
+``plot_curves`` draws one line per run (``gfalign plot``); ``plot_panels`` draws subplots of
+``Series`` (a configuration's seeds, every seed or their mean and band, baselines dashed) with
+one legend outside the axes; ``plot_reconstructions`` and ``plot_filters`` draw the paper's
+Figures 6 and 7. Every figure is at most ``WIDTH`` (7) inches wide and is written whole or not
+at all. The report (``gfalign.report.figures``) chooses what to draw from the results store.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_curves", "plot_filters", "plot_mean_curves", "plot_reconstructions"]
+__all__ = [
+    "WIDTH",
+    "Panel",
+    "Series",
+    "mean_band",
+    "panels_figure",
+    "plot_curves",
+    "plot_filters",
+    "plot_panels",
+    "plot_reconstructions",
+]
 
 _LABELS = {
     "test_error": "test error (%)",
@@ -77,19 +97,72 @@ def plot_curves(
 # Baseline colours, so bp, fa and dfa look the same in every figure.
 _BASELINE_COLOURS = ("black", "tab:gray", "tab:brown", "tab:olive", "tab:pink")
 _ERROR_TICKS = (0.1, 0.2, 0.5, 1, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 70, 100)
+_SYMLOG_TICKS = (0.0, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+WIDTH = 7.0
+"""Every figure's width in inches: a page's text width, so no figure is shown shrunk."""
+
+Curve = tuple[Sequence[float], Sequence[float]]
 
 
-def _mean_band(
-    histories: Sequence[Sequence[Mapping[str, Any]]], metric: str
-) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Per epoch over ``histories``: (epochs, mean, min, max) of ``metric``."""
+@dataclass(frozen=True)
+class Series:
+    """One configuration's seeds in a panel.
+
+    Attributes:
+        label: the legend entry.
+        curves: per seed with a history, (epochs, values).
+        finals: per seed without a history, (epoch, value) of its last epoch: drawn as a
+            cross, and for a dashed series with no curve at all as a dashed level line.
+        dashed: a baseline: dashed, in the baseline colours (black, grey, brown ...).
+        seeds: draw every seed's curve (thin) and their mean (thick); otherwise the mean and
+            the band from the minimum to the maximum over seeds.
+        layer: ``"normal"``; ``"under"`` draws it wide and pale, so that a series drawn
+            ``"over"`` it (dotted, on top) stays visible where the two coincide.
+    """
+
+    label: str
+    curves: tuple[Curve, ...] = ()
+    finals: tuple[tuple[float, float], ...] = ()
+    dashed: bool = False
+    seeds: bool = False
+    layer: str = "normal"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: its series, axis label and scale.
+
+    Attributes:
+        title: the subplot's title.
+        series: what it draws, in legend order.
+        ylabel: the y-axis label.
+        scale: ``"log"`` (plain tick labels 1, 2, 5 ...; linear if a value is <= 0),
+            ``"symlog"`` (linear below 0.01, so that zero shows) or ``"linear"``.
+        reference: (y, label) of a dotted horizontal reference line, e.g. (90.0, "90°").
+        note: a line printed under the title, e.g. which series coincide.
+        bottom: the y-axis' lower limit (linear scale), e.g. 0 for angles.
+    """
+
+    title: str
+    series: tuple[Series, ...]
+    ylabel: str
+    scale: str = "log"
+    reference: tuple[float, str] | None = None
+    note: str = ""
+    bottom: float | None = None
+
+
+def mean_band(curves: Sequence[Curve]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per epoch over the curves that reach it: (epochs, mean, min, max).
+
+    >>> mean_band([([1, 2], [4.0, 2.0]), ([1], [6.0])])
+    ([1.0, 2.0], [5.0, 2.0], [4.0, 2.0], [6.0, 2.0])
+    """
     by_epoch: dict[float, list[float]] = {}
-    for history in histories:
-        for position, record in enumerate(history, start=1):
-            value = record.get(metric)
-            if value is None or not math.isfinite(float(value)):
-                continue
-            by_epoch.setdefault(float(record.get("epoch", position)), []).append(float(value))
+    for epochs, values in curves:
+        for epoch, value in zip(epochs, values, strict=True):
+            by_epoch.setdefault(float(epoch), []).append(float(value))
     epochs = sorted(by_epoch)
     return (
         epochs,
@@ -99,100 +172,180 @@ def _mean_band(
     )
 
 
-def plot_mean_curves(
-    panels: Mapping[str, Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]],
+def _colours(panels: Sequence[Panel]) -> dict[str, str]:
+    solid = [s.label for p in panels for s in p.series if not s.dashed]
+    colours = {label: f"C{n % 10}" for n, label in enumerate(dict.fromkeys(solid))}
+    dashed = [s.label for p in panels for s in p.series if s.dashed and s.label not in colours]
+    for n, label in enumerate(dict.fromkeys(dashed)):
+        colours[label] = _BASELINE_COLOURS[n % len(_BASELINE_COLOURS)]
+    return colours
+
+
+def plot_panels(
+    panels: Sequence[Panel],
     path: str | Path,
     *,
-    metric: str = "test_error",
     title: str | None = None,
-    dashed: Sequence[str] = (),
-    log: bool = True,
+    columns: int | None = None,
 ) -> Path:
-    """Mean over seeds of ``metric`` against epoch with the min–max band, one subplot per panel.
+    """Curves against epoch, one subplot per panel, one legend below them all, as a PNG.
 
     Args:
-        panels: ``{panel title: {label: [history, ...]}}``: every label's histories are the
-            seeds of one configuration, each a list of epoch records (``read_metrics``).
+        panels: the subplots, filled row by row.
         path: where to write the PNG (parent directories are created).
-        metric: the record key to plot, ``test_error`` by default.
         title: the figure title.
-        dashed: labels drawn dashed, in the baseline colours (black, grey, brown ...).
-        log: a logarithmic y-axis with plain tick labels (1, 2, 5 ...), so the low-error
-            region stays readable beside high early-epoch errors; ignored if a value is <= 0.
+        columns: subplots per row (default: all in one row, at most 3).
 
     Returns:
-        The path written.
+        The path written. The figure is ``WIDTH`` (7) inches wide whatever the panel count;
+        the legend sits outside the axes, so it never hides a curve.
 
     Raises:
-        ValueError: no history holds ``metric``.
+        ValueError: no panel has anything to draw.
+
+    >>> import tempfile, pathlib
+    >>> line = Series("s1", curves=(([1, 2, 3], [5.0, 3.0, 2.0]),))
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "f.png"
+    >>> plot_panels([Panel("2x800 tanh", (line,), "test error (%)")], out).exists()
+    True
+    """
+    return _save(panels_figure(panels, columns=columns), path, title)
+
+
+def panels_figure(panels: Sequence[Panel], *, columns: int | None = None):
+    """The ``matplotlib.figure.Figure`` that ``plot_panels`` writes (untitled), for callers
+    that add to it or inspect it.
+
+    >>> figure = panels_figure([Panel("a", (Series("s1", finals=((5.0, 2.0),)),), "error")])
+    >>> figure.get_figwidth() <= WIDTH and figure.axes[0].get_legend() is None
+    True
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    if not any(s.curves or s.finals for p in panels for s in p.series):
+        raise ValueError("no panel has a curve or a final value to draw")
+    columns = columns or min(len(panels), 3)
+    rows = math.ceil(len(panels) / columns)
+    colours = _colours(panels)
+    labels = list(dict.fromkeys(s.label for p in panels for s in p.series))
+    width = WIDTH if columns > 1 else 6.4
+    # Legend columns that fit the width: about 15 characters of small text per inch.
+    across = max(1, min(len(labels), int(15 * width) // (max(map(len, labels)) + 5)))
+    legend_rows = math.ceil(len(labels) / across)
+    height = (4.0 if columns == 1 else 2.9) * rows + 0.22 * legend_rows + 0.4
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    handles: dict[str, Line2D] = {}
+    for ax, panel in zip(axes, panels, strict=False):
+        if any(s.curves or s.finals for s in panel.series):
+            _draw_panel(ax, panel, colours, handles)
+        else:  # kept in its place, so that rows and columns keep their meaning
+            ax.set_title(panel.title, fontsize="small")
+            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.legend(
+        [handles[label] for label in labels if label in handles],
+        [label for label in labels if label in handles],
+        loc="outside lower center",
+        ncols=across,
+        fontsize="small",
+        frameon=False,
+    )
+    return figure
+
+
+def _style(series: Series) -> dict[str, Any]:
+    if series.layer == "under":
+        return {"linewidth": 4.0, "alpha": 0.35}
+    if series.layer == "over":
+        return {"linewidth": 1.4, "linestyle": ":"}
+    return {"linewidth": 1.6, "linestyle": "--" if series.dashed else "-"}
+
+
+def _draw_panel(ax, panel: Panel, colours: Mapping[str, str], handles: dict) -> None:
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
-    curves = {
-        panel: {
-            label: band
-            for label, histories in lines.items()
-            if (band := _mean_band(histories, metric))[0]
-        }
-        for panel, lines in panels.items()
-    }
-    curves = {panel: lines for panel, lines in curves.items() if lines}
-    if not curves:
-        raise ValueError(f"no {metric!r} values in the histories of {', '.join(panels)}")
-    values = [v for lines in curves.values() for band in lines.values() for v in band[2] + band[3]]
-    log = log and min(values) > 0
-
-    solid = [label for lines in curves.values() for label in lines if label not in dashed]
-    colours = {label: f"C{n % 10}" for n, label in enumerate(dict.fromkeys(solid))}
-    for n, label in enumerate(d for d in dashed if d not in colours):
-        colours[label] = _BASELINE_COLOURS[n % len(_BASELINE_COLOURS)]
-
-    figure = Figure(figsize=(6.4 * len(curves), 4.6), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(curves), squeeze=False, sharey=True)[0]
-    for ax, (panel, lines) in zip(axes, curves.items(), strict=True):
-        for label, (epochs, mean, low, high) in lines.items():
-            count = len(panels[panel][label])
-            style = "--" if label in dashed else "-"
-            ax.plot(
-                epochs,
-                mean,
-                style,
-                color=colours[label],
-                marker="o" if len(epochs) <= 30 else None,
-                markersize=3,
-                label=f"{label} ({count} seed{'s' if count != 1 else ''})",
-            )
-            if count > 1:
-                ax.fill_between(epochs, low, high, color=colours[label], alpha=0.15, linewidth=0)
-        first = min(e for band in lines.values() for e in band[0])
-        last = max(e for band in lines.values() for e in band[0])
-        if last - first < 5:  # a few epochs: one tick each
-            ax.set_xlim(first - 0.5, last + 0.5)
-            ax.xaxis.set_major_locator(FixedLocator(range(math.ceil(first), int(last) + 1)))
-        else:
-            ax.set_xlim(0, last)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        if len(curves) > 1 or not title:
-            ax.set_title(panel)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small")
-    label = _LABELS.get(metric, metric)
-    axes[0].set_ylabel(f"{label}, log scale" if log else label)
-    if log:
+    values: list[float] = []
+    epochs_seen: list[float] = []
+    for series in panel.series:
+        colour = colours[series.label]
+        style = _style(series)
+        curves = [c for c in series.curves if len(c[0])]
+        if curves:
+            epochs, mean, low, high = mean_band(curves)
+            if series.seeds and len(curves) > 1:
+                for seed_epochs, seed_values in curves:
+                    ax.plot(seed_epochs, seed_values, color=colour, linewidth=0.7, alpha=0.5)
+            elif len(curves) > 1:
+                ax.fill_between(epochs, low, high, color=colour, alpha=0.15, linewidth=0)
+            ax.plot(epochs, mean, color=colour, **style)
+            values += low + high
+            epochs_seen += epochs
+        if series.finals:
+            at = [e for e, _v in series.finals]
+            level = [v for _e, v in series.finals]
+            ax.plot(at, level, "x", color=colour, markersize=6, markeredgewidth=1.5)
+            if series.dashed and not curves:
+                ax.axhline(sum(level) / len(level), color=colour, **style)
+            values += level
+            epochs_seen += at
+        # The legend keys colour and dashes; a coincidence's drawing is named on the panel.
+        plain = "--" if series.dashed else "-"
+        handles.setdefault(series.label, Line2D([], [], color=colour, linestyle=plain))
+    if panel.reference is not None:
+        y, text = panel.reference
+        ax.axhline(y, color="0.55", linewidth=0.9, linestyle=":")
+        ax.annotate(
+            text,
+            (0.005, y),
+            xycoords=("axes fraction", "data"),
+            fontsize="x-small",
+            color="0.4",
+            va="bottom",
+        )
+    first, last = min(epochs_seen), max(epochs_seen)
+    if last - first < 5:  # a few epochs: one tick each
+        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.xaxis.set_major_locator(FixedLocator(range(math.ceil(first), int(last) + 1)))
+    else:
+        ax.set_xlim(0, last * 1.02)  # room for the crosses at the last epoch
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(panel.ylabel, fontsize="small")
+    note = textwrap.fill(panel.note, width=int(15 * ax.get_position().width * WIDTH))
+    ax.set_title("\n".join(filter(None, (panel.title, note))), fontsize="small")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.tick_params(labelsize="small")
+    scale = panel.scale
+    if scale == "log" and min(values) <= 0:
+        scale = "linear"
+    if scale == "log":
         low, high = min(values) * 0.9, max(values) * 1.1
-        axes[0].set_yscale("log")
-        axes[0].set_ylim(low, high)
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
         ticks = [t for t in _ERROR_TICKS if low <= t <= high]
         if len(ticks) < 3:  # a narrow range: five evenly spaced ticks, two significant digits
             ticks = [float(f"{low + (high - low) * k / 4:.2g}") for k in range(5)]
-        axes[0].yaxis.set_major_locator(FixedLocator(ticks))
-        axes[0].yaxis.set_minor_locator(NullLocator())
-        axes[0].yaxis.set_major_formatter("{x:g}")
-    return _save(figure, path, title)
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter("{x:g}")
+    elif scale == "symlog":
+        high = max(max(values) * 1.3, 0.02)
+        ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+        ax.set_ylim(0, high)
+        ax.yaxis.set_major_locator(FixedLocator([t for t in _SYMLOG_TICKS if t <= high]))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter("{x:g}")
+    elif panel.bottom is not None:
+        top = max(values + ([panel.reference[0]] if panel.reference else []))
+        ax.set_ylim(panel.bottom, top * 1.05)
 
 
 def _side(width: int) -> int:
@@ -232,7 +385,7 @@ def plot_reconstructions(
     from matplotlib.figure import Figure
 
     rows = {"test images": originals, **reconstructions}
-    figure = Figure(figsize=(8.0, 0.9 * len(rows) + 0.6), layout="constrained")
+    figure = Figure(figsize=(WIDTH, 0.8 * len(rows) + 0.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (label, images) in zip(axes, rows.items(), strict=True):
@@ -282,7 +435,8 @@ def plot_filters(
 
     across = min(3, len(panels))
     down = math.ceil(len(panels) / across)
-    figure = Figure(figsize=(3.4 * across, 3.6 * down + 0.4), layout="constrained")
+    side = WIDTH / 3  # three panels fill the width; fewer keep the same tile size
+    figure = Figure(figsize=(side * across, (side + 0.3) * down + 0.4), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(down, across, squeeze=False).ravel()
     for ax in axes:

@@ -1,0 +1,134 @@
+"""Facts: the numbers a discussion may cite, computed from the store, and the check of a text."""
+
+from __future__ import annotations
+
+import pytest
+
+from gfalign import experiments
+from gfalign.report import collect_facts, render_report, unmatched
+from gfalign.report.facts import Fact, group_facts, quoted_numbers, run_facts
+from gfalign.store import Store
+from test_report_support import MACHINE, fill, line, presets
+
+
+def _run(store: Store, records: list[dict], **overrides) -> None:
+    """One exp1 2x200 relu s3 run (seed 0) with the given per-epoch history."""
+    exp1 = experiments.load("exp1")
+    config = next(c for c in exp1.expand(seeds=1, **overrides) if exp1.cell(c) == "2x200 relu s3")
+    store.upsert(
+        config.key(),
+        experiment="exp1",
+        label=config.label(),
+        config=config.to_data(),
+        status="finished",
+        epochs_done=len(records),
+        final=records[-1],
+        history=records,
+        seconds=60.0,
+        versions=MACHINE,
+    )
+
+
+def _records() -> list[dict]:
+    tests = [9.0, 4.0, 3.5, 3.1, 3.2, 3.3, 3.0, 3.4]
+    trains = [8.0, 3.0, 1.0, 0.5, 0.005, 0.2, 0.0, 0.0017]
+    losses = [3150.0, 40.0, 2.0, 1.0, 1.2e5, 0.3, 0.2, 0.1]
+    return [
+        {
+            "epoch": n + 1,
+            "test_error": test,
+            "train_error": train,
+            "batch_loss": loss,
+            "update_angle_1": 50.0 + 5 * ((-1) ** n) * n,
+            "update_angle_2": 80.0 - n,
+        }
+        for n, (test, train, loss) in enumerate(zip(tests, trains, losses, strict=True))
+    ]
+
+
+def test_a_runs_facts_are_read_off_its_history(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    _run(store, _records(), epochs=8)
+    facts = {f.quantity: f for f in run_facts("exp1", store.list("exp1"), planned=(8, None))}
+    assert {q: f.subject for q, f in facts.items()}["last epoch"] == "2x200 relu s3 seed 0"
+    assert facts["last epoch"].value == 3.4
+    assert (facts["best"].value, facts["best epoch"].value) == (3.0, 7.0)
+    assert facts["train, last"].text == "0.0017"  # a small training error keeps 4 decimals
+    assert facts["train, epoch 6"].value == 0.2  # three quarters of 8 epochs
+    assert facts["train < 0.01% from epoch"].value == 5.0  # 0.005 at epoch 5
+    assert (facts["batch loss, first"].text, facts["batch loss, max"].text) == ("3.15e3", "1.2e5")
+    angles = [50.0 + 5 * ((-1) ** n) * n for n in range(8)]
+    assert (facts["angle 1, min"].value, facts["angle 1, max"].value) == (min(angles), max(angles))
+    assert (facts["angle 2, min"].value, facts["angle 2, last"].value) == (73.0, 73.0)
+    other = run_facts("exp1", store.list("exp1"))  # 8 epochs is not the planned protocol
+    assert other[0].subject == "2x200 relu s3 seed 0 (8 epochs)"
+
+
+def test_activation_facts_span_the_final_errors_of_its_runs(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x200 sigmoid s1": [2.9, 3.1], "2x800 sigmoid s2": [2.4]})
+    kept = ("experiment", "label", "config", "status", "epochs_done", "history")
+    for n, row in enumerate(store.list("exp1")):
+        final = dict(row["final"], train_error=[0.17, 2.69, 0.8][n])
+        store.upsert(row["key"], final=final, **{k: row[k] for k in kept})
+    facts = {f.quantity: f.value for f in group_facts("exp1", store.list("exp1"))}
+    assert facts == {
+        "runs": 3,
+        "last epoch, min": 2.4,
+        "last epoch, max": 3.1,
+        "train, last, min": 0.17,
+        "train, last, max": 2.69,
+        "runs at 0 train error": 0,
+    }
+
+
+def test_the_facts_section_lists_every_run(tmp_path, monkeypatch):
+    presets(monkeypatch, tmp_path / "presets")
+    store = Store(tmp_path / "runs.sqlite")
+    _run(store, _records())
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    assert "\n### Facts\n" in text
+    assert line(text, "| relu |") == "| relu | 1 | 3.40 | 0.0017 | 0 |"
+    assert line(text, "| 2x200 relu s3 seed 0 |") == (
+        "| 2x200 relu s3 seed 0 | 3.40 | 3.00 (7) | 0.20 (ep 6) | 0.0017 | 5 "
+        "| 3.15e3 / 1.2e5 | 15.0–80.0 (15.0) | 73.0–80.0 (73.0) |"
+    )
+
+
+def test_quoted_numbers_skip_code_link_targets_and_integers():
+    text = (
+        "s1 reaches 1.79 ± 0.07 (`1.23` in code), [see 4.56](page-7.89.md), 100 epochs, "
+        "a loss of 3.15e3 and −0.17 points.\n\n```\n9.99\n```\n"
+    )
+    assert [q.text for q in quoted_numbers(text)] == ["1.79", "0.07", "4.56", "3.15e3", "−0.17"]
+
+
+def test_unmatched_names_the_numbers_no_fact_prints():
+    facts = [
+        Fact("exp1", "2x800 tanh s1", "mean", 1.7925),
+        Fact("exp1", "2x800 tanh s1", "std", 0.0698),
+        Fact("exp1", "2x800 tanh s1", "difference", -0.1675),
+        Fact("exp1", "2x200 relu s3 seed 0", "batch loss, first", 3150.0, -3),
+    ]
+    good = "s1: 1.79 ± 0.07, −0.17 points from the paper (a first loss of 3.15e3); 1.8 rounded."
+    assert unmatched(good, facts) == []
+    bad = unmatched("s1: 1.79 ± 0.08, loss 3.2e4", facts)
+    assert [(q.text, q.value) for q in bad] == [("0.08", 0.08), ("3.2e4", 32000.0)]
+    assert "± 0.08" in bad[0].context
+
+
+def test_a_discussion_written_from_the_report_checks_out(tmp_path, monkeypatch):
+    presets(monkeypatch, tmp_path / "presets")
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x800 tanh s1": [1.77, 1.72, 1.88]})
+    fill(store, "baselines", {"2x800 tanh bp": [1.90, 1.91, 1.71]})
+    facts = collect_facts(["exp1", "baselines"], store)
+    text = render_report(experiments.load("exp1"), store.list("exp1"), store.list("baselines"))
+    mean = line(text, "| 2x800 tanh s1 |").split(" | ")[2]
+    discussion = f"s1 gives {mean} against the paper's 1.96; bp spans 1.71–1.91."
+    assert unmatched(discussion, facts) == []
+    assert [q.text for q in unmatched(discussion.replace("1.71", "1.70"), facts)] == ["1.70"]
+    assert any(f.quantity == "p" and f.subject == "2x800 tanh s1" for f in facts)
+    assert pytest.approx(1.79) == next(
+        f.value for f in facts if (f.subject, f.quantity) == ("2x800 tanh s1", "mean")
+    )

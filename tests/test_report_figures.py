@@ -1,0 +1,176 @@
+"""The report's figures: what each preset names, drawn as its caption says."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from gfalign import experiments, plots
+from gfalign.plots import WIDTH, Panel, Series, panels_figure
+from gfalign.report import write_report
+from gfalign.report.figures import figure_specs
+from gfalign.rules import ConfigError
+from gfalign.store import Store
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+from test_report_support import fill, presets
+
+
+@pytest.fixture
+def drawn(monkeypatch, tmp_path):
+    """Every ``plot_panels`` call of the report: figure name -> (panels, title)."""
+    presets(monkeypatch, tmp_path / "presets")
+    seen: dict[str, tuple] = {}
+    real = plots.plot_panels
+
+    def record(panels, path, **options):
+        seen[path.stem] = (list(panels), options.get("title"))
+        return real(panels, path, **options)
+
+    monkeypatch.setattr(plots, "plot_panels", record)
+    return seen
+
+
+def _series(panel: Panel) -> dict[str, Series]:
+    return {s.label.split(",")[0]: s for s in panel.series}
+
+
+def _set_history(store: Store, name: str, change) -> None:
+    kept = ("experiment", "label", "config", "status", "epochs_done", "final")
+    for row in store.list(name):
+        store.upsert(row["key"], history=change(row), **{k: row[k] for k in kept})
+
+
+def test_figure_8_draws_coinciding_families_apart_and_says_so(tmp_path, drawn):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp4", {f"2x800 tanh dfa B{n}": [2.9, 3.0] for n in (1, 4, 7)})
+
+    def shift(row):  # B4 runs 0.3 points above B1 and B7 at every epoch
+        bump = 0.3 if row["config"]["feedback"] == "B4" else 0.0
+        return [dict(r, test_error=r["test_error"] + bump) for r in row["history"]]
+
+    _set_history(store, "exp4", shift)
+    out = tmp_path / "out"
+    write_report(["exp4"], store, out)
+    (panel,), _title = drawn["exp4-figure8"]
+    series = _series(panel)
+    assert (series["B1"].layer, series["B7"].layer, series["B4"].layer) == (
+        "under",
+        "over",
+        "normal",
+    )
+    assert panel.note == "B1 and B7 coincide seed by seed (2 seeds, ≤ 0.00 apart)"
+    page = (out / "exp4.md").read_text()
+    assert "drawn dotted over a wide pale line and named on the figure: dfa: B1 and B7" in page
+    assert "B4 and" not in panel.note
+
+
+def test_figure_4_draws_every_seed_and_the_baselines_dashed(tmp_path, drawn):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.1, 2.2], "2x800 tanh s2": [2.3]})
+    fill(store, "exp1", {"2x800 tanh s2": [2.3, 2.4]}, curves=False)  # seed 1: final only
+    fill(store, "exp1", {"2x800 tanh s2": [2.3]})  # seed 0 keeps its curve
+    fill(store, "baselines", {"2x800 tanh bp": [1.9, 1.8]})
+    fill(store, "baselines", {"2x800 tanh fa": [1.7, 1.75]}, curves=False)
+    out = tmp_path / "out"
+    write_report(["exp1", "baselines"], store, out)
+    (panel,), title = drawn["exp1-figure4"]
+    assert title == "Figure 4 (exp1): test error (%) of the 2x800 tanh network"
+    series = _series(panel)
+    assert list(series) == ["s1", "s2", "bp baseline", "fa baseline"]
+    s1, s2, bp, fa = series.values()
+    assert s1.seeds and len(s1.curves) == 3 and not s1.finals and not s1.dashed
+    assert len(s2.curves) == 1 and s2.finals == ((5.0, 2.4),)
+    assert s2.label == "s2, 2 seeds (1 final only)"
+    assert bp.dashed and len(bp.curves) == 2 and not bp.seeds
+    assert fa.dashed and not fa.curves and sorted(v for _e, v in fa.finals) == [1.7, 1.75]
+    assert fa.label == "fa baseline, 2 seeds (final only)"
+    caption = (out / "exp1.md").read_text()
+    assert "the bp/fa baselines dashed" in caption
+    assert "each seed with a per-epoch history a thin line, their mean a thick one" in caption
+    assert "baseline with no per-epoch history is a dashed level at the mean of its" in caption
+    assert "crosses at their last epoch" in caption
+
+
+def test_the_activation_curves_show_test_and_training_error_per_size(tmp_path, drawn):
+    store = Store(tmp_path / "runs.sqlite")
+    cells = {f"{size} sigmoid {r}": [2.5, 2.6] for size in ("2x200", "2x800") for r in ("s1",)}
+    fill(store, "exp1", cells)
+    fill(store, "baselines", {"2x200 sigmoid bp": [2.1]})
+
+    def train(row):
+        return [dict(r, train_error=5.0 / r["epoch"]) for r in row["history"]]
+
+    _set_history(store, "exp1", train)
+    write_report(["exp1"], store, tmp_path / "out")
+    panels, _title = drawn["exp1-curves-sigmoid"]
+    assert [p.title for p in panels] == [
+        "2x200 sigmoid",
+        "2x800 sigmoid",
+        "2x200 sigmoid, training",
+        "2x800 sigmoid, training",
+    ]
+    assert [p.scale for p in panels] == ["log", "log", "symlog", "symlog"]
+    assert panels[2].reference == (0.01, "0.01%")
+    assert [s.label for s in panels[0].series] == ["s1", "bp baseline"]  # no per-panel counts
+    assert [s.label for s in panels[1].series] == ["s1"]
+    assert "exp1-curves-relu" not in drawn  # no relu run: a note, not an empty figure
+    page = (tmp_path / "out" / "exp1.md").read_text()
+    assert "Curves, relu (exp1): no finished relu runs yet." in page
+
+
+def test_alignment_panels_keep_the_legend_outside_the_data(tmp_path, drawn):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.1], "2x800 tanh s3": [2.2]}, angles=True)
+    write_report(["exp1"], store, tmp_path / "out")
+    panels, _title = drawn["exp1-alignment"]
+    assert [p.title for p in panels] == ["hidden layer 1", "hidden layer 2"]
+    assert all(p.scale == "linear" and p.reference[0] == 90.0 for p in panels)
+    figure = panels_figure(panels)
+    assert figure.get_figwidth() <= WIDTH
+    assert all(ax.get_legend() is None for ax in figure.axes)
+    assert len(figure.legends) == 1
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["s1", "s3"]
+
+
+def test_a_figure_keeps_empty_panels_in_their_place_and_its_width():
+    line = Series("s1", curves=(([1, 2], [3.0, 2.0]),))
+    figure = panels_figure(
+        [Panel("a", (line,), "e"), Panel("b", (), "e"), Panel("c", (line,), "e")], columns=3
+    )
+    assert figure.get_figwidth() == WIDTH and len(figure.axes) == 3
+    assert figure.axes[1].texts[0].get_text() == "no runs"
+    with pytest.raises(ValueError, match="no panel has a curve"):
+        panels_figure([Panel("a", (), "e")])
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("x = 3", "[figures] x: not a table with a kind; allowed: seeds, families"),
+        ('x = { kind = "pie" }', "[figures] x: unknown kind 'pie'; allowed: seeds"),
+        ('x = { kind = "seeds" }', "[figures] x: kind 'seeds' needs network"),
+        (
+            'x = { kind = "seeds", network = "2x800 tanh", colour = "red" }',
+            "unknown option(s) ['colour'] for kind 'seeds'; allowed: baselines, network, title",
+        ),
+        ('x = { kind = "filters", count = 0 }', "count = 0; allowed: a positive number"),
+        ('x = { kind = "alignment", angle = "weight" }', "angle = 'weight'; allowed: \"update\""),
+        ('x = { kind = "families", network = "2x800 tanh", rules = "dfa" }', "rules = 'dfa'"),
+    ],
+)
+def test_a_figure_entry_is_checked(entry, message):
+    with pytest.raises(ConfigError) as error:
+        figure_specs("exp9", tomllib.loads(f"[figures]\n{entry}\n"))
+    assert str(error.value).startswith("experiment preset exp9: ") and message in str(error.value)
+
+
+def test_a_preset_without_figures_draws_none():
+    assert figure_specs("exp9", {"description": "none"}) == []
+    assert [s.name for s in figure_specs("exp4")] == ["figure8", "alignment"]
+    assert experiments.load("exp4")  # the loader accepts the [figures] table

@@ -1,0 +1,114 @@
+"""Statistics over seeds and verdicts, against closed forms computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gfalign import experiments
+from gfalign.report import describe, render_report, summarize
+from gfalign.report.tables import TOLERANCE, best_epoch
+from gfalign.store import Store
+from test_report_support import fill, line, presets
+
+
+@pytest.fixture(autouse=True)
+def _no_studies(monkeypatch, tmp_path):
+    presets(monkeypatch, tmp_path / "presets")
+
+
+def _t2(p: float) -> float:
+    """Student's t quantile at p for 2 degrees of freedom: (2p - 1) / sqrt(2 p (1 - p))."""
+    return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+
+
+@pytest.mark.parametrize(
+    ("values", "reference"),
+    [([2.0, 2.2, 2.4], 1.96), ([1.72, 1.77, 1.88], 1.96), ([3.1, 2.2, 2.9], 2.75)],
+)
+def test_three_seeds_against_the_closed_form_of_two_degrees_of_freedom(values, reference):
+    s = describe(values, reference)
+    mean = sum(values) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    half = _t2(0.975) * std / math.sqrt(3)
+    t = (mean - reference) / (std / math.sqrt(3))
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(mean), pytest.approx(std))
+    assert s.ci == (pytest.approx(mean - half), pytest.approx(mean + half))
+    # Two degrees of freedom: CDF(t) = 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - |t| / sqrt(2 + t^2).
+    assert s.p == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))
+
+
+def test_one_seed_has_no_interval_and_two_no_test():
+    one = describe([2.5], reference=2.0)
+    assert (one.n, one.mean, one.std, one.ci, one.p) == (1, 2.5, 0.0, None, None)
+    two = describe([1.8, 1.9], reference=1.0)
+    low, high = two.ci
+    half = math.tan(math.pi * 0.475) * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1 df)
+    assert (low, high) == (pytest.approx(1.85 - half), pytest.approx(1.85 + half))
+    assert two.p is None
+    assert describe([2.0, 2.2, 2.4]).p is None  # no reference, no test
+    with pytest.raises(ValueError, match="at least one"):
+        describe([])
+
+
+def test_equal_seeds_give_a_point_interval_and_a_decided_test():
+    flat = describe([1.81, 1.81, 1.81], reference=2.03)
+    assert flat.ci == (pytest.approx(1.81), pytest.approx(1.81)) and flat.p == 0.0
+    assert describe([2.03, 2.03, 2.03], reference=2.03).p == 1.0
+
+
+def test_the_best_epoch_is_the_first_lowest_finite_value():
+    records = [
+        {"epoch": 1, "test_error": 3.0},
+        {"epoch": 2, "test_error": float("nan")},
+        {"epoch": 3, "test_error": 2.5},
+        {"epoch": 4},
+        {"epoch": 5, "test_error": 2.5},
+        {"epoch": 6, "test_error": 2.7},
+    ]
+    assert best_epoch(records, "test_error") == (3.0, 2.5)
+    assert best_epoch([{"epoch": 1}], "test_error") is None
+    assert best_epoch([], "test_error") is None
+
+
+def test_the_best_epoch_column_averages_the_seeds_with_a_history(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.4, 1.9]})
+    kept = ("experiment", "label", "config", "status", "epochs_done", "final")
+    for row in store.list("exp1"):
+        records = [dict(r) for r in row["history"]]
+        if row["config"]["seed"] == 0:  # its lowest epoch is epoch 2, at 1.5
+            records[1]["test_error"] = 1.5
+        if row["config"]["seed"] == 2:  # final values only, as a CSV import
+            records = []
+        store.upsert(row["key"], history=records, **{k: row[k] for k in kept})
+    (row,) = [r for r in summarize(experiments.load("exp1"), store.list("exp1")) if r["n"]]
+    assert (row["best"], row["best_epochs"], row["best_n"]) == (
+        pytest.approx((1.5 + 2.4) / 2),
+        [2.0, 5.0],
+        2,
+    )
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    assert "| 1.95 (epochs 2–5; 2 of 3 seeds) |" in line(text, "| 2x800 tanh s1 |")
+
+
+@pytest.mark.parametrize(
+    ("offset", "verdict"),
+    [(TOLERANCE, "within 0.20"), (-TOLERANCE, "within 0.20"), (0.21, "unexplained")],
+)
+def test_the_verdict_is_within_when_the_mean_is_at_most_the_tolerance_away(
+    tmp_path, offset, verdict
+):
+    store = Store(tmp_path / "runs.sqlite")
+    paper = experiments.load("exp1").paper["2x400 relu s2"]
+    fill(store, "exp1", {"2x400 relu s2": [paper + offset - 0.05, paper + offset + 0.05]})
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    assert line(text, "| 2x400 relu s2 |").endswith(f"| {verdict} |")
+
+
+def test_a_tiny_p_value_is_shown_as_a_bound(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x200 tanh s1": [3.00, 3.01, 3.02, 3.00, 3.01]})
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    assert "| <0.001 |" in line(text, "| 2x200 tanh s1 |")
