@@ -15,7 +15,18 @@ from gfalign.cli import main
 from gfalign.cli.reproduce import render_report, summarize
 from gfalign.store import Store
 
-PER_SEED = {"exp1": 27, "exp2": 27, "exp3": 10, "exp4": 14, "baselines": 27, "fashion": 9}
+PER_SEED = {
+    "exp1": 27,
+    "exp2": 27,
+    "exp3": 10,
+    "exp4": 14,
+    "baselines": 27,
+    "fashion": 9,
+    "field": 9,
+    "field-lenet": 9,
+    "conv-lr": 52,
+}
+PAPER_PROTOCOL = (*experiments.PAPER, "fashion", "field")  # epochs aside for field
 
 
 @pytest.mark.parametrize("name", experiments.EXPERIMENTS)
@@ -26,8 +37,10 @@ def test_every_preset_expands_and_validates(name):
     assert len(experiment.configs) == PER_SEED[name] * len(experiment.seeds)
     assert len({c.key() for c in experiment.configs}) == len(experiment.configs)
     train = experiment.base.train
-    assert (train.epochs, train.batch_size, train.lr) == (100, 32, 0.001)
-    assert (train.optimizer, train.reduction) == ("sgd", "sum")
+    if name in PAPER_PROTOCOL:
+        epochs = 20 if name == "field" else 100
+        assert (train.epochs, train.batch_size, train.lr) == (epochs, 32, 0.001)
+        assert (train.optimizer, train.reduction) == ("sgd", "sum")
     assert set(experiment.paper) <= set(experiment.cells())
 
 

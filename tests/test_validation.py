@@ -123,7 +123,8 @@ FLAG_CASES = [
     (["--feedback", "sparse:density=1.5"], ["density = 1.5", "allowed: a number in (0, 1]"]),
     (["--feedback", "gaussian:std=-1"], ["std = -1", "allowed: a number > 0"]),
     (["--feedback", "B6:dnsity=0.2"], ["unknown parameter 'dnsity' (did you mean 'density'?)"]),
-    (["--feedback", "B2:std=0.1"], ["feedback family 'B2'", "it takes none"]),
+    (["--feedback", "uniform-scaled:std=1"], ["family 'uniform-scaled'", "it takes none"]),
+    (["--feedback", "B2:tiled=1"], ["tiled = 1 is not a boolean", "allowed: true or false"]),
     (["--epochs", "0"], ["epochs = 0", "allowed: an integer >= 1"]),
     (["--lr", "inf"], ["lr = inf", "allowed: a finite number > 0"]),
     (["--lr", "nan"], ["lr = nan", "allowed: a finite number > 0"]),
@@ -234,6 +235,12 @@ def _keyword_parameters(name):
     return [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
+def _default(name, parameter):
+    import inspect
+
+    return inspect.signature(FAMILIES[name]).parameters[parameter].default
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_family_parameter_is_checked(name):
     """Densities in (0, 1], stds and widths > 0, every value a finite number, no stray names."""
@@ -241,6 +248,8 @@ def test_every_family_parameter_is_checked(name):
         FeedbackSpec(name, {"bogus": 1.0})
     for parameter in _keyword_parameters(name):
         bad = [math.nan, math.inf, "0.1", True]
+        if isinstance(_default(name, parameter), bool):  # a switch: true or false
+            bad = [math.nan, 1, 0, "true"]
         if parameter == "density":
             bad += [0, 0.0, -0.1, 1.5]
         if parameter in ("std", "width"):

@@ -12,6 +12,15 @@ receives the error.
 Families B1..B7 are those of the paper's experiment 4 (DESIGN.md section 5.5): noise is
 Gaussian with standard deviation ``std`` (default 0.01), sparsity keeps each entry with
 probability ``density`` (default 0.1), and a non-square identity is ones on the main diagonal.
+Other readings of the paper's text are parameters, whose defaults draw exactly what the
+readings above draw: ``std = 0.1`` reads "N(0, 0.01)" as a variance; ``tiled = true`` (B2, B3)
+repeats the identity block along the longer side, so that every unit of a wide layer receives
+one entry of the error; B5's uniform noise takes its half-width ``width`` (default 0.01, the
+paper's interval) or its standard deviation ``std`` (half-width ``std * sqrt(3)``).
+
+    >>> draw("B2:tiled=true", (2, 5), generator_for(0))
+    tensor([[1., 0., 1., 0., 1.],
+            [0., 1., 0., 1., 0.]], dtype=torch.float64)
 """
 
 from __future__ import annotations
@@ -61,6 +70,19 @@ def _normal(shape, generator, std):
     return torch.empty(shape, dtype=torch.float64).normal_(0.0, std, generator=generator)
 
 
+def _identity(shape, tiled):
+    """Ones where ``row % k == col % k``, ``k = min(rows, cols)``: the main diagonal when not
+    ``tiled``; tiled, the k x k identity repeated along the longer side (for a square matrix
+    both are the identity)."""
+    if len(shape) != 2:
+        raise ValueError(f"an identity matrix has two dimensions, not shape {list(shape)}")
+    if not tiled:
+        return torch.eye(*shape, dtype=torch.float64)
+    rows, cols = shape
+    k = min(rows, cols)
+    return (torch.arange(rows)[:, None] % k == torch.arange(cols)[None, :] % k).double()
+
+
 def _mask(shape, generator, density):
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density}")
@@ -100,14 +122,18 @@ def ones_noise(shape, generator, *, std: float = 0.01) -> torch.Tensor:
     return 1.0 + _normal(shape, generator, std)
 
 
-@family("B2", "non-square identity: ones on the main diagonal")
-def identity(shape, generator) -> torch.Tensor:
-    return torch.eye(*shape, dtype=torch.float64)
+@family(
+    "B2",
+    "non-square identity: ones on the main diagonal (tiled=true: the identity block repeated "
+    "along the longer side)",
+)
+def identity(shape, generator, *, tiled: bool = False) -> torch.Tensor:
+    return _identity(shape, tiled)
 
 
-@family("B3", "non-square identity + N(0, std^2) noise (std 0.01)")
-def identity_noise(shape, generator, *, std: float = 0.01) -> torch.Tensor:
-    return torch.eye(*shape, dtype=torch.float64) + _normal(shape, generator, std)
+@family("B3", "non-square identity (tiled=true: repeated) + N(0, std^2) noise (std 0.01)")
+def identity_noise(shape, generator, *, std: float = 0.01, tiled: bool = False) -> torch.Tensor:
+    return _identity(shape, tiled) + _normal(shape, generator, std)
 
 
 @family("B4", "sparse ones: each entry 1 with probability density (0.1), else 0")
@@ -115,8 +141,12 @@ def sparse_ones(shape, generator, *, density: float = 0.1) -> torch.Tensor:
     return _mask(shape, generator, density)
 
 
-@family("B5", "ones + U(-0.01, 0.01)")
-def ones_uniform(shape, generator, *, width: float = 0.01) -> torch.Tensor:
+@family("B5", "ones + U(-width, width), width 0.01 (or std: width = std * sqrt(3))")
+def ones_uniform(
+    shape, generator, *, width: float = 0.01, std: float | None = None
+) -> torch.Tensor:
+    if std is not None:
+        width = std * math.sqrt(3.0)  # U(-w, w) has standard deviation w / sqrt(3)
     return 1.0 + _uniform(shape, generator, -width, width)
 
 
@@ -163,21 +193,39 @@ def _check_params(name: str, params: Mapping[str, object]) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{where}unknown parameter {key!r}{hint}; known: {', '.join(known)}")
+        shown = _show(value)
+        if isinstance(known[key], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}{key} = {shown} is not a boolean; allowed: true or false")
+            continue
         allowed = _range_text(key)
-        shown = json.dumps(value) if isinstance(value, str) else value
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{where}{key} = {shown} is not a number; allowed: {allowed}")
         low, inclusive, high = _PARAMETER_RANGES.get(key, (-math.inf, True, math.inf))
         inside = (value >= low if inclusive else value > low) and value <= high
         if not math.isfinite(value) or not inside:
             raise ValueError(f"{where}{key} = {shown} is out of range; allowed: {allowed}")
+    if "width" in params and "std" in params:
+        raise ValueError(
+            f"{where}width = {_show(params['width'])} and std = {_show(params['std'])} both set "
+            "the noise's scale; allowed: one of them"
+        )
     if "low" in known and "high" in known:
         low, high = params.get("low", known["low"]), params.get("high", known["high"])
         if not low < high:
             raise ValueError(f"{where}low = {low} and high = {high}; allowed: low < high")
 
 
-def _parse_value(text: str) -> float | int | str:
+def _show(value: object) -> str:
+    """A parameter value as it is written: ``true``, ``0.1``, ``"abc"``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def _parse_value(text: str) -> bool | float | int | str:
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)
@@ -191,8 +239,9 @@ class FeedbackSpec:
     """A family name with its parameters; ``FeedbackSpec.parse("sparse:density=0.2")``.
 
     Unknown families and parameters are refused with the known ones; a density must lie in
-    (0, 1], a standard deviation (``std``) and a half-width (``width``) must be positive, every
-    parameter must be a finite number, and ``low < high``.
+    (0, 1], a standard deviation (``std``) and a half-width (``width``) must be positive, a
+    switch (``tiled``) is ``true`` or ``false``, every other parameter a finite number, and
+    ``low < high``.
     """
 
     family: str = "uniform"
@@ -235,7 +284,7 @@ class FeedbackSpec:
     def __str__(self) -> str:
         if not self.params:
             return self.family
-        return self.family + ":" + ",".join(f"{k}={v}" for k, v in self.params.items())
+        return self.family + ":" + ",".join(f"{k}={_show(v)}" for k, v in self.params.items())
 
 
 def generator_for(seed: int, *labels: object) -> torch.Generator:

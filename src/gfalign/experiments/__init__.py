@@ -5,6 +5,32 @@ optimizer, reduction, seeds), a ``[base]`` ``RunConfig`` table, a ``[grid]`` of 
 product gives the runs, and the ``[paper]``'s published values keyed by table cell
 (``"2x800 tanh s1"``), so a report prints ours beside them.
 
+Three more keys are read by the report (``gfalign.report``) and accepted here as they are:
+
+- ``[figures]``: the experiment's figures, in order. Each key names a figure (its file is
+  ``figures/<experiment>-<name>.png``); its value is a table with the figure's ``kind`` and
+  options, e.g. ``figure4 = {kind = "seeds", network = "2x800 tanh", title = "Figure 4"}``.
+  The kinds and their options are listed in ``gfalign.report.figures``.
+- ``addresses`` (a sensitivity study): the published cells the study may explain, a list of
+  ``"<experiment>:<cell>"`` with the cell written as in that experiment's ``[paper]`` table, or
+  a glob pattern over those cells (``"exp4:2x800 tanh dfa B*"``). A run of the study stands
+  for the addressed cell its own cell name reduces to once the feedback family's parameters
+  and any ``:variant`` suffix of a name are dropped (``dfa`` with ``feedback = "B1:std=0.1"``
+  stands for ``"2x800 tanh dfa B1"``; a rule table named ``"s3-aux:direct-only"`` for the
+  ``s3-aux`` cell). The report calls a published cell "explained by <study>" when one of the
+  study's configurations for it, averaged over its seeds, lands within 0.20 points of the
+  published value, and links the study's page.
+- ``question`` and ``cost`` (a sensitivity study): the question it answers, in one sentence,
+  and the compute it needs; the study's page shows both.
+
+A sensitivity study is a preset named ``study-*.toml`` (``STUDIES``; ``load`` reads them like the
+others). Its grid may be a list of tables, ``[[grid]]``, whose products are run one after the
+other: a study then varies what it varies for a few chosen cells only, e.g. the learning rate
+for two cells at 2x800 beside a full grid at 2x200. What a study changes beyond the cell's name
+(a learning rate, a batch size, a bias initialisation) goes into its grid, even with one value,
+so that ``Experiment.variant`` names it (``"lr=0.003"``); the cell name itself stays the one of
+the addressed experiment's table.
+
     >>> experiment = load("exp1")
     >>> len(experiment.expand(seeds=1))
     27
@@ -15,26 +41,44 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from fnmatch import fnmatch
 from importlib import resources
 from typing import Any
 
 from gfalign.config import RunConfig
-from gfalign.rules import ConfigError
+from gfalign.rules import ConfigError, render
+from gfalign.train import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["EXPERIMENTS", "PAPER", "Experiment", "cell", "load", "from_data"]
+__all__ = ["EXPERIMENTS", "PAPER", "STUDIES", "Experiment", "cell", "load", "from_data"]
 
 PAPER: tuple[str, ...] = ("exp1", "exp2", "exp3", "exp4", "baselines")
 """The paper's experiments (and the baselines that judge them): what ``all`` means."""
-EXPERIMENTS: tuple[str, ...] = (*PAPER, "fashion")
-"""Every preset: the paper's, and ``fashion`` (the 2x800 tanh grid on Fashion-MNIST)."""
+EXPERIMENTS: tuple[str, ...] = (*PAPER, "fashion", "field", "field-lenet", "conv-lr")
+"""Every preset: the paper's, ``fashion`` (the 2x800 tanh grid on Fashion-MNIST), and ``field``
+and ``field-lenet`` (the field's further rules, sign-concordant, Kolen-Pollack and DRTP, beside
+bp and fa on the MLP and on LeNet-5)."""
+
+
+def _studies() -> tuple[str, ...]:
+    presets = resources.files(__name__).joinpath("presets")
+    names = (entry.name for entry in presets.iterdir())
+    return tuple(sorted(n[: -len(".toml")] for n in names if fnmatch(n, "study-*.toml")))
+
+
+STUDIES: tuple[str, ...] = _studies()
+"""Sensitivity studies, every ``presets/study-*.toml``: each asks why a published cell
+disagrees with ours and runs the variants that could explain it (see the module docstring)."""
 
 _PROTOCOL_TRAIN = ("epochs", "batch_size", "lr", "optimizer", "reduction")
+# Fields a cell's name already shows; the others a grid varies make up its variant.
+_NAMED = ("model", "hidden", "activation", "rule", "feedback")
+_TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig)) - {"seed"}
 
 
 def cell(config: RunConfig) -> str:
@@ -57,7 +101,8 @@ class Experiment:
         name: ``exp1`` ... ``baselines``.
         description: one line.
         base: the ``RunConfig`` every grid point starts from (protocol applied).
-        grid: field name -> values; the runs are the product, in this order.
+        grid: field name -> values; the runs are the product, in this order. A study's
+            ``[[grid]]`` is a tuple of such tables, whose products follow one another.
         seeds: the protocol's seeds.
         configs: every run, grid x seeds (seed innermost).
         paper: published values by cell name.
@@ -67,7 +112,7 @@ class Experiment:
     name: str
     description: str
     base: RunConfig
-    grid: Mapping[str, tuple[Any, ...]]
+    grid: Mapping[str, tuple[Any, ...]] | tuple[Mapping[str, tuple[Any, ...]], ...]
     seeds: tuple[int, ...]
     configs: tuple[RunConfig, ...]
     paper: Mapping[str, float] = field(default_factory=dict)
@@ -79,15 +124,38 @@ class Experiment:
     def points(self, base: RunConfig | None = None) -> list[RunConfig]:
         """The grid's runs (seed of ``base``), in grid order."""
         base = self.base if base is None else base
-        names = list(self.grid)
         out = []
-        for values in itertools.product(*(self.grid[n] for n in names)):
-            changes = {
-                n: (list(v) if isinstance(v, tuple) else v)
-                for n, v in zip(names, values, strict=True)
-            }
-            out.append(base.override(**changes))
+        for table in self.tables:
+            names = list(table)
+            for values in itertools.product(*(table[n] for n in names)):
+                changes = {
+                    n: (list(v) if isinstance(v, tuple) else v)
+                    for n, v in zip(names, values, strict=True)
+                }
+                out.append(base.override(**changes))
         return out
+
+    @property
+    def tables(self) -> tuple[Mapping[str, tuple[Any, ...]], ...]:
+        """The grid as a tuple of tables (one for a plain ``[grid]``)."""
+        return (self.grid,) if isinstance(self.grid, Mapping) else tuple(self.grid)
+
+    def variant(self, config: RunConfig) -> str:
+        """What ``config`` changes beyond its cell's name: every field the grid varies that the
+        name does not show, where it differs from the base, as ``"key=value"``; ``""`` if none.
+
+        >>> study = load("study-lr")
+        >>> [study.variant(c) for c in study.points()[:2]]
+        ['lr=0.003', 'lr=0.01']
+        """
+        keys = dict.fromkeys(k for table in self.tables for k in table if k not in _NAMED)
+        parts = []
+        for key in keys:
+            value, base = _field(config, key), _field(self.base, key)
+            if value != base:
+                shown = value if isinstance(value, str) else render(value)
+                parts.append(f"{key}={shown}")
+        return " ".join(parts)
 
     def expand(self, seeds: int | Sequence[int] | None = None, **overrides: Any) -> list[RunConfig]:
         """Every run: grid x seeds, with ``overrides`` (``RunConfig``/``TrainConfig`` fields).
@@ -101,7 +169,12 @@ class Experiment:
 
     def cells(self) -> list[str]:
         """The cell names in grid order."""
-        return list(dict.fromkeys(cell(c) for c in self.points()))
+        return list(dict.fromkeys(self.cell(c) for c in self.points()))
+
+
+def _field(config: RunConfig, key: str) -> Any:
+    """A ``RunConfig`` field, or a ``TrainConfig`` field by name (as ``override`` routes it)."""
+    return getattr(config.train if key in _TRAIN_FIELDS else config, key)
 
 
 def with_seed(config: RunConfig, seed: int) -> RunConfig:
@@ -126,6 +199,7 @@ def _seeds(default: Sequence[int], seeds: int | Sequence[int] | None) -> tuple[i
 def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     """An experiment from a preset's plain data (validates every run)."""
     known = {"description", "metric", "protocol", "base", "grid", "paper"}
+    known |= {"figures", "addresses", "question", "cost"}  # read by gfalign.report
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"experiment {name}: unknown key(s) {sorted(unknown)}")
@@ -133,17 +207,31 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     seeds = tuple(int(s) for s in protocol.pop("seeds", [0]))
     base_data = dict(data.get("base", {}))
     train = dict(base_data.pop("train", {}) or {})
-    for key in _PROTOCOL_TRAIN:
-        if key in protocol:
-            train[key] = protocol.pop(key)
+    for key in sorted(_TRAIN_FIELDS & set(protocol)):  # any [train] field: lr, schedule...
+        train[key] = protocol.pop(key)
     if protocol:
         raise ConfigError(f"experiment {name}: unknown [protocol] key(s) {sorted(protocol)}")
     base_data["train"] = train
     base = RunConfig.from_data(base_data)
-    grid = {str(k): tuple(_tuple(v) for v in values) for k, values in data.get("grid", {}).items()}
-    for key, values in grid.items():
-        if not values:
-            raise ConfigError(f"experiment {name}: [grid] {key} is empty")
+    given = data.get("grid", {})
+    listed = isinstance(given, list) and bool(given) and all(isinstance(t, Mapping) for t in given)
+    if not (isinstance(given, Mapping) or listed):
+        raise ConfigError(
+            f"experiment {name}: grid = {render(given)}; allowed: a [grid] table, or [[grid]] "
+            "tables whose products follow one another"
+        )
+    tables = []
+    for table in [given] if isinstance(given, Mapping) else given:
+        for key, values in table.items():
+            if not isinstance(values, list):
+                raise ConfigError(
+                    f"experiment {name}: [grid] {key} = {render(values)} is not a list; "
+                    f"allowed: a list of values, e.g. {key} = [{render(values)}]"
+                )
+            if not values:
+                raise ConfigError(f"experiment {name}: [grid] {key} is empty")
+        tables.append({str(k): tuple(_tuple(v) for v in values) for k, values in table.items()})
+    grid = tables[0] if isinstance(given, Mapping) else tuple(tables)
     paper = {str(k): float(v) for k, v in data.get("paper", {}).items()}
     partial = Experiment(
         name,
@@ -162,6 +250,14 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     stray = set(paper) - set(experiment.cells())
     if stray:
         raise ConfigError(f"experiment {name}: [paper] cells not in the grid: {sorted(stray)}")
+    if not isinstance(grid, Mapping):
+        seen: dict[str, RunConfig] = {}
+        for point in experiment.points():
+            if seen.setdefault(point.key(), point) is not point:
+                raise ConfigError(
+                    f"experiment {name}: [[grid]] tables both give {point.label()}; allowed: "
+                    "tables whose runs differ"
+                )
     return experiment
 
 
@@ -170,9 +266,10 @@ def _tuple(value: Any) -> Any:
 
 
 def load(name: str) -> Experiment:
-    """The preset ``name`` (one of ``EXPERIMENTS``)."""
-    if name not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    """The preset ``name`` (one of ``EXPERIMENTS`` or ``STUDIES``)."""
+    if name not in EXPERIMENTS + STUDIES:
+        known = ", ".join(EXPERIMENTS + STUDIES)
+        raise ConfigError(f"unknown experiment {name!r}; known: {known}")
     text = resources.files(__name__).joinpath("presets", f"{name}.toml").read_text()
     try:
         data = tomllib.loads(text)
