@@ -848,20 +848,24 @@ class FeedbackRule(nn.Module):
 
     def _redraw(self, place: _Place, name: str, shape: tuple[int, ...], step: int) -> torch.Tensor:
         """brSF's ``|R|`` for one training step, from the term's family and a generator of the
-        seed, the step and the place, one per stacked member."""
+        seed, the step and the place, one per stacked member; drawn on the rule's device in its
+        dtype, so no host round trip."""
         term = self.config.layer(place.layer).terms[place.index]
         spec = term.feedback or self.config.feedback
         one = shape[1:] if self.stack_size else shape
+        labels = ("layer", place.layer, "term", place.index, name)
+        dtype, device = self.direct.dtype, self.direct.device
         draws = [
             feedback_families.draw(
                 spec,
                 one,
-                step_generator(seed, step, "layer", place.layer, "term", place.index, name),
+                step_generator(seed, step, *labels, device=device),
+                dtype=dtype,
+                device=device,
             ).abs_()
             for seed in self.seeds
         ]
-        value = torch.stack(draws) if self.stack_size else draws[0]
-        return value.to(device=self.direct.device, dtype=self.direct.dtype)
+        return torch.stack(draws) if self.stack_size else draws[0]
 
     def extra_repr(self) -> str:
         config = self.config

@@ -1,6 +1,7 @@
 """Families of fixed random feedback matrices.
 
-A family is a function ``(shape, generator, **params) -> float64 tensor`` registered by name.
+A family is a function ``(shape, generator, **params) -> tensor`` registered by name (float64 on
+the CPU, unless ``draw`` is asked for another dtype and device).
 Adding a family is one decorated function here; rules, the CLI and the experiment files refer
 to families by name, with parameters, e.g. ``"sparse:density=0.2"`` or
 ``FeedbackSpec("B1", {"std": 0.05})``.
@@ -25,6 +26,7 @@ paper's interval) or its standard deviation ``std`` (half-width ``std * sqrt(3)`
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import hashlib
 import inspect
@@ -62,12 +64,24 @@ def family(name: str, description: str) -> Callable[[Family], Family]:
     return register
 
 
+# Where draws are made: float64 on the CPU, unless ``draw`` is asked for another dtype and device
+# (a per-step redraw on the model's own device, say). The families' helpers read it.
+_WHERE: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "where", default=(torch.float64, None)
+)
+
+
+def _where() -> dict:
+    dtype, device = _WHERE.get()
+    return {"dtype": dtype, "device": device}
+
+
 def _uniform(shape, generator, low, high):
-    return torch.empty(shape, dtype=torch.float64).uniform_(low, high, generator=generator)
+    return torch.empty(shape, **_where()).uniform_(low, high, generator=generator)
 
 
 def _normal(shape, generator, std):
-    return torch.empty(shape, dtype=torch.float64).normal_(0.0, std, generator=generator)
+    return torch.empty(shape, **_where()).normal_(0.0, std, generator=generator)
 
 
 def _identity(shape, tiled):
@@ -76,17 +90,21 @@ def _identity(shape, tiled):
     both are the identity)."""
     if len(shape) != 2:
         raise ValueError(f"an identity matrix has two dimensions, not shape {list(shape)}")
+    where = _where()
     if not tiled:
-        return torch.eye(*shape, dtype=torch.float64)
+        return torch.eye(*shape, **where)
     rows, cols = shape
     k = min(rows, cols)
-    return (torch.arange(rows)[:, None] % k == torch.arange(cols)[None, :] % k).double()
+    device = where["device"]
+    rows_, cols_ = torch.arange(rows, device=device), torch.arange(cols, device=device)
+    return (rows_[:, None] % k == cols_[None, :] % k).to(where["dtype"])
 
 
 def _mask(shape, generator, density):
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density}")
-    return (torch.rand(shape, dtype=torch.float64, generator=generator) < density).double()
+    where = _where()
+    return (torch.rand(shape, generator=generator, **where) < density).to(where["dtype"])
 
 
 @family("uniform", "U(low, high), default U(-1/2, 1/2): the paper's feedback")
@@ -298,11 +316,22 @@ def generator_for(seed: int, *labels: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def draw(spec: FeedbackSpec | str, shape: tuple[int, int], generator: torch.Generator):
-    """Draw one matrix of ``shape`` from a family; float64 on the CPU."""
+def draw(
+    spec: FeedbackSpec | str,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+):
+    """Draw one matrix of ``shape`` from a family; float64 on the CPU unless ``dtype`` and
+    ``device`` say otherwise (``generator`` must then live on ``device``)."""
     spec = FeedbackSpec.parse(spec)
+    token = _WHERE.set((dtype, device))
     try:
         matrix = FAMILIES[spec.family](tuple(shape), generator, **spec.params)
     except TypeError as error:
         raise ValueError(f"bad parameters for feedback family {spec}: {error}") from None
+    finally:
+        _WHERE.reset(token)
     return matrix
