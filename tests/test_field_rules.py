@@ -321,7 +321,7 @@ def test_drtp_on_an_autoencoder_is_refused():
         ({"kind": "above", "mode": "sign"}, "unknown feedback mode 'sign'"),
         ({"kind": "above", "mode": "kp:decay=-1"}, "decay = -1 is out of range"),
         ({"kind": "above", "mode": "usf:decay=1"}, "unknown parameter 'decay'"),
-        ({"kind": "above", "mode": "kp:decay"}, "not key=number"),
+        ({"kind": "above", "mode": "kp:decay"}, "not key=value"),
         ("direct:targets", "unknown error 'targets'"),
     ],
 )

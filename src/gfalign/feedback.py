@@ -44,6 +44,7 @@ __all__ = [
     "draw",
     "family",
     "generator_for",
+    "parse_named",
 ]
 
 Family = Callable[..., torch.Tensor]
@@ -241,6 +242,19 @@ def _show(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
+def parse_named(text: str, what: str) -> tuple[str, dict[str, bool | float | int | str]]:
+    """``"name:key=value,key=value"`` as ``(name, params)``, each value a number, a true/false
+    switch or a string; a ``ValueError`` names an item that is not ``key=value``."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"{what} parameter {item!r} in {text!r} is not key=value")
+        params[key.strip()] = _parse_value(value.strip())
+    return name.strip(), params
+
+
 def _parse_value(text: str) -> bool | float | int | str:
     if text in ("true", "false"):
         return text == "true"
@@ -290,14 +304,8 @@ class FeedbackSpec:
             params = dict(value)
             name = params.pop("family", "uniform")
             return cls(name, params)
-        name, _, rest = str(value).partition(":")
-        params = {}
-        for item in filter(None, (part.strip() for part in rest.split(","))):
-            key, equals, text = item.partition("=")
-            if not equals:
-                raise ValueError(f"feedback parameter {item!r} in {value!r} is not key=value")
-            params[key.strip()] = _parse_value(text.strip())
-        return cls(name.strip(), params)
+        name, params = parse_named(str(value), "feedback")
+        return cls(name, params)
 
     def __str__(self) -> str:
         if not self.params:

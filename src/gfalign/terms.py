@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gfalign.feedback import parse_named
+
 __all__ = [
     "KINDS",
     "MODES",
@@ -317,19 +319,7 @@ class ModeSpec:
             return cls(str(params.pop("name", "fixed")), params)
         if not isinstance(value, str):
             raise ValueError(f"a feedback mode is a name such as 'kp', got {value!r}")
-        name, _, rest = value.partition(":")
-        params: dict[str, float] = {}
-        for item in filter(None, (part.strip() for part in rest.split(","))):
-            key, equals, text = item.partition("=")
-            try:
-                if not equals:
-                    raise ValueError
-                params[key.strip()] = float(text)
-            except ValueError:
-                raise ValueError(
-                    f"mode parameter {item!r} in {value!r} is not key=number"
-                ) from None
-        return cls(name.strip(), params)
+        return cls(*parse_named(value, "mode"))
 
     @property
     def mode(self) -> Mode:

@@ -413,16 +413,7 @@ def _families(context: Context, spec: FigureSpec) -> Made:
                 note="; ".join(coincide),
             )
         )
-    if not panels:
-        return [], [*notes, f"{short}: no finished runs of its cells yet."]
-    from gfalign import plots
-
-    path = plots.plot_panels(
-        panels,
-        context.path(spec.name),
-        title=f"{short}: {_LABELS.get(metric, metric)} of the {network} network per feedback "
-        "family",
-    )
+    title = f"{short}: {_LABELS.get(metric, metric)} of the {network} network per feedback family"
     caption = (
         f"{short}: {_LABELS.get(metric, metric)} per epoch of the {network} network for each "
         f"feedback family, one panel per rule ({', '.join(rules)}), log scale; mean over the "
@@ -434,9 +425,7 @@ def _families(context: Context, spec: FigureSpec) -> Made:
             f"{COINCIDE:.2f} points apart) are drawn dotted over a wide pale line and named "
             f"on the figure: {'; '.join(coincidences)}. "
         )
-    sentence = _final_sentence(every)
-    caption += (sentence + " " if sentence else "") + f"{_protocol_text(protocol)}."
-    return [Image(path, caption)], notes
+    return _panel_image(context, spec, panels, notes, title, caption, every, protocol)
 
 
 def _shape(config: RunConfig) -> str:
@@ -555,21 +544,25 @@ def _panels(context: Context, spec: FigureSpec) -> Made:
                 note="; ".join(coincide),
             )
         )
-    if not panels:
-        return [], [*notes, f"{short}: no finished runs of its cells yet."]
-    from gfalign import plots
-
-    path = plots.plot_panels(
-        panels,
-        context.path(spec.name),
-        title=f"{short}: {_LABELS.get(metric, metric)} of the {network} network",
-    )
+    title = f"{short}: {_LABELS.get(metric, metric)} of the {network} network"
     caption = (
         f"{short}: {_LABELS.get(metric, metric)} per epoch of the {network} network per rule, "
         "log scale; mean over the seeds the legend counts, band from min to max. "
     )
     if coincidences:
         caption += "Coinciding series, drawn dotted over wide: " + "; ".join(coincidences) + ". "
+    return _panel_image(context, spec, panels, notes, title, caption, every, protocol)
+
+
+def _panel_image(context, spec, panels, notes, title, caption, every, protocol) -> Made:
+    """The figure of ``panels`` with its caption closed by the final values and the protocol;
+    a note instead when no cell has finished runs."""
+    if not panels:
+        short = title.split(":")[0]
+        return [], [*notes, f"{short}: no finished runs of its cells yet."]
+    from gfalign import plots
+
+    path = plots.plot_panels(panels, context.path(spec.name), title=title)
     sentence = _final_sentence(every)
     caption += (sentence + " " if sentence else "") + f"{_protocol_text(protocol)}."
     return [Image(path, caption)], notes
