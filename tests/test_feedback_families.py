@@ -296,3 +296,15 @@ def test_bad_readings_are_refused_in_one_line(text, message):
     with pytest.raises(ValueError, match=message) as refusal:
         FeedbackSpec.parse(text)
     assert "\n" not in str(refusal.value)
+
+
+def test_xavier_draws_have_glorots_bound_for_matrices_and_kernels():
+    from gfalign.feedback import draw, generator_for
+
+    matrix = draw("xavier", (300, 500), generator_for(0, "x"))
+    bound = (6.0 / 800) ** 0.5
+    assert matrix.abs().max() <= bound and matrix.abs().max() > 0.99 * bound
+    assert abs(float(matrix.std()) - bound / 3**0.5) < 0.01 * bound
+    kernel = draw("xavier", (16, 6, 5, 5), generator_for(0, "k"))
+    bound = (6.0 / ((16 + 6) * 25)) ** 0.5
+    assert kernel.abs().max() <= bound and kernel.abs().max() > 0.95 * bound

@@ -24,7 +24,7 @@ PER_SEED = {
     "fashion": 9,
     "field": 9,
     "field-lenet": 9,
-    "conv-lr": 52,
+    "conv-lr": 96,
 }
 PAPER_PROTOCOL = (*experiments.PAPER, "fashion", "field")  # epochs aside for field
 

@@ -129,6 +129,19 @@ def gaussian_scaled(shape, generator) -> torch.Tensor:
     return _normal(shape, generator, 1.0 / math.sqrt(shape[0]))
 
 
+@family(
+    "xavier",
+    "U(-a, a), a = sqrt(6 / (fan_in + fan_out)) of the shape (a kernel's fans count its "
+    "receptive field): Glorot's uniform, as biotorch initialises feedback",
+)
+def xavier(shape, generator) -> torch.Tensor:
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    fan_in = (shape[1] if len(shape) > 1 else shape[0]) * receptive
+    fan_out = shape[0] * receptive
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return _uniform(shape, generator, -bound, bound)
+
+
 @family("sparse", "U(low, high) entries kept with probability density (default 0.1)")
 def sparse(
     shape, generator, *, density: float = 0.1, low: float = -0.5, high: float = 0.5
