@@ -318,3 +318,27 @@ def test_lenet5_cifar_is_biotorchs_lenet_cifar():
             other.copy_(mine)
     torch.testing.assert_close(net(x), reference(x), rtol=0, atol=1e-12)
     torch.testing.assert_close(net.forward_cache(x).pre[-1], reference(x), rtol=0, atol=1e-12)
+
+
+def test_cli_info_and_verify_read_the_binary_batches(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from gfalign.cli import main as cli
+
+    content = _batches()
+    files = _encoded(content)
+    monkeypatch.setitem(SPECS, "cifar10", _spec(files))
+    directory = _write(tmp_path / "cifar", files)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["data", "info", "cifar10", "--data-dir", str(directory)])
+    assert result.exit_code == 0, result.output
+    train = np.bincount(np.concatenate([content[n][0] for n in TRAIN_NAMES]), minlength=10)
+    expected = f"train: {sum(TRAIN_RECORDS)} examples; per class " + " ".join(map(str, train))
+    assert expected in result.output and "test: 3 examples" in result.output
+    result = runner.invoke(cli, ["data", "verify", "cifar10", "--data-dir", str(directory)])
+    assert result.exit_code == 0 and result.output.count(" good ") == 6, result.output
+    (directory / "test_batch.bin").write_bytes(files["test_batch.bin"][:-1])  # truncated
+    result = runner.invoke(cli, ["data", "info", "cifar10", "--data-dir", str(directory)])
+    assert "no class counts (test_batch.bin is" in result.output
+    result = runner.invoke(cli, ["data", "verify", "cifar10", "--data-dir", str(directory)])
+    assert result.exit_code != 0 and "1 of 6 files are bad or missing" in result.output

@@ -8,28 +8,32 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gfalign.data import DATASETS, DataError, FileReport, get_spec
+from gfalign.data import SPECS, DataError, FileReport, get_spec
 from gfalign.data import fetch as fetch_files
 from gfalign.data import verify as verify_files
+from gfalign.data.dataset import read_labels
 from gfalign.data.files import lookup_directory
-from gfalign.data.idx import read as read_idx
 from gfalign.data.tensors import tensor_path
 
 DEFAULT = ("mnist",)
 
-names_argument = click.argument("names", nargs=-1, type=click.Choice(DATASETS), metavar="[NAME]...")
+names_argument = click.argument(
+    "names", nargs=-1, type=click.Choice(tuple(SPECS)), metavar="[NAME]..."
+)
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Directory holding the four IDX files, gzipped or not (default: $GFALIGN_DATA, "
-    "else the cache).",
+    help="Directory holding the dataset's files: MNIST's four IDX files, gzipped or not, or "
+    "CIFAR-10's six .bin batch files (default: $GFALIGN_DATA, else the cache).",
 )
 
 
 @click.group("data")
 def data() -> None:
-    """Fetch, verify and describe datasets (mnist, fashion-mnist)."""
+    """Fetch, verify and describe datasets (mnist, fashion-mnist, cifar10).
+
+    CIFAR-10 is its binary release (cifar-10-binary.tar.gz), never the pickled one."""
 
 
 @data.command("fetch", short_help="Download and verify datasets into the cache.")
@@ -84,8 +88,7 @@ def info_command(names: Sequence[str], data_dir: Path | None) -> None:
             click.echo(f"  fast cache: {cached} ({cached.stat().st_size:,} bytes)")
         else:
             click.echo("  fast cache: not built yet (the first load builds it)")
-        for split, report in (("train", reports[1]), ("test", reports[3])):
-            click.echo(f"  {split}: {_class_counts(report, len(spec.classes))}")
+        click.echo(f"  {_class_counts(spec, reports, data_dir)}")
 
 
 def _reports(name: str, data_dir: Path | None) -> list[FileReport]:
@@ -95,12 +98,18 @@ def _reports(name: str, data_dir: Path | None) -> list[FileReport]:
         raise click.ClickException(str(error)) from None
 
 
-def _class_counts(labels: FileReport, classes: int) -> str:
-    """``'60,000 examples; per class 5923 6742 ...'`` from a verified label file."""
-    if not labels.good or labels.path is None:
-        return f"no class counts ({labels.name} is {labels.status})"
+def _class_counts(spec, reports: Sequence[FileReport], data_dir: Path | None) -> str:
+    """``'train: 60,000 examples; per class 5923 6742 ...'`` and the same for test, from
+    verified files only (a bad file is never read)."""
+    bad = [report for report in reports if not report.good]
+    if bad:
+        return f"no class counts ({bad[0].name} is {bad[0].status})"
     try:
-        counts = np.bincount(read_idx(labels.path), minlength=classes).tolist()
+        labels = read_labels(spec, lookup_directory(spec, data_dir))
     except DataError as error:
         raise click.ClickException(str(error)) from None
-    return f"{sum(counts):,} examples; per class " + " ".join(str(count) for count in counts)
+    lines = []
+    for split, values in zip(("train", "test"), labels, strict=True):
+        counts = np.bincount(values, minlength=len(spec.classes)).tolist()
+        lines.append(f"{split}: {sum(counts):,} examples; per class " + " ".join(map(str, counts)))
+    return "\n  ".join(lines)
