@@ -341,3 +341,23 @@ def test_runs_without_history_are_noted_only_on_their_own_dataset(tmp_path):
     assert "baseline with no per-epoch history is a dashed level" in exp1
     assert "no per-epoch history" not in (tmp_path / "out" / "fashion.md").read_text()
     store.close()
+
+
+def test_the_cost_per_cell_comes_from_the_machine_with_most_runs(tmp_path):
+    """Seconds per epoch per cell from one machine only, trained alone and stacked apart."""
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "exp1", {"2x800 tanh s1": [2.0, 2.2, 2.4], "2x800 tanh s2": [2.1]})
+    kept = ("experiment", "label", "config", "status", "epochs_done", "final")
+    for row in store.list("exp1"):
+        seed, s2 = row["config"]["seed"], row["config"]["rule"] == "s2"
+        history = [dict(rec, seconds=4.0 + seed) for rec in row["history"]]
+        if seed == 2:  # a stacked member: its share of the stack's time
+            history = [dict(rec, seconds=1.5, stacked=3) for rec in row["history"]]
+        versions = {"platform": "other" if s2 else "main", "cpu_count": 2, "device": "cpu"}
+        store.upsert(row["key"], versions=versions, history=history, **{k: row[k] for k in kept})
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    assert "per rule of the 2x800 tanh network, from one machine only (" in text
+    assert "main: 3 runs; 1 run of other networks or machines left out" in text
+    cells = [c.strip() for c in line(text, "| s1 |").split("|")[1:-1]]
+    assert cells == ["s1", "4.5 (2)", "1.5 (1)"]  # the median of 4 and 5 s; the stack's share
+    assert "| s2 |" not in text  # another machine's run is left out

@@ -174,3 +174,29 @@ def test_a_preset_without_figures_draws_none():
     assert figure_specs("exp9", {"description": "none"}) == []
     assert [s.name for s in figure_specs("exp4")] == ["figure8", "alignment"]
     assert experiments.load("exp4")  # the loader accepts the [figures] table
+
+
+def test_conv_figures_keep_each_dataset_apart_and_name_rules_without_the_model(tmp_path, drawn):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(
+        store,
+        "conv",
+        {
+            "lenet5 bp dataset=mnist": [1.0, 1.1],
+            "lenet5 fa xavier dataset=mnist": [1.5],
+            "lenet5 bp dataset=fashion-mnist": [9.0],
+        },
+        angles=True,
+    )
+    write_report(["conv"], store, tmp_path / "out")
+    mnist, title = drawn["conv-mnist"]
+    assert title.endswith("on mnist")
+    lines = {s.label.split(",")[0] for p in mnist for s in p.series}
+    assert lines == {"bp", "fa xavier"}
+    final = {s.label.split(",")[0]: [c[1][-1] for c in s.curves] for p in mnist for s in p.series}
+    assert final["bp"] == [1.0, 1.1]  # MNIST's two seeds, not Fashion's
+    fashion, _ = drawn["conv-fashion"]
+    assert [c[1][-1] for p in fashion for s in p.series for c in s.curves] == [9.0]
+    aligned, title = drawn["conv-alignment-mnist"]
+    assert [p.title for p in aligned] == ["block 1", "block 2"] and title.endswith("on mnist")
+    assert {s.label.split(",")[0] for p in aligned for s in p.series} == {"bp", "fa xavier"}

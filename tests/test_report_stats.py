@@ -112,3 +112,33 @@ def test_a_tiny_p_value_is_shown_as_a_bound(tmp_path):
     fill(store, "exp1", {"2x200 tanh s1": [3.00, 3.01, 3.02, 3.00, 3.01]})
     text = render_report(experiments.load("exp1"), store.list("exp1"))
     assert "| <0.001 |" in line(text, "| 2x200 tanh s1 |")
+
+
+def test_a_reference_column_and_the_validation_selected_epoch(tmp_path):
+    """conv: biotorch's values beside ours (no verdict), and each seed's test error at the epoch
+    of its lowest validation error, averaged; the test set never chooses."""
+    store = Store(tmp_path / "runs.sqlite")
+    conv = experiments.load("conv")
+    fill(store, "conv", {"lenet5 bp dataset=mnist": [1.0, 1.2, 1.1]})
+    kept = ("experiment", "label", "config", "status", "epochs_done", "final")
+    for row in store.list("conv"):
+        records = [dict(r) for r in row["history"]]
+        for n, record in enumerate(records, start=1):
+            record["validation_error"] = 5.0 - 0.5 * n  # the last epoch validates best...
+        if row["config"]["seed"] == 0:  # ...but seed 0's validation is lowest at epoch 2
+            records[1]["validation_error"] = 0.5
+            records[1]["test_error"] = 3.0
+        best = 1 + min(range(len(records)), key=lambda n: records[n]["validation_error"])
+        for record in records:
+            record["best_epoch"] = best
+        store.upsert(row["key"], history=records, **{k: row[k] for k in kept})
+    (row,) = [r for r in summarize(conv, store.list("conv")) if r["n"]]
+    last = len(store.list("conv")[0]["history"])
+    assert row["reference"] == 0.91 and row["verdict"] is None
+    assert row["selected"] == pytest.approx((3.0 + 1.2 + 1.1) / 3)
+    assert row["selected_epochs"] == [2, last, last]
+    text = render_report(conv, store.list("conv"))
+    cells = [c.strip() for c in line(text, "| lenet5 bp dataset=mnist |").split("|")[1:-1]]
+    assert cells[1] == "0.91" and cells[2] == "1.10 ± 0.10" and cells[5] == "+0.19"
+    assert f"1.77 (epochs 2–{last})" in cells
+    assert "Reference: biotorch's Benchmarks.md" in text and "verdict" not in line(text, "| cell")

@@ -83,7 +83,7 @@ def test_a_study_states_its_question_cost_and_cells(name):
     for address in addresses:
         experiment, _, cell = address.partition(":")
         assert experiment in PAPER and cell in published[experiment], address
-    covered = {_reduced(c) for c in study.cells()}
+    covered = {_reduced(experiments.cell(c)) for c in study.points()}
     for address in addresses:
         assert address.partition(":")[2] in covered, f"{address}: no run of {name} stands for it"
     every = {f"{e}:{c}" for e, cells in published.items() for c in cells}
@@ -136,6 +136,12 @@ def test_variants_name_what_a_study_changes():
         expected = {
             "conv-lr": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
             "field-lenet": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},  # a rate per rule
+            "conv-cifar": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
+            "conv": {
+                f"{d}{r}".strip()
+                for d in ("", "dataset=fashion-mnist ")
+                for r in ("lr=0.01", "lr=0.1", "", "lr=0.0001")
+            },
         }.get(name, {""})
         assert {experiment.variant(c) for c in experiment.points()} == expected, name
 
@@ -146,7 +152,7 @@ def test_study_cells_are_the_addressed_cells_with_their_reading():
         "2x200 tanh s3-aux:below-final",
     ]
     lr = load("study-lr")
-    assert lr.cells()[:4] == [
+    assert list(dict.fromkeys(experiments.cell(c) for c in lr.points()))[:4] == [
         "2x200 sigmoid bp",
         "2x200 sigmoid s1",
         "2x200 sigmoid s2",
@@ -249,3 +255,31 @@ def test_bad_grids_are_refused_in_one_line(grid, message):
 def test_an_unknown_preset_lists_the_studies():
     with pytest.raises(ConfigError, match="known: exp1, .*, study-batch1, .*study-s3-aux"):
         load("study-nothing")
+
+
+def test_a_cell_name_shows_what_tells_its_points_apart():
+    """Points that share a plain cell name get the fields they differ in; others keep it."""
+    screening = load("conv-lr")
+    names = screening.cells()
+    assert len(names) == len(screening.points())  # every point named apart
+    assert "lenet5 fa xavier lr=0.01" in names and "lenet5 fa lr=0.0001" in names
+    conv = load("conv")
+    assert len(conv.cells()) == len(conv.points())
+    assert "lenet5 bp dataset=fashion-mnist" in conv.cells()
+    assert load("exp1").cells()[0] == "2x200 tanh s1"  # the paper's grids: plain names
+    assert load("study-lr").cells()[0] == "2x200 sigmoid bp lr=0.003"
+
+
+def test_a_reference_table_names_cells_of_the_grid():
+    data = {
+        "base": {"hidden": [20], "dataset": "synthetic"},
+        "grid": {"rule": ["bp", "fa"]},
+        "reference": {"source": "elsewhere", "values": {"1x20 tanh bp": 2.0}},
+    }
+    assert from_data("x", data).reference["values"] == {"1x20 tanh bp": 2.0}
+    data["reference"]["values"] = {"1x20 tanh dfa": 2.0}
+    with pytest.raises(ConfigError, match=r"\[reference\] values for cells not in the grid"):
+        from_data("x", data)
+    data["reference"] = {"values": {"1x20 tanh bp": "2"}}
+    with pytest.raises(ConfigError, match="allowed: \\[reference\\] with source"):
+        from_data("x", data)

@@ -25,6 +25,8 @@ PER_SEED = {
     "field": 9,
     "field-lenet": 9,
     "conv-lr": 96,
+    "conv": 26,
+    "conv-cifar": 13,
 }
 PAPER_PROTOCOL = (*experiments.PAPER, "fashion", "field")  # epochs aside for field
 

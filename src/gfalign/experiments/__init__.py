@@ -43,6 +43,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatch
+from functools import cached_property
 from importlib import resources
 from typing import Any
 
@@ -59,7 +60,15 @@ __all__ = ["EXPERIMENTS", "PAPER", "STUDIES", "Experiment", "cell", "load", "fro
 
 PAPER: tuple[str, ...] = ("exp1", "exp2", "exp3", "exp4", "baselines")
 """The paper's experiments (and the baselines that judge them): what ``all`` means."""
-EXPERIMENTS: tuple[str, ...] = (*PAPER, "fashion", "field", "field-lenet", "conv-lr")
+EXPERIMENTS: tuple[str, ...] = (
+    *PAPER,
+    "fashion",
+    "field",
+    "field-lenet",
+    "conv-lr",
+    "conv",
+    "conv-cifar",
+)
 """Every preset: the paper's, ``fashion`` (the 2x800 tanh grid on Fashion-MNIST), and ``field``
 and ``field-lenet`` (the field's further rules, sign-concordant, Kolen-Pollack and DRTP, beside
 bp and fa on the MLP and on LeNet-5)."""
@@ -107,6 +116,10 @@ class Experiment:
         configs: every run, grid x seeds (seed innermost).
         paper: published values by cell name.
         metric: the summary metric compared with the paper (``test_error``).
+        reference: published numbers of another source under another protocol, shown beside
+            ours with their difference but never judged (no verdict): ``source`` (who, and
+            how they were obtained) and ``values`` by cell name, from the preset's
+            ``[reference]`` table.
     """
 
     name: str
@@ -117,9 +130,38 @@ class Experiment:
     configs: tuple[RunConfig, ...]
     paper: Mapping[str, float] = field(default_factory=dict)
     metric: str = "test_error"
+    reference: Mapping[str, Any] = field(default_factory=dict)
 
     def cell(self, config: RunConfig) -> str:
-        return cell(config)
+        """``cell(config)``, followed by ``key=value`` for each field in which the grid's points
+        of that name differ (none in the paper's grids), so that every point has a name of its
+        own: ``"lenet5 bp dataset=fashion-mnist"`` where a grid crosses datasets, ``"lenet5 fa
+        lr=0.01"`` where it screens rates.
+
+        >>> screening = load("conv-lr")
+        >>> screening.cell(screening.points()[1])
+        'lenet5 bp lr=0.01'
+        """
+        name = cell(config)
+        parts = []
+        for key in self._ambiguous.get(name, ()):
+            value = _field(config, key)
+            parts.append(f"{key}={value if isinstance(value, str) else render(value)}")
+        return " ".join([name, *parts])
+
+    @cached_property
+    def _ambiguous(self) -> dict[str, tuple[str, ...]]:
+        """Per plain cell name, the grid's fields whose values differ among its points."""
+        keys = list(dict.fromkeys(k for table in self.tables for k in table if k not in _NAMED))
+        seen: dict[str, list[RunConfig]] = {}
+        for point in self.points():
+            seen.setdefault(cell(point), []).append(point)
+        out = {}
+        for name, points in seen.items():
+            differ = tuple(k for k in keys if len({render(_field(p, k)) for p in points}) > 1)
+            if differ:
+                out[name] = differ
+        return out
 
     def points(self, base: RunConfig | None = None) -> list[RunConfig]:
         """The grid's runs (seed of ``base``), in grid order."""
@@ -172,6 +214,22 @@ class Experiment:
         return list(dict.fromkeys(self.cell(c) for c in self.points()))
 
 
+def _reference(name: str, data: Any) -> dict[str, Any]:
+    """A preset's ``[reference]`` table checked: ``source`` text and ``values`` by cell."""
+    if not data:
+        return {}
+    form = '[reference] with source = "..." and values = {"<cell>" = number, ...}'
+    if not isinstance(data, Mapping) or set(data) - {"source", "values"}:
+        raise ConfigError(f"experiment {name}: reference = {render(data)}; allowed: {form}")
+    values = data.get("values", {})
+    good = isinstance(values, Mapping) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()
+    )
+    if not isinstance(data.get("source"), str) or not good:
+        raise ConfigError(f"experiment {name}: reference = {render(data)}; allowed: {form}")
+    return {"source": data["source"], "values": {str(k): float(v) for k, v in values.items()}}
+
+
 def _field(config: RunConfig, key: str) -> Any:
     """A ``RunConfig`` field, or a ``TrainConfig`` field by name (as ``override`` routes it)."""
     return getattr(config.train if key in _TRAIN_FIELDS else config, key)
@@ -200,6 +258,7 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     """An experiment from a preset's plain data (validates every run)."""
     known = {"description", "metric", "protocol", "base", "grid", "paper"}
     known |= {"figures", "addresses", "question", "cost"}  # read by gfalign.report
+    known.add("reference")
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"experiment {name}: unknown key(s) {sorted(unknown)}")
@@ -244,12 +303,27 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
         str(data.get("metric", "test_error")),
     )
     configs = tuple(partial.expand())
+    reference = _reference(name, data.get("reference", {}))
     experiment = Experiment(
-        partial.name, partial.description, base, grid, seeds, configs, paper, partial.metric
+        partial.name,
+        partial.description,
+        base,
+        grid,
+        seeds,
+        configs,
+        paper,
+        partial.metric,
+        reference,
     )
     stray = set(paper) - set(experiment.cells())
     if stray:
         raise ConfigError(f"experiment {name}: [paper] cells not in the grid: {sorted(stray)}")
+    stray = set(reference.get("values", {})) - set(experiment.cells())
+    if stray:
+        raise ConfigError(
+            f"experiment {name}: [reference] values for cells not in the grid: {sorted(stray)}; "
+            f"allowed: {', '.join(experiment.cells())}"
+        )
     if not isinstance(grid, Mapping):
         seen: dict[str, RunConfig] = {}
         for point in experiment.points():

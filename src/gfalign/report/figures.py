@@ -150,6 +150,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "panels": (Mapping, 'a table of panel title = [rules], e.g. {"bp, fa" = ["bp", "fa"]}'),
     "count": (int, "a positive number of filters, e.g. 36"),
     "angle": (str, '"update" or "delta"'),
+    "dataset": (str, 'a dataset of the grid, e.g. "fashion-mnist"'),
 }
 
 
@@ -186,6 +187,18 @@ def draw(context: Context, specs: Sequence[FigureSpec]) -> Made:
 
 def _cell_rows(rows: Sequence[Mapping[str, Any]], wanted: Callable[[str], bool]) -> list:
     return [r for r in rows if r["status"] == "finished" and wanted(cell(config_of(r)))]
+
+
+def _on_dataset(rows: Sequence[Mapping[str, Any]], spec: FigureSpec) -> list:
+    """The rows on the figure's ``dataset`` (all of them when the figure names none)."""
+    if "dataset" not in spec.options:
+        return list(rows)
+    return [r for r in rows if config_of(r).dataset == spec.options["dataset"]]
+
+
+def _on(spec: FigureSpec) -> str:
+    """`` on <dataset>`` for a figure that names its dataset, else ``""``."""
+    return f" on {spec.options['dataset']}" if "dataset" in spec.options else ""
 
 
 def _choose(rows: Sequence[Mapping[str, Any]], short: str) -> tuple[tuple | None, list, list]:
@@ -518,10 +531,10 @@ def _panels(context: Context, spec: FigureSpec) -> Made:
     groups_spec = spec.options["panels"]
     metric = experiment.metric
     short = f"{spec.title} ({experiment.name})"
-    rows = _cell_rows(context.rows, lambda c: c.startswith(network + " "))
+    rows = _cell_rows(_on_dataset(context.rows, spec), lambda c: c.startswith(network + " "))
     protocol, chosen, notes = _choose(rows, short)
     if protocol is None:
-        return [], [*notes, f"{short}: no finished {network} runs yet."]
+        return [], [*notes, f"{short}: no finished {network} runs{_on(spec)} yet."]
     groups = by_cell(chosen)
     panels, every, coincidences = [], [], []
     for title, rules in groups_spec.items():
@@ -544,9 +557,10 @@ def _panels(context: Context, spec: FigureSpec) -> Made:
                 note="; ".join(coincide),
             )
         )
-    title = f"{short}: {_LABELS.get(metric, metric)} of the {network} network"
+    title = f"{short}: {_LABELS.get(metric, metric)} of the {network} network{_on(spec)}"
     caption = (
-        f"{short}: {_LABELS.get(metric, metric)} per epoch of the {network} network per rule, "
+        f"{short}: {_LABELS.get(metric, metric)} per epoch of the {network} network"
+        f"{_on(spec)} per rule, "
         "log scale; mean over the seeds the legend counts, band from min to max. "
     )
     if coincidences:
@@ -574,7 +588,7 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
     prefix = f"{angle}_angle_"
     rows = [
         r
-        for r in context.rows
+        for r in _on_dataset(context.rows, spec)
         if r["status"] == "finished"
         and r.get("history")
         and any(k.startswith(prefix) for k in r["history"][-1])
@@ -614,7 +628,9 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         lines = [line for line in lines if line.curves]
         panels.append(
             Panel(
-                f"hidden layer {layer}",
+                f"block {layer}"
+                if config_of(chosen[0]).model is not None
+                else f"hidden layer {layer}",
                 tuple(line.series() for line in lines),
                 "angle to backprop (degrees)",
                 scale="linear",
@@ -628,13 +644,13 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
     path = plots.plot_panels(
         panels,
         context.path(spec.name),
-        title=f"{short}: angle to the backprop {what}, {network}",
+        title=f"{short}: angle to the backprop {what}, {network}{_on(spec)}",
     )
     seeds = sorted({len(groups[n]) for n in names})
     span = "–".join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1 else str(seeds[0])
     caption = (
-        f"{short}, {network}: angle in degrees between each rule's {what} and the backprop "
-        "gradient on a fixed probe batch, per hidden layer; mean over seeds "
+        f"{short}, {network}{_on(spec)}: angle in degrees between each rule's {what} and the "
+        "backprop gradient on a fixed probe batch, per layer; mean over seeds "
         f"({span} per rule), band from min to max; 90° is no alignment. "
         f"{_protocol_text(protocol)}."
     )
@@ -791,9 +807,11 @@ KINDS: dict[str, Kind] = {
     "activation": Kind(
         _activation, frozenset({"activation", "baselines"}), frozenset({"activation"})
     ),
-    "panels": Kind(_panels, frozenset({"network", "panels"}), frozenset({"network", "panels"})),
+    "panels": Kind(
+        _panels, frozenset({"network", "panels", "dataset"}), frozenset({"network", "panels"})
+    ),
     "reconstructions": Kind(_reconstructions),
     "filters": Kind(_filters, frozenset({"count"})),
-    "alignment": Kind(_alignment, frozenset({"network", "angle"})),
+    "alignment": Kind(_alignment, frozenset({"network", "angle", "dataset"})),
 }
 """Every figure kind a preset may name, by name."""

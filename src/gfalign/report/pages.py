@@ -25,7 +25,14 @@ from typing import Any
 from gfalign.experiments import EXPERIMENTS, Experiment
 from gfalign.report import facts as facts_module
 from gfalign.report.figures import Context, draw, figure_specs
-from gfalign.report.provenance import compute, counts, machines, protocols, with_environment
+from gfalign.report.provenance import (
+    compute,
+    cost_table,
+    counts,
+    machines,
+    protocols,
+    with_environment,
+)
 from gfalign.report.render import (
     Block,
     Bullets,
@@ -123,6 +130,9 @@ def section(
             )
         )
     blocks += [Paragraph(metric_sentence(experiment)), table(experiment, summary)]
+    cost = cost_table(finished, experiment.cell, cells_of(experiment))
+    if cost is not None:
+        blocks += [Paragraph(cost[1]), cost[0]]
     if any(r["baseline"] for r in summary):
         blocks.append(
             Paragraph(

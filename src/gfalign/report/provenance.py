@@ -10,14 +10,24 @@ of the run directory when the store lacks it) and recorded seconds.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gfalign.experiments import Experiment
-from gfalign.report.rows import cells_of, count
+from gfalign.report.render import Table
+from gfalign.report.rows import cells_of, config_of, count, rule_of
 
-__all__ = ["compute", "counts", "duration", "machines", "protocols", "with_environment"]
+__all__ = [
+    "compute",
+    "cost_table",
+    "counts",
+    "duration",
+    "machines",
+    "protocols",
+    "with_environment",
+]
 
 
 def counts(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -79,23 +89,92 @@ def _options(options: Mapping[str, Any] | None) -> str:
     return " (" + ", ".join(f"{k} {v}" for k, v in sorted(options.items())) + ")"
 
 
+def _machine(row: Mapping[str, Any]) -> str:
+    """The row's machine in words, or ``"not recorded"``."""
+    env = row.get("versions") or {}
+    if not env:
+        return "not recorded"
+    device = env.get("device", "?")
+    if env.get("gpu"):
+        device += f" ({env['gpu']}, CUDA {env.get('cuda')})"
+    return (
+        f"{env.get('processor') or '?'}, {env.get('cpu_count', '?')} CPUs, "
+        f"{env.get('torch_threads', '?')} torch threads, device {device}; "
+        f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}, "
+        f"gfalign {env.get('gfalign', '?')}; {env.get('platform', '?')}"
+    )
+
+
+def cost_table(
+    rows: Sequence[Mapping[str, Any]], name_of: Callable[[Any], str], order: Sequence[str] = ()
+) -> tuple[Table, str] | None:
+    """Wall-clock cost per rule from one machine and one network only: the machine (as
+    ``machines`` words it) with the most finished runs that recorded per-epoch times, on it
+    the network with the most such runs, and per rule the median over runs of seconds per
+    epoch, for runs trained alone and for stacked ones (whose epoch time is their share of the
+    stack's). With the sentence that says which machine and network; ``None`` when no run
+    recorded a time.
+
+    ``name_of``: a run's configuration -> its cell name; ``order``: the cells' order.
+    """
+    timed = [
+        r
+        for r in rows
+        if r["status"] == "finished"
+        and r.get("history")
+        and all(isinstance(rec.get("seconds"), (int, float)) for rec in r["history"])
+        and r.get("versions")
+    ]
+    if not timed:
+        return None
+    by_machine: dict[str, list[Mapping[str, Any]]] = {}
+    for row in timed:
+        by_machine.setdefault(_machine(row), []).append(row)
+    machine, on_machine = max(by_machine.items(), key=lambda item: len(item[1]))
+    named = [(name_of(config_of(row)), row) for row in on_machine]
+    by_network: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for name, row in named:
+        network = name[: len(name) - len(rule_of(name))].strip()
+        by_network.setdefault(network, []).append((name, row))
+    network, chosen = max(by_network.items(), key=lambda item: len(item[1]))
+    cells: dict[str, dict[bool, list[float]]] = {}
+    for name, row in chosen:
+        history = row["history"]
+        per_epoch = sum(float(rec["seconds"]) for rec in history) / len(history)
+        stacked = any(int(rec.get("stacked", 1)) > 1 for rec in history)
+        cells.setdefault(name, {False: [], True: []})[stacked].append(per_epoch)
+    rank = {name: n for n, name in enumerate(order)}
+    body = []
+    for name in sorted(cells, key=lambda c: (rank.get(c, 1 << 20), c)):
+        alone, stacked = cells[name][False], cells[name][True]
+        body.append(
+            (
+                rule_of(name),
+                f"{statistics.median(alone):.1f} ({len(alone)})" if alone else "—",
+                f"{statistics.median(stacked):.1f} ({len(stacked)})" if stacked else "—",
+            )
+        )
+    table = Table(
+        ("rule", "s per epoch, alone (runs)", "s per epoch, stacked (runs)"),
+        tuple(body),
+        (False, True, True),
+    )
+    others = len(timed) - len(chosen)
+    sentence = (
+        f"Wall-clock cost per rule of the {network} network, from one machine only ({machine}: "
+        f"{count(len(chosen), 'run')}"
+        + (f"; {count(others, 'run')} of other networks or machines left out" if others else "")
+        + "): the median over runs of the seconds per epoch, training and evaluation included. "
+        "A stacked run's epoch is its share of the stack's time."
+    )
+    return table, sentence
+
+
 def machines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     """One line per distinct machine in the rows' recorded environments (environment.json)."""
     groups: dict[str, int] = {}
     for row in rows:
-        env = row.get("versions") or {}
-        if not env:
-            text = "not recorded"
-        else:
-            device = env.get("device", "?")
-            if env.get("gpu"):
-                device += f" ({env['gpu']}, CUDA {env.get('cuda')})"
-            text = (
-                f"{env.get('processor') or '?'}, {env.get('cpu_count', '?')} CPUs, "
-                f"{env.get('torch_threads', '?')} torch threads, device {device}; "
-                f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}, "
-                f"gfalign {env.get('gfalign', '?')}; {env.get('platform', '?')}"
-            )
+        text = _machine(row)
         groups[text] = groups.get(text, 0) + 1
     return [f"{text} ({count(n, 'run')})" for text, n in groups.items()]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -98,9 +99,15 @@ def by_cell(rows: Iterable[Row]) -> dict[str, list[Row]]:
 
 
 def rule_of(name: str) -> str:
-    """``"2x800 tanh dfa B3"`` -> ``"dfa B3"``: the cell without its architecture."""
-    parts = name.split(" ", 2)
-    return parts[2] if len(parts) == 3 else name
+    """The cell without its architecture: ``"2x800 tanh dfa B3"`` -> ``"dfa B3"`` (an MLP's
+    widths and activation), ``"lenet5 fa xavier"`` -> ``"fa xavier"`` (a model's name).
+
+    >>> rule_of("784-500-10 relu s1"), rule_of("lenet5 fa xavier")
+    ('s1', 'fa xavier')
+    """
+    words = 2 if re.fullmatch(r"\d+(x\d+|(-\d+)+)", name.split(" ", 1)[0]) else 1
+    parts = name.split(" ", words)
+    return parts[words] if len(parts) == words + 1 else name
 
 
 def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -142,4 +149,4 @@ def points_of(experiment: Experiment) -> list[RunConfig]:
 
 def cells_of(experiment: Experiment) -> list[str]:
     """The cell names in grid order (``Experiment.cells``, from the configurations built)."""
-    return list(dict.fromkeys(cell(c) for c in experiment.configs))
+    return list(dict.fromkeys(experiment.cell(c) for c in experiment.configs))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gfalign.experiments import Experiment, cell
+from gfalign.experiments import Experiment
 from gfalign.report.render import Table
 from gfalign.report.rows import (
     architecture,
@@ -135,6 +135,23 @@ def best_epoch(history: Sequence[Mapping[str, Any]], metric: str) -> tuple[float
     return epochs[n], values[n]
 
 
+def selected_epoch(history: Sequence[Mapping[str, Any]], metric: str) -> tuple[int, float] | None:
+    """(epoch, value) of ``metric`` at the epoch the validation split selected (the last
+    record's ``best_epoch``, kept by ``keep_best``); None for a run that selected none.
+
+    >>> selected_epoch([{"epoch": 1, "test_error": 3.0, "best_epoch": 1},
+    ...                 {"epoch": 2, "test_error": 2.5, "best_epoch": 1}], "test_error")
+    (1, 3.0)
+    """
+    if not history or not isinstance(history[-1].get("best_epoch"), int):
+        return None
+    epoch = history[-1]["best_epoch"]
+    if not 1 <= epoch <= len(history):
+        return None
+    value = history[epoch - 1].get(metric)
+    return None if not isinstance(value, (int, float)) else (epoch, float(value))
+
+
 # The training-set counterpart of each reported metric.
 TRAIN_METRIC = {"test_error": "train_error"}
 
@@ -169,14 +186,14 @@ def summarize(
     baseline_order = _baseline_order() if baselines is not None else {}
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     diverged: dict[str, int] = {}
-    where = {cell(p): architecture(p) for p in points_of(experiment)}
+    where = {experiment.cell(p): architecture(p) for p in points_of(experiment)}
     own = (experiment.base.train.epochs, experiment.base.train_subset)
 
     def add(row: Mapping[str, Any], baseline: bool) -> None:
         config = config_of(row)
         if baseline and architecture(config) not in architectures:
             return
-        name = cell(config)
+        name = experiment.cell(config)
         where.setdefault(name, architecture(config))
         if row["status"] == "diverged":
             diverged[name] = diverged.get(name, 0) + 1
@@ -199,6 +216,9 @@ def summarize(
         stats = describe(values, paper)
         bests = [best_epoch(r.get("history") or (), experiment.metric) for r in members]
         bests = [b for b in bests if b is not None]
+        picks = [selected_epoch(r.get("history") or (), experiment.metric) for r in members]
+        picks = [b for b in picks if b is not None]
+        reference = None if baseline else experiment.reference.get("values", {}).get(name)
         difference = None if paper is None else stats.mean - paper
         verdict = None
         if paper is not None and (epochs, train_subset) == own:
@@ -217,6 +237,10 @@ def summarize(
                 "best": stdlib_statistics.fmean(v for _e, v in bests) if bests else None,
                 "best_epochs": [e for e, _v in bests],
                 "best_n": len(bests),
+                "selected": stdlib_statistics.fmean(v for _e, v in picks) if picks else None,
+                "selected_epochs": [e for e, _v in picks],
+                "selected_n": len(picks),
+                "reference": reference,
                 "epochs": epochs,
                 "subset": train_subset,
                 "difference": difference,
@@ -246,6 +270,10 @@ def summarize(
                     "best": None,
                     "best_epochs": [],
                     "best_n": 0,
+                    "selected": None,
+                    "selected_epochs": [],
+                    "selected_n": 0,
+                    "reference": experiment.reference.get("values", {}).get(name),
                     "epochs": None,
                     "subset": None,
                     "difference": None,
@@ -314,9 +342,14 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
     """
     number = number_format(experiment)
     paper_columns = bool(experiment.paper)
+    reference_columns = bool(experiment.reference)
+    selected_column = any(r["selected"] is not None for r in summary)
     header = ["cell"] + (["paper"] if paper_columns else [])
+    header += ["reference"] if reference_columns else []
     header += ["ours (mean ± std)", "seeds", "epochs"] + (["difference"] if paper_columns else [])
+    header += ["− reference"] if reference_columns else []
     header += ["95% CI"] + (["p (t-test)"] if paper_columns else [])
+    header += ["validation-selected epoch (mean)"] if selected_column else []
     header += ["best epoch (mean)", "train error (mean)"] + (["verdict"] if paper_columns else [])
     rows = []
     for r in summary:
@@ -339,12 +372,25 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
         row = [name]
         if paper_columns:
             row.append(PENDING if r["paper"] is None else f"{r['paper']:.2f}")
+        if reference_columns:
+            row.append(PENDING if r["reference"] is None else f"{r['reference']:.2f}")
         row += [ours, seeds, epochs]
         if paper_columns:
             row.append(PENDING if r["difference"] is None else f"{r['difference']:+.2f}")
+        if reference_columns:
+            gap = (
+                None if r["reference"] is None or r["mean"] is None else r["mean"] - r["reference"]
+            )
+            row.append(PENDING if gap is None else f"{gap:+.2f}")
         row.append(ci)
         if paper_columns:
             row.append(_p_text(r["p"]))
+        if selected_column:
+            picked = PENDING
+            if r["selected"] is not None:
+                picked = f"{number(r['selected'])} ({_epochs_text(r['selected_epochs'])}"
+                picked += ")" if r["selected_n"] == r["n"] else f"; {r['selected_n']} of {r['n']})"
+            row.append(picked)
         row += [best, PENDING if r["train"] is None else number(r["train"])]
         if paper_columns:
             row.append(verdict_text(r, _study_link))
@@ -355,9 +401,10 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
 
 def metric_sentence(experiment: Experiment) -> str:
     """What the table's numbers are, in one paragraph."""
+    split = "validation split" if experiment.metric == "validation_error" else "test set"
     best = (
-        "Best epoch: each seed's lowest value over its per-epoch history (chosen on the test "
-        "set, so optimistic), averaged over the seeds that have a history."
+        "Best epoch: each seed's lowest value over its per-epoch history (chosen on the "
+        f"{split} it reports, so optimistic), averaged over the seeds that have a history."
     )
     if is_autoencoder(experiment):
         return (
@@ -367,10 +414,16 @@ def metric_sentence(experiment: Experiment) -> str:
             f"over seeds. {best} The paper gives no numbers for this experiment, so the table "
             "shows ours only."
         )
+    what = {"validation_error": "validation error (%)"}.get(experiment.metric, "test error (%)")
     text = (
-        "Numbers: test error (%) after the last epoch; ours is the mean ± sample standard "
+        f"Numbers: {what} after the last epoch; ours is the mean ± sample standard "
         "deviation over seeds; 95% CI: Student's t interval of the mean over seeds. "
     )
+    if experiment.reference:
+        text += (
+            f"Reference: {experiment.reference['source']}; − reference = ours − reference "
+            "(another protocol: a comparison, not a verdict). "
+        )
     if experiment.paper:
         text += (
             "Difference = ours − paper; p: two-sided one-sample t-test of the seeds against "
@@ -379,5 +432,10 @@ def metric_sentence(experiment: Experiment) -> str:
             "from the paper; *explained by* a sensitivity study when one of the study's "
             f"configurations for the cell lands within {TOLERANCE:.2f}; *unexplained* "
             "otherwise. "
+        )
+    if experiment.base.train.keep_best:
+        text += (
+            "Validation-selected epoch: each seed's value at the epoch of its lowest "
+            "validation error (the test set plays no part in the choice), averaged over seeds. "
         )
     return text + best
