@@ -114,6 +114,45 @@ def test_runs_of_another_protocol_are_their_own_rows_and_counted_apart(tmp_path)
     assert "3 more finished outside the plan" in text
 
 
+def test_runs_of_a_superseded_reading_are_their_own_row_and_left_out_of_figures(
+    tmp_path, monkeypatch
+):
+    """A run of the protocol whose configuration the grid no longer holds (frsf at lr 0.1
+    where field-lenet now trains it at 0.01) is never averaged into the planned cell."""
+    store = Store(tmp_path / "runs.sqlite")
+    lenet = experiments.load("field-lenet")
+    fill(store, "field-lenet", {"lenet5 frsf xavier": [1.2]}, angles=True)
+    (planned,) = [c for c in lenet.configs if c.rule_name == "frsf"]
+    old = planned.override(lr=0.1)
+    records = history(89.7, epochs=20, angles=True)
+    store.upsert(
+        old.key(),
+        experiment="field-lenet",
+        label=old.label(),
+        config=old.to_data(),
+        status="finished",
+        epochs_done=20,
+        final=records[-1],
+        history=records,
+    )
+    text = render_report(lenet, store.list("field-lenet"))
+    assert "| lenet5 frsf xavier | 1.20 | 1 | 20 |" in text
+    assert "| lenet5 frsf xavier lr=0.1 (outside the plan) | 89.70 | 1 | 20 |" in text
+    assert "1 more finished outside the plan" in text
+    seen = {}
+    real = plots.plot_panels
+
+    def record(panels, path, **options):
+        seen[path.stem] = panels
+        return real(panels, path, **options)
+
+    monkeypatch.setattr(plots, "plot_panels", record)
+    write_report(["field-lenet"], store, tmp_path / "out")
+    # The figures draw the planned run only: its 5 epochs, not the superseded run's 20.
+    curves = [c for p in seen["field-lenet-alignment"] for s in p.series for c in s.curves]
+    assert curves and all(len(c[1]) == 5 for c in curves)
+
+
 def test_autoencoder_table_has_ours_only_in_reconstruction_error(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
     fill(store, "exp3", {"2x128 sigmoid dfa": [0.0210, 0.0230]})

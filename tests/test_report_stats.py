@@ -142,3 +142,41 @@ def test_a_reference_column_and_the_validation_selected_epoch(tmp_path):
     assert cells[1] == "0.91" and cells[2] == "1.10 ± 0.10" and cells[5] == "+0.19"
     assert f"1.77 (epochs 2–{last})" in cells
     assert "Reference: biotorch's Benchmarks.md" in text and "verdict" not in line(text, "| cell")
+
+
+def test_the_standing_ranks_each_groups_best_and_marks_overlapping_intervals():
+    from gfalign.report.standing import groups_of, standing
+    from gfalign.rules import ConfigError
+
+    conv = experiments.load("conv")
+
+    def row(cell, values):
+        return {
+            "cell": cell,
+            "baseline": False,
+            "values": values,
+            "selected_values": [v - 0.5 for v in values],  # what the validation chose
+            "epochs": 20,
+            "subset": None,
+        }
+
+    summary = [
+        row("lenet5 bp dataset=mnist", [1.0, 1.1, 1.2]),
+        row("lenet5 fa xavier dataset=mnist", [3.0, 3.1, 3.2]),
+        row("lenet5 dfa xavier dataset=mnist", [2.0, 2.1, 2.2]),
+        row("lenet5 s1 xavier dataset=mnist", [1.1, 1.3, 1.2]),
+        row("lenet5 bp dataset=fashion-mnist", [9.0]),
+    ]
+    groups = {"backprop": ["bp"], "fa, dfa": ["fa xavier", "dfa xavier"], "s": ["s1 xavier"]}
+    text = "\n".join(
+        getattr(b, "text", "") + "\n".join(getattr(b, "items", ()))
+        for b in standing(conv, summary, groups)
+    )
+    assert "at the epoch of the lowest validation error" in text
+    assert "fa, dfa: best dfa xavier, 1.60 ± 0.10 (3 seeds, 95% CI 1.35–1.85)" in text
+    # bp and s1 overlap; dfa's interval lies above both.
+    assert "from best to worst: backprop (0.60) ≈ s (0.70) < fa, dfa (1.60)" in text
+    assert "On fashion-mnist:" in text and "backprop: bp, 8.50 (1 seed)" in text
+    assert groups_of("conv", {"standing": groups}) == {k: tuple(v) for k, v in groups.items()}
+    with pytest.raises(ConfigError, match=r"\[standing\] s = 's1'; allowed"):
+        groups_of("conv", {"standing": {"s": "s1"}})

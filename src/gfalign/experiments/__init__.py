@@ -5,7 +5,7 @@ optimizer, reduction, seeds), a ``[base]`` ``RunConfig`` table, a ``[grid]`` of 
 product gives the runs, and the ``[paper]``'s published values keyed by table cell
 (``"2x800 tanh s1"``), so a report prints ours beside them.
 
-Three more keys are read by the report (``gfalign.report``) and accepted here as they are:
+Four more keys are read by the report (``gfalign.report``) and accepted here as they are:
 
 - ``[figures]``: the experiment's figures, in order. Each key names a figure (its file is
   ``figures/<experiment>-<name>.png``); its value is a table with the figure's ``kind`` and
@@ -20,6 +20,8 @@ Three more keys are read by the report (``gfalign.report``) and accepted here as
   ``s3-aux`` cell). The report calls a published cell "explained by <study>" when one of the
   study's configurations for it, averaged over its seeds, lands within 0.20 points of the
   published value, and links the study's page.
+- ``[standing]``: groups of rules (``"general rule" = ["s1", "s2"]``) whose best the report
+  ranks in sentences made from the table (``gfalign.report.standing``).
 - ``question`` and ``cost`` (a sensitivity study): the question it answers, in one sentence,
   and the compute it needs; the study's page shows both.
 
@@ -258,7 +260,7 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     """An experiment from a preset's plain data (validates every run)."""
     known = {"description", "metric", "protocol", "base", "grid", "paper"}
     known |= {"figures", "addresses", "question", "cost"}  # read by gfalign.report
-    known.add("reference")
+    known |= {"reference", "standing"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"experiment {name}: unknown key(s) {sorted(unknown)}")

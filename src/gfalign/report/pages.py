@@ -45,6 +45,7 @@ from gfalign.report.render import (
     render_markdown,
 )
 from gfalign.report.rows import cells_of, config_of, count, done, preset
+from gfalign.report.standing import groups_of, standing
 from gfalign.report.studies import (
     Study,
     Variant,
@@ -62,6 +63,7 @@ from gfalign.report.tables import (
     WITHIN,
     is_autoencoder,
     metric_sentence,
+    outside_plan,
     summarize,
     table,
 )
@@ -149,8 +151,13 @@ def section(
                 f"sensitivity study, {tally[UNEXPLAINED]} unexplained, {tally[WAITING]} pending."
             )
         )
+    groups = groups_of(experiment.name, preset_data(experiment.name))
+    if groups:
+        blocks += [Heading(level + 1, "Standing"), *standing(experiment, summary, groups)]
     if figures is not None:
-        context = Context(experiment, rows, baseline_rows or [], figures, runs_dir, data_dir)
+        outside = outside_plan(experiment, rows)
+        drawn = [r for r in rows if r["key"] not in outside]
+        context = Context(experiment, drawn, baseline_rows or [], figures, runs_dir, data_dir)
         images, notes = draw(context, figure_specs(experiment.name, preset_data(experiment.name)))
         if images or notes:
             blocks.append(Heading(level + 1, "Figures"))

@@ -42,7 +42,10 @@ def counts(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> str:
     )
     other = len(finished) - done
     if other:
-        text += f"; {other} more finished outside the plan (another protocol, subset or seed)"
+        text += (
+            f"; {other} more finished outside the plan (another protocol, subset or seed, or "
+            "a reading its grid no longer holds)"
+        )
     diverged = sum(r["status"] == "diverged" for r in rows)
     if diverged:
         text += f"; {diverged} diverged"

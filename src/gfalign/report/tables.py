@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gfalign.experiments import Experiment
+from gfalign.experiments import Experiment, with_seed
 from gfalign.report.render import Table
 from gfalign.report.rows import (
     architecture,
@@ -152,12 +152,32 @@ def selected_epoch(history: Sequence[Mapping[str, Any]], metric: str) -> tuple[i
     return None if not isinstance(value, (int, float)) else (epoch, float(value))
 
 
+OUTSIDE = " (outside the plan)"
+"""Appended to the name of a row whose runs the experiment's grid does not hold."""
+
 # The training-set counterpart of each reported metric.
 TRAIN_METRIC = {"test_error": "train_error"}
 
 
 def _baseline_order() -> dict[str, int]:
     return {name: n for n, name in enumerate(cells_of(preset(BASELINES)))}
+
+
+def outside_plan(experiment: Experiment, rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The keys of the rows that follow the experiment's protocol (epochs, training subset)
+    but whose configuration, seed aside, its grid does not hold: runs of a superseded reading,
+    which the table shows apart and the figures leave out."""
+    first = experiment.seeds[0] if experiment.seeds else 0
+    planned = {p.key() for p in points_of(experiment)}
+    own = (experiment.base.train.epochs, experiment.base.train_subset)
+    out = set()
+    for row in rows:
+        config = config_of(row)
+        if (config.train.epochs, config.train_subset) != own:
+            continue
+        if with_seed(config, first).key() not in planned:
+            out.add(row["key"])
+    return out
 
 
 def summarize(
@@ -189,11 +209,18 @@ def summarize(
     where = {experiment.cell(p): architecture(p) for p in points_of(experiment)}
     own = (experiment.base.train.epochs, experiment.base.train_subset)
 
+    rows = list(rows)
+    outside = outside_plan(experiment, rows)
+
     def add(row: Mapping[str, Any], baseline: bool) -> None:
         config = config_of(row)
         if baseline and architecture(config) not in architectures:
             return
         name = experiment.cell(config)
+        if not baseline and row["key"] in outside:
+            # A run of the experiment's protocol that its grid no longer holds (a superseded
+            # reading): a row of its own, never averaged into the planned cell's.
+            name = " ".join(filter(None, (name, experiment.variant(config)))) + OUTSIDE
         where.setdefault(name, architecture(config))
         if row["status"] == "diverged":
             diverged[name] = diverged.get(name, 0) + 1
@@ -239,6 +266,7 @@ def summarize(
                 "best_n": len(bests),
                 "selected": stdlib_statistics.fmean(v for _e, v in picks) if picks else None,
                 "selected_epochs": [e for e, _v in picks],
+                "selected_values": [v for _e, v in picks],
                 "selected_n": len(picks),
                 "reference": reference,
                 "epochs": epochs,
@@ -272,6 +300,7 @@ def summarize(
                     "best_n": 0,
                     "selected": None,
                     "selected_epochs": [],
+                    "selected_values": [],
                     "selected_n": 0,
                     "reference": experiment.reference.get("values", {}).get(name),
                     "epochs": None,
