@@ -135,7 +135,7 @@ def test_variants_name_what_a_study_changes():
         experiment = load(name)
         expected = {
             "conv-lr": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
-            "field-lenet": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},  # a rate per rule
+            "field-lenet": {"lr=0.01", "", "lr=0.0001"},  # a rate per rule
             "conv-cifar": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
             "conv": {
                 f"{d}{r}".strip()

@@ -311,3 +311,52 @@ def test_cli_help_has_an_example():
     assert result.exit_code == 0
     assert '"train.lr" = {low = 1e-5, high = 1e-2, log = true}' in result.output
     assert "gfalign tune dfa.toml --final --seeds 5" in result.output
+
+
+def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path):
+    """Two searched studies with final runs make results' beyond.md: each search's trials and
+    compute, each final mean with its interval, and the rule's gap to tuned bp."""
+    from gfalign.report.beyond import welch
+
+    runner = CliRunner()
+    store = tmp_path / "runs.sqlite"
+    for rule in ("bp", "s1"):
+        path = tmp_path / f"{rule}.toml"
+        path.write_text(STUDY.replace('rule = "dfa"', f'rule = "{rule}"'))
+        out = tmp_path / "tune" / rule
+        result = runner.invoke(main, ["tune", str(path), "--trials", "2", "--out", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(
+            main, ["tune", str(path), "--final", "--out", str(out), "--store", str(store), "-q"]
+        )
+        assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "tune" / "s1" / "summary.json").read_text())
+    assert all(t["seconds"] > 0 for t in summary["trials"])
+    result = runner.invoke(
+        main,
+        [
+            "report",
+            "exp1",
+            "--store",
+            str(store),
+            "--runs-dir",
+            str(tmp_path / "none"),
+            "--tune-dir",
+            str(tmp_path / "tune"),
+            "-o",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "beyond.md").read_text()
+    assert "| s1 | 2 of 2 | 2 complete |" in page
+    finals = {}
+    for rule in ("bp", "s1"):
+        final = json.loads((tmp_path / "tune" / rule / "final.json").read_text())
+        finals[rule] = [run["test_error"] for run in final["runs"]]
+        mean = sum(finals[rule]) / 2
+        assert f"| {rule} | synthetic | 1x8 tanh {rule} | {mean:.2f}" in page
+    difference, ci = welch(finals["s1"], finals["bp"])
+    assert f"synthetic 1x8 tanh s1 − bp: {difference:+.2f} points" in page
+    assert "beyond.md" in (tmp_path / "report" / "README.md").read_text()
+    assert 'id="beyond"' in (tmp_path / "report" / "report.html").read_text()

@@ -716,12 +716,12 @@ def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> 
     """
     optuna = _optuna()
     states = optuna.trial.TrialState
-    trials = opened.get_trials(deepcopy=False)
+    every = opened.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
-    for trial in trials:
+    for trial in every:
         state = "diverged" if "diverged" in trial.user_attrs else trial.state.name.lower()
         counts[state] = counts.get(state, 0) + 1
-    complete = [t for t in trials if t.state == states.COMPLETE]
+    complete = [t for t in every if t.state == states.COMPLETE]
     decode = {dimension.path: dimension.decode for dimension in study.space}
 
     def values(trial) -> dict[str, Any]:
@@ -759,11 +759,19 @@ def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> 
                 "validation_error": t.value,
                 "params": values(t),
                 "epochs": t.user_attrs.get("epochs"),
+                "seconds": _seconds(t),
                 "intermediate": {int(k): float(v) for k, v in t.intermediate_values.items()},
             }
-            for t in trials
+            for t in every
         ],
     }
+
+
+def _seconds(trial) -> float | None:
+    """A trial's wall-clock time (start to end), or None while it runs."""
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def plot(summary: Mapping[str, Any], path: str | Path) -> Path:

@@ -327,8 +327,21 @@ def _open(store_path: Path):
     type=click.Path(file_okay=False, path_type=Path),
     help="Write DIR/README.md, DIR/<experiment>.md, DIR/report.html and DIR/figures/*.png.",
 )
+@click.option(
+    "--tune-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results/tune"),
+    show_default=True,
+    help="Where the `gfalign tune` studies' folders are (each with summary.json and "
+    "final.json); with --output their searches and final runs make DIR/beyond.md.",
+)
 def report(
-    experiment: str, store_path: Path, runs_dir: Path, data_dir: Path | None, output: Path | None
+    experiment: str,
+    store_path: Path,
+    runs_dir: Path,
+    data_dir: Path | None,
+    output: Path | None,
+    tune_dir: Path,
 ) -> None:
     """EXPERIMENT's tables (ours mean ± std beside the paper's values), figures and HTML page.
 
@@ -356,7 +369,9 @@ def report(
                 ]
                 click.echo("# gfalign: ours beside the paper\n\n" + "\n".join(sections), nl=False)
                 return
-            written = write_report(names, store, output, runs_dir=runs_dir, data_dir=data_dir)
+            written = write_report(
+                names, store, output, runs_dir=runs_dir, data_dir=data_dir, tune_dir=tune_dir
+            )
     except (*USER_ERRORS, StoreError) as error:
         raise click.ClickException(str(error)) from error
     figures = sum(p.suffix == ".png" for p in written)

@@ -24,6 +24,7 @@ from typing import Any
 
 from gfalign.experiments import EXPERIMENTS, Experiment
 from gfalign.report import facts as facts_module
+from gfalign.report.beyond import PAGE, PREFIX, beyond_blocks, read_studies
 from gfalign.report.figures import Context, draw, figure_specs
 from gfalign.report.provenance import (
     compute,
@@ -441,6 +442,7 @@ def write_report(
     *,
     runs_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
+    tune_dir: str | Path | None = None,
 ) -> list[Path]:
     """Write the index, one page per experiment and study, the HTML page and the figures;
     returns them.
@@ -455,6 +457,9 @@ def write_report(
         runs_dir: where the run directories are (``<runs_dir>/<key>``), for the autoencoder
             figures and for environments the store lacks.
         data_dir: where the dataset's files are, for the test digits of Figure 6.
+        tune_dir: where the ``gfalign tune`` studies' folders are (``summary.json``,
+            ``final.json``); with them, or with ``tune:*`` runs in the store, the page
+            ``beyond.md`` (tuned configurations beside the paper's protocol) is written too.
     """
     output = Path(output)
     figures = output / "figures"
@@ -512,18 +517,39 @@ def write_report(
         pages.append(Page(study.name, text))
         written += [page, *(b.path for b in blocks if isinstance(b, Image))]
 
+    tuned = read_studies(tune_dir) if tune_dir is not None else {}
+    beyond = None
+    if tuned or any((r.get("experiment") or "").startswith(PREFIX) for r in store.list()):
+        blocks = beyond_blocks(store, tuned, figures)
+        text = render_markdown(blocks, output)
+        beyond = output / f"{PAGE}.md"
+        _write_text(beyond, text)
+        pages.append(Page(PAGE, text))
+        written += [beyond, *(b.path for b in blocks if isinstance(b, Image))]
+
     discussion = output / DISCUSSION
     has_discussion = discussion.is_file()
     index = output / "README.md"
     blocks = _index(experiments, rows, summaries, found, html_page=False, discussion=has_discussion)
+    if beyond is not None:
+        blocks.append(_beyond_link())
     _write_text(index, render_markdown(blocks, output))
     top = _index(experiments, rows, summaries, found, html_page=True, discussion=has_discussion)
+    if beyond is not None:
+        top.append(_beyond_link())
     first = [Page("README", render_markdown(top, output), anchor="top")]
     if has_discussion:
         first.append(Page("discussion", discussion.read_text()))
     page = output / "report.html"
     _write_text(page, render_html([*first, *pages], TITLE, output))
     return [index, page, *written]
+
+
+def _beyond_link() -> Block:
+    return Paragraph(
+        f"[Beyond the paper]({PAGE}.md): every rule tuned on a validation split with "
+        "`gfalign tune`, beside the paper's protocol."
+    )
 
 
 def _summary(
