@@ -200,3 +200,34 @@ def test_conv_figures_keep_each_dataset_apart_and_name_rules_without_the_model(t
     aligned, title = drawn["conv-alignment-mnist"]
     assert [p.title for p in aligned] == ["block 1", "block 2"] and title.endswith("on mnist")
     assert {s.label.split(",")[0] for p in aligned for s in p.series} == {"bp", "fa xavier"}
+
+
+def test_a_screening_draws_the_final_value_against_the_rate(tmp_path, drawn):
+    """conv-lr: one line per rule over the rates, one point per rate; diverged runs named."""
+    store = Store(tmp_path / "runs.sqlite")
+    screening = experiments.load("conv-lr")
+    fill(
+        store,
+        "conv-lr",
+        {"lenet5 bp lr=0.1": [9.0], "lenet5 bp lr=0.01": [3.0], "lenet5 bp lr=0.001": [5.0]},
+    )
+    fill(store, "conv-lr", {"lenet5 fa lr=0.1": [1.0]}, status="diverged")
+
+    def validated(row):  # the screening scores the validation split
+        return [dict(r, validation_error=r["test_error"]) for r in row["history"]]
+
+    _set_history(store, "conv-lr", validated)
+    kept = ("experiment", "label", "config", "status", "epochs_done", "history")
+    for row in store.list("conv-lr"):
+        final = dict(row["final"], validation_error=row["final"]["test_error"])
+        store.upsert(row["key"], final=final, **{k: row[k] for k in kept})
+    blocks = write_report(["conv-lr"], store, tmp_path / "out")
+    panels, title = drawn["conv-lr-rates"]
+    assert "after the last epoch" in title
+    (bp,) = [s for s in panels[0].series if s.label == "bp"]
+    (curve,) = bp.curves  # seed 0, over the rates in increasing order
+    assert list(curve[0]) == [0.001, 0.01, 0.1] and list(curve[1]) == [5.0, 3.0, 9.0]
+    assert panels[0].xscale == "log" and panels[0].xlabel == "lr"
+    page = (tmp_path / "out" / "conv-lr.md").read_text()
+    assert "Diverged, so not drawn: fa at lr 0.1" in page
+    assert screening.metric == "validation_error" and blocks

@@ -142,6 +142,9 @@ class Panel:
         reference: (y, label) of a dotted horizontal reference line, e.g. (90.0, "90°").
         note: a line printed under the title, e.g. which series coincide.
         bottom: the y-axis' lower limit (linear scale), e.g. 0 for angles.
+        xlabel: the x-axis label: ``"epoch"`` (integer ticks), or what else x is, e.g.
+            ``"learning rate"``.
+        xscale: ``"linear"`` or ``"log"`` (for x other than epochs, e.g. a rate).
     """
 
     title: str
@@ -151,6 +154,8 @@ class Panel:
     reference: tuple[float, str] | None = None
     note: str = ""
     bottom: float | None = None
+    xlabel: str = "epoch"
+    xscale: str = "linear"
 
 
 def mean_band(curves: Sequence[Curve]) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -311,13 +316,19 @@ def _draw_panel(ax, panel: Panel, colours: Mapping[str, str], handles: dict) -> 
             va="bottom",
         )
     first, last = min(epochs_seen), max(epochs_seen)
-    if last - first < 5:  # a few epochs: one tick each
+    if panel.xscale == "log":
+        ax.set_xscale("log")
+        ax.set_xlim(first / 2, last * 2)
+        ax.xaxis.set_major_locator(FixedLocator(sorted(set(epochs_seen))))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter("{x:g}")
+    elif last - first < 5:  # a few epochs: one tick each
         ax.set_xlim(first - 0.5, last + 0.5)
         ax.xaxis.set_major_locator(FixedLocator(range(math.ceil(first), int(last) + 1)))
     else:
         ax.set_xlim(0, last * 1.02)  # room for the crosses at the last epoch
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel, fontsize="small")
     note = textwrap.fill(panel.note, width=int(15 * ax.get_position().width * WIDTH))
     ax.set_title("\n".join(filter(None, (panel.title, note))), fontsize="small")

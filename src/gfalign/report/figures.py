@@ -53,6 +53,7 @@ from gfalign.report.rows import (
     protocol_key,
     rule_of,
     series,
+    varied,
 )
 from gfalign.rules import ConfigError
 
@@ -62,7 +63,11 @@ COINCIDE = 0.05
 """Two series coincide when, seed by seed, they are never further apart than this (points of
 the error in %: five test examples in 10,000)."""
 
-_LABELS = {"test_error": "test error (%)", "train_error": "training error (%)"}
+_LABELS = {
+    "test_error": "test error (%)",
+    "train_error": "training error (%)",
+    "validation_error": "validation error (%)",
+}
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "count": (int, "a positive number of filters, e.g. 36"),
     "angle": (str, '"update" or "delta"'),
     "dataset": (str, 'a dataset of the grid, e.g. "fashion-mnist"'),
+    "field": (str, 'a field the grid varies, e.g. "lr"'),
 }
 
 
@@ -201,15 +207,36 @@ def _on(spec: FigureSpec) -> str:
     return f" on {spec.options['dataset']}" if "dataset" in spec.options else ""
 
 
-def _choose(rows: Sequence[Mapping[str, Any]], short: str) -> tuple[tuple | None, list, list]:
-    """The main protocol of ``rows`` (finished runs), its rows, and notes on the rest."""
-    protocol = main_protocol(rows)
-    chosen = [r for r in rows if protocol_key(r) == protocol]
-    others = {protocol_key(r) for r in rows} - {protocol}
+def _choose(
+    rows: Sequence[Mapping[str, Any]], short: str, ignore: frozenset[str] = frozenset()
+) -> tuple[tuple | None, list, list]:
+    """The main protocol of ``rows`` (finished runs), its rows, and notes on the rest;
+    ``ignore``: the protocol fields the experiment's grid varies (its lines show them)."""
+    protocol = main_protocol(rows, ignore)
+    chosen = [r for r in rows if protocol_key(r, ignore) == protocol]
+    others = {protocol_key(r, ignore) for r in rows} - {protocol}
     notes = []
     if others:
         notes.append(f"{short}: runs of {len(others)} other protocol(s) left out of the figure.")
     return protocol, chosen, notes
+
+
+def _named_apart(
+    experiment: Experiment, rows: Sequence[Mapping[str, Any]], spec: FigureSpec
+) -> dict[str, list[tuple[str, list]]]:
+    """Per plain cell name, its lines: (label, rows) for each name the experiment gives its
+    points (``Experiment.cell``: a screening's ``lr=0.01`` apart from its ``lr=0.1``), the
+    label being the rule with those ``key=value`` parts, less the figure's own dataset."""
+    named: dict[str, list] = {}
+    for row in rows:
+        named.setdefault(experiment.cell(config_of(row)), []).append(row)
+    out: dict[str, list[tuple[str, list]]] = {}
+    own = f"dataset={spec.options['dataset']}" if "dataset" in spec.options else None
+    for name, members in named.items():
+        plain = cell(config_of(members[0]))
+        extra = [w for w in name[len(plain) :].split() if w != own]
+        out.setdefault(plain, []).append((" ".join([rule_of(plain), *extra]), members))
+    return out
 
 
 def _by_seed(rows: Sequence[Mapping[str, Any]], metric: str) -> tuple[dict, dict]:
@@ -326,7 +353,7 @@ def _baseline_lines(
 ) -> tuple[list[_Line], list[str]]:
     wanted = {f"{network} {r}" for r in rules}
     rows = _cell_rows(context.baselines, lambda c: c in wanted)
-    same = [r for r in rows if protocol_key(r) == protocol]
+    same = [r for r in rows if protocol_key(r, varied(context.experiment)) == protocol]
     notes = []
     if rows and not same:
         notes.append("the baseline runs use another protocol; not drawn")
@@ -346,7 +373,7 @@ def _seeds(context: Context, spec: FigureSpec) -> Made:
     metric = experiment.metric
     short = f"{spec.title} ({experiment.name})"
     rows = _cell_rows(context.rows, lambda c: c.startswith(network + " "))
-    protocol, chosen, notes = _choose(rows, short)
+    protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
     if protocol is None:
         return [], [*notes, f"{short}: no finished {network} runs yet."]
     groups = by_cell(chosen)
@@ -397,7 +424,7 @@ def _families(context: Context, spec: FigureSpec) -> Made:
     metric = experiment.metric
     short = f"{spec.title} ({experiment.name})"
     rows = _cell_rows(context.rows, lambda c: c.startswith(network + " "))
-    protocol, chosen, notes = _choose(rows, short)
+    protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
     if protocol is None:
         return [], [*notes, f"{short}: no finished {network} runs yet."]
     groups = by_cell(chosen)
@@ -460,7 +487,7 @@ def _activation(context: Context, spec: FigureSpec) -> Made:
     if not networks:
         return [], [f"{short}: the grid has no {activation} network."]
     rows = _cell_rows(context.rows, lambda c: any(c.startswith(n + " ") for n in networks))
-    protocol, chosen, notes = _choose(rows, short)
+    protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
     if protocol is None:
         return [], [*notes, f"{short}: no finished {activation} runs yet."]
     groups = by_cell(chosen)
@@ -532,16 +559,16 @@ def _panels(context: Context, spec: FigureSpec) -> Made:
     metric = experiment.metric
     short = f"{spec.title} ({experiment.name})"
     rows = _cell_rows(_on_dataset(context.rows, spec), lambda c: c.startswith(network + " "))
-    protocol, chosen, notes = _choose(rows, short)
+    protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
     if protocol is None:
         return [], [*notes, f"{short}: no finished {network} runs{_on(spec)} yet."]
-    groups = by_cell(chosen)
+    groups = _named_apart(experiment, chosen, spec)
     panels, every, coincidences = [], [], []
     for title, rules in groups_spec.items():
         lines = [
-            _Line(str(r), *_by_seed(groups[f"{network} {r}"], metric))
+            _Line(label, *_by_seed(members, metric))
             for r in rules
-            if f"{network} {r}" in groups
+            for label, members in groups.get(f"{network} {r}", [])
         ]
         if not lines:
             continue
@@ -566,6 +593,77 @@ def _panels(context: Context, spec: FigureSpec) -> Made:
     if coincidences:
         caption += "Coinciding series, drawn dotted over wide: " + "; ".join(coincidences) + ". "
     return _panel_image(context, spec, panels, notes, title, caption, every, protocol)
+
+
+def _screening(context: Context, spec: FigureSpec) -> Made:
+    """The final value of the metric against a field the grid varies (``lr``), one line per
+    rule and feedback family, one point per seed; a run that diverged is named, not drawn."""
+    experiment = context.experiment
+    network = str(spec.options["network"])
+    field = str(spec.options.get("field", "lr"))
+    metric = experiment.metric
+    short = f"{spec.title} ({experiment.name})"
+    rows = [
+        r
+        for r in _on_dataset(context.rows, spec)
+        if r["status"] in ("finished", "diverged") and cell(config_of(r)).startswith(network + " ")
+    ]
+    if not rows:
+        return [], [f"{short}: no {network} runs yet."]
+    ignore = varied(experiment) | {field}
+    protocol = main_protocol(rows, ignore)
+    rows = [r for r in rows if protocol_key(r, ignore) == protocol]
+    by_rule: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_rule.setdefault(rule_of(cell(config_of(row))), []).append(row)
+    panels, diverged = [], []
+    for title, rules in spec.options["panels"].items():
+        lines = []
+        for rule in rules:
+            points: dict[int, list[tuple[float, float]]] = {}
+            for row in by_rule.get(str(rule), []):
+                config = config_of(row)
+                x = float(_field_value(config, field))
+                value = row["final"].get(metric) if row["status"] == "finished" else None
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    points.setdefault(config.seed, []).append((x, float(value)))
+                else:
+                    diverged.append(f"{rule} at {field} {x:g}")
+            curves = tuple(
+                (tuple(x for x, _v in sorted(p)), tuple(v for _x, v in sorted(p)))
+                for _seed, p in sorted(points.items())
+            )
+            if curves:
+                lines.append(Series(str(rule), curves=curves))
+        panels.append(
+            Panel(
+                str(title),
+                tuple(lines),
+                f"{_LABELS.get(metric, metric)}, log scale",
+                xlabel=field.replace("_", " "),
+                xscale="log",
+            )
+        )
+    if not any(p.series for p in panels):
+        return [], [f"{short}: no finished {network} runs yet."]
+    from gfalign import plots
+
+    label = _LABELS.get(metric, metric)
+    path = plots.plot_panels(
+        panels, context.path(spec.name), title=f"{short}: {label} after the last epoch"
+    )
+    caption = (
+        f"{short}: {label} after the last epoch against the {field.replace('_', ' ')}, per "
+        f"rule, {network}{_on(spec)}; mean over seeds, band from min to max. "
+    )
+    if diverged:
+        caption += "Diverged, so not drawn: " + ", ".join(diverged) + ". "
+    caption += f"{_protocol_text(protocol)}."
+    return [Image(path, caption)], []
+
+
+def _field_value(config: RunConfig, field: str) -> Any:
+    return getattr(config.train if hasattr(config.train, field) else config, field)
 
 
 def _panel_image(context, spec, panels, notes, title, caption, every, protocol) -> Made:
@@ -610,7 +708,7 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         return [], [f"{short}: no run of the {network} network recorded alignment angles."]
     place = architecture(config_of(rows[0]))
     rows = [r for r in rows if architecture(config_of(r)) == place]
-    protocol, chosen, notes = _choose(rows, short)
+    protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
     groups = by_cell(chosen)
     cells = cells_of(experiment)
     names = sorted(groups, key=lambda c: cells.index(c) if c in cells else 1 << 20)
@@ -813,5 +911,10 @@ KINDS: dict[str, Kind] = {
     "reconstructions": Kind(_reconstructions),
     "filters": Kind(_filters, frozenset({"count"})),
     "alignment": Kind(_alignment, frozenset({"network", "angle", "dataset"})),
+    "screening": Kind(
+        _screening,
+        frozenset({"network", "panels", "field", "dataset"}),
+        frozenset({"network", "panels"}),
+    ),
 }
 """Every figure kind a preset may name, by name."""

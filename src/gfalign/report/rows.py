@@ -55,11 +55,16 @@ def protocol(config: Mapping[str, Any]) -> tuple[int, int | None, int | None]:
     return int(train.get("epochs", 100)), config.get("train_subset"), config.get("test_subset")
 
 
-def protocol_key(row: Row) -> tuple:
-    """Everything of a row's protocol that makes two runs' curves comparable."""
+_PROTOCOL_FIELDS = ("dataset", "epochs", "batch_size", "lr", "optimizer", "reduction")
+
+
+def protocol_key(row: Row, ignore: Iterable[str] = ()) -> tuple:
+    """Everything of a row's protocol that makes two runs' curves comparable: dataset,
+    epochs, batch size, learning rate, optimizer, reduction and subsets. The fields named in
+    ``ignore`` (those an experiment's grid varies, which its cell names show) are left out."""
     config = row["config"]
     train = config.get("train", {})
-    return (
+    key = (
         config.get("dataset"),
         int(train.get("epochs", 100)),
         train.get("batch_size"),
@@ -69,16 +74,28 @@ def protocol_key(row: Row) -> tuple:
         config.get("train_subset") or math.inf,
         config.get("test_subset") or math.inf,
     )
+    ignore = set(ignore)
+    return tuple(
+        None if n < len(_PROTOCOL_FIELDS) and _PROTOCOL_FIELDS[n] in ignore else value
+        for n, value in enumerate(key)
+    )
 
 
-def main_protocol(rows: Sequence[Row]) -> tuple | None:
+def main_protocol(rows: Sequence[Row], ignore: Iterable[str] = ()) -> tuple | None:
     """The protocol with the most epochs, then the most data, then the most runs."""
+    ignore = tuple(ignore)
     counts: dict[tuple, int] = {}
     for row in rows:
-        counts[protocol_key(row)] = counts.get(protocol_key(row), 0) + 1
+        key = protocol_key(row, ignore)
+        counts[key] = counts.get(key, 0) + 1
     if not counts:
         return None
     return max(counts, key=lambda k: (k[1], k[6], k[7], counts[k]))
+
+
+def varied(experiment: Experiment) -> frozenset[str]:
+    """The protocol fields the experiment's grid varies (``lr`` in a screening)."""
+    return frozenset(k for table in experiment.tables for k in table) & set(_PROTOCOL_FIELDS)
 
 
 def done(rows: Iterable[Row]) -> list[Row]:
