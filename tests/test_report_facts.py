@@ -132,3 +132,21 @@ def test_a_discussion_written_from_the_report_checks_out(tmp_path, monkeypatch):
     assert pytest.approx(1.79) == next(
         f.value for f in facts if (f.subject, f.quantity) == ("2x800 tanh s1", "mean")
     )
+
+
+def test_the_published_discussion_quotes_only_numbers_the_store_gives(tmp_path):
+    """results/discussion.md against the store exported beside it: every decimal number it
+    quotes is one of the facts the report computes from those runs."""
+    from pathlib import Path
+
+    from gfalign.experiments import EXPERIMENTS
+    from gfalign.store import Store
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    export, discussion = results / "runs.jsonl.gz", results / "discussion.md"
+    if not (export.is_file() and discussion.is_file()):
+        pytest.skip("no results/ export and discussion beside the tests")
+    with Store(tmp_path / "runs.sqlite") as store:
+        store.import_file(export)
+        facts = collect_facts(list(EXPERIMENTS), store)
+    assert [q.context for q in unmatched(discussion.read_text(), facts)] == []
