@@ -15,8 +15,9 @@ store holds under the experiment ``tune:<study>``. The page gives
 Nothing is typed in: a study without final runs is listed as searched, one without a summary
 as not searched yet.
 
-    >>> welch([1.0, 1.2, 1.1], [1.0, 1.0, 1.0])[0]
-    0.10000000000000009
+    >>> difference, interval = welch([1.0, 1.2, 1.1], [1.0, 1.0, 1.0])
+    >>> round(difference, 6), [round(end, 3) for end in interval]
+    (0.1, [-0.148, 0.348])
 """
 
 from __future__ import annotations
