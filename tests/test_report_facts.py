@@ -139,7 +139,7 @@ def test_the_published_discussion_quotes_only_numbers_the_store_gives(tmp_path):
     quotes is one of the facts the report computes from those runs."""
     from pathlib import Path
 
-    from gfalign.experiments import EXPERIMENTS
+    from gfalign.experiments import EXPERIMENTS, STUDIES
     from gfalign.store import Store
 
     results = Path(__file__).resolve().parents[1] / "results"
@@ -148,5 +148,5 @@ def test_the_published_discussion_quotes_only_numbers_the_store_gives(tmp_path):
         pytest.skip("no results/ export and discussion beside the tests")
     with Store(tmp_path / "runs.sqlite") as store:
         store.import_file(export)
-        facts = collect_facts(list(EXPERIMENTS), store)
+        facts = collect_facts([*EXPERIMENTS, *STUDIES], store)
     assert [q.context for q in unmatched(discussion.read_text(), facts)] == []

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gfalign.experiments import EXPERIMENTS, Experiment
+from gfalign.experiments import EXPERIMENTS, STUDIES, Experiment
 from gfalign.report import facts as facts_module
 from gfalign.report.beyond import PAGE, PREFIX, beyond_blocks, read_studies
 from gfalign.report.figures import Context, draw, figure_specs
@@ -405,13 +405,13 @@ def _studies_for(names: Sequence[str]) -> list[Study]:
 def collect_facts(
     names: Sequence[str], store, runs_dir: str | Path | None = None
 ) -> list[facts_module.Fact]:
-    """Every fact the report on ``names`` computes: the tables' numbers, each run's and each
-    activation's (``gfalign.report.facts``), to check a discussion against with
-    ``gfalign.report.facts.unmatched``."""
+    """Every fact the report on ``names`` (experiments and sensitivity studies) computes: the
+    tables' numbers, each run's and each activation's (``gfalign.report.facts``), to check a
+    discussion against with ``gfalign.report.facts.unmatched``."""
     runs = None if runs_dir is None else Path(runs_dir)
     baselines = store.list(BASELINES)
     out: list[facts_module.Fact] = []
-    experiments = [preset(n) for n in names if n in EXPERIMENTS]
+    experiments = [preset(n) for n in names if n in EXPERIMENTS or n in STUDIES]
     rows = {e.name: with_environment(store.list(e.name), runs) for e in experiments}
     for experiment in experiments:
         others = None if experiment.name == BASELINES else baselines
