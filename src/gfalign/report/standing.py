@@ -23,7 +23,7 @@ from typing import Any
 from gfalign.experiments import Experiment
 from gfalign.report.render import Block, Bullets, Paragraph
 from gfalign.report.rows import count, rule_of
-from gfalign.report.tables import describe
+from gfalign.report.tables import OUTSIDE, describe
 from gfalign.rules import ConfigError
 
 __all__ = ["groups_of", "standing"]
@@ -68,7 +68,7 @@ def standing(
     """One paragraph and a list per setting: each group's best rule, the groups in order.
 
     ``summary``: the experiment's table rows (``gfalign.report.tables.summarize``); rows of
-    another protocol and baselines are left out.
+    another protocol, baselines and runs outside the plan are left out.
     """
     if not groups:
         return []
@@ -76,6 +76,8 @@ def standing(
     settings: dict[str, dict[str, Mapping[str, Any]]] = {}
     for row in summary:
         if row["baseline"] or not row["values"] or (row["epochs"], row["subset"]) != own:
+            continue
+        if row["cell"].endswith(OUTSIDE):  # a superseded reading, not the grid's
             continue
         rule, setting = _split(row["cell"])
         settings.setdefault(setting, {})[rule] = row
