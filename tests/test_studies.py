@@ -98,7 +98,7 @@ def _undone(study, config: RunConfig) -> RunConfig:
     changes = {}
     for part in filter(None, study.variant(config).split(" ")):
         key = part.partition("=")[0]
-        changes[key] = experiments._field(study.base, key)
+        changes[key] = experiments.field_of(study.base, key)
     changes.update(PROTOCOL_CHANGES.get(study.name, {}))
     changes["feedback"] = FeedbackSpec.parse(config.feedback).family
     if not isinstance(config.rule, str):

@@ -58,7 +58,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["EXPERIMENTS", "PAPER", "STUDIES", "Experiment", "cell", "load", "from_data"]
+__all__ = [
+    "EXPERIMENTS",
+    "PAPER",
+    "STUDIES",
+    "Experiment",
+    "cell",
+    "field_of",
+    "from_data",
+    "load",
+    "network",
+]
 
 PAPER: tuple[str, ...] = ("exp1", "exp2", "exp3", "exp4", "baselines")
 """The paper's experiments (and the baselines that judge them): what ``all`` means."""
@@ -92,13 +102,19 @@ _NAMED = ("model", "hidden", "activation", "rule", "feedback")
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig)) - {"seed"}
 
 
+def network(config: RunConfig) -> str:
+    """The network part of a cell's name: ``"2x800 tanh"``, or a block model's name."""
+    if config.model is not None:
+        return config.model_spec().name
+    widths = config.hidden
+    shape = f"{len(widths)}x{widths[0]}" if len(set(widths)) == 1 else "-".join(map(str, widths))
+    return f"{shape} {config.activation}"
+
+
 def cell(config: RunConfig) -> str:
     """The table cell a run belongs to: ``"2x800 tanh s1"``, ``"2x800 tanh dfa B3"``, or for a
     model of blocks ``"lenet5 s1"``."""
-    widths = config.hidden
-    shape = f"{len(widths)}x{widths[0]}" if len(set(widths)) == 1 else "-".join(map(str, widths))
-    network = f"{shape} {config.activation}" if config.model is None else config.model_spec().name
-    text = f"{network} {config.rule_name}"
+    text = f"{network(config)} {config.rule_name}"
     if config.feedback != "uniform":
         text += f" {config.feedback}"
     return text
@@ -147,7 +163,7 @@ class Experiment:
         name = cell(config)
         parts = []
         for key in self._ambiguous.get(name, ()):
-            value = _field(config, key)
+            value = field_of(config, key)
             parts.append(f"{key}={value if isinstance(value, str) else render(value)}")
         return " ".join([name, *parts])
 
@@ -160,7 +176,7 @@ class Experiment:
             seen.setdefault(cell(point), []).append(point)
         out = {}
         for name, points in seen.items():
-            differ = tuple(k for k in keys if len({render(_field(p, k)) for p in points}) > 1)
+            differ = tuple(k for k in keys if len({render(field_of(p, k)) for p in points}) > 1)
             if differ:
                 out[name] = differ
         return out
@@ -195,7 +211,7 @@ class Experiment:
         keys = dict.fromkeys(k for table in self.tables for k in table if k not in _NAMED)
         parts = []
         for key in keys:
-            value, base = _field(config, key), _field(self.base, key)
+            value, base = field_of(config, key), field_of(self.base, key)
             if value != base:
                 shown = value if isinstance(value, str) else render(value)
                 parts.append(f"{key}={shown}")
@@ -232,7 +248,7 @@ def _reference(name: str, data: Any) -> dict[str, Any]:
     return {"source": data["source"], "values": {str(k): float(v) for k, v in values.items()}}
 
 
-def _field(config: RunConfig, key: str) -> Any:
+def field_of(config: RunConfig, key: str) -> Any:
     """A ``RunConfig`` field, or a ``TrainConfig`` field by name (as ``override`` routes it)."""
     return getattr(config.train if key in _TRAIN_FIELDS else config, key)
 

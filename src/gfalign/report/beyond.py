@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gfalign.experiments import cell
+from gfalign.experiments import network as network_of
 from gfalign.report.provenance import duration
 from gfalign.report.render import Block, Bullets, Heading, Image, Paragraph, Table
 from gfalign.report.rows import config_of, count, series
@@ -86,12 +88,6 @@ def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, tuple[float, f
     return difference, (difference - half, difference + half)
 
 
-def _network(config) -> str:
-    widths = config.hidden
-    shape = f"{len(widths)}x{widths[0]}" if len(set(widths)) == 1 else "-".join(map(str, widths))
-    return f"{shape} {config.activation}" if config.model is None else config.model_spec().name
-
-
 def _finished_errors(rows: Iterable[Mapping[str, Any]]) -> list[float]:
     return [
         float(r["final"]["test_error"])
@@ -126,7 +122,7 @@ def _paper_value(config) -> float | None:
     if config.dataset != "mnist":
         return None
     for name in ("exp1", "exp2"):
-        value = load(name).paper.get(f"{_network(config)} {config.rule_name}")
+        value = load(name).paper.get(cell(config))
         if value is not None:
             return value
     return None
@@ -210,14 +206,14 @@ def beyond_blocks(
                 (
                     name,
                     config.dataset,
-                    f"{_network(config)} {config.rule_name}",
+                    cell(config),
                     ours,
                     ci,
                     baseline,
                     "—" if paper is None else f"{paper:.2f}",
                 )
             )
-            key = (config.dataset, _network(config))
+            key = (config.dataset, network_of(config))
             finals.setdefault(key, {})[config.rule_name] = errors
             curves[name] = [
                 series(r.get("history") or (), "validation_error")

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from gfalign.config import RunConfig
-from gfalign.experiments import Experiment, cell
+from gfalign.experiments import Experiment, cell, field_of
+from gfalign.experiments import network as network_of
 from gfalign.plots import Panel, Series
 from gfalign.report.render import Block, Image
 from gfalign.report.rows import (
@@ -468,13 +469,6 @@ def _families(context: Context, spec: FigureSpec) -> Made:
     return _panel_image(context, spec, panels, notes, title, caption, every, protocol)
 
 
-def _shape(config: RunConfig) -> str:
-    """The network part of a cell's name: ``"2x800 tanh"``, or a block model's name."""
-    if config.model is not None:
-        return config.model_spec().name
-    return " ".join(cell(config).split()[:2])
-
-
 def _activation(context: Context, spec: FigureSpec) -> Made:
     experiment = context.experiment
     activation = str(spec.options["activation"])
@@ -482,7 +476,7 @@ def _activation(context: Context, spec: FigureSpec) -> Made:
     metric = experiment.metric
     short = f"{spec.title} ({experiment.name})"
     networks = list(
-        dict.fromkeys(_shape(p) for p in points_of(experiment) if p.activation == activation)
+        dict.fromkeys(network_of(p) for p in points_of(experiment) if p.activation == activation)
     )
     if not networks:
         return [], [f"{short}: the grid has no {activation} network."]
@@ -623,7 +617,7 @@ def _screening(context: Context, spec: FigureSpec) -> Made:
             points: dict[int, list[tuple[float, float]]] = {}
             for row in by_rule.get(str(rule), []):
                 config = config_of(row)
-                x = float(_field_value(config, field))
+                x = float(field_of(config, field))
                 value = row["final"].get(metric) if row["status"] == "finished" else None
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     points.setdefault(config.seed, []).append((x, float(value)))
@@ -662,10 +656,6 @@ def _screening(context: Context, spec: FigureSpec) -> Made:
     return [Image(path, caption)], []
 
 
-def _field_value(config: RunConfig, field: str) -> Any:
-    return getattr(config.train if hasattr(config.train, field) else config, field)
-
-
 def _panel_image(context, spec, panels, notes, title, caption, every, protocol) -> Made:
     """The figure of ``panels`` with its caption closed by the final values and the protocol;
     a note instead when no cell has finished runs."""
@@ -702,8 +692,8 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         network = str(spec.options["network"])
     else:
         widest = configs[max(range(len(configs)), key=lambda n: (max(configs[n].hidden), -n))]
-        network = _shape(widest)
-    rows = [r for r, c in zip(rows, configs, strict=True) if _shape(c) == network]
+        network = network_of(widest)
+    rows = [r for r, c in zip(rows, configs, strict=True) if network_of(c) == network]
     if not rows:
         return [], [f"{short}: no run of the {network} network recorded alignment angles."]
     place = architecture(config_of(rows[0]))
