@@ -4,7 +4,9 @@
 
 Each rule's ``FeedbackRule.sgd_step`` on the 784-800-800-10 tanh MLP, timed in interleaved
 blocks of 5 steps so a shared machine's noise reaches every rule alike; prints the median and
-lower-quartile step time and each rule's ratio to fa's.
+lower-quartile step time and each rule's ratio to fa's. Then the part of brSF's step no
+element-wise trick removes: drawing its new magnitudes, one random number per feedback weight
+per step, timed alone with the rule's own family and generator.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 import torch
 
 from gfalign import MLP, FeedbackRule
+from gfalign import feedback as feedback_families
+from gfalign.terms import step_generator
 
 
 def main() -> None:
@@ -48,6 +52,22 @@ def main() -> None:
         median = statistics.median(values)
         quartile = sorted(values)[len(values) // 4]
         print(f"{name:<6} {median:>10.2f} {quartile:>12.2f} {median / reference:>7.2f}x")
+    if "brsf" in cases:
+        net, rule = cases["brsf"]
+        shapes = [tuple(layer.weight.shape) for layer in net.layers[1:]]
+        draws = []
+        for _ in range(args.blocks):
+            started = time.perf_counter()
+            for step, shape in enumerate(shapes):
+                generator = step_generator(0, step, "bench")
+                feedback_families.draw(rule.config.feedback, shape, generator, dtype=x.dtype)
+            draws.append((time.perf_counter() - started) * 1e3)
+        numbers = sum(a * b for a, b in shapes)
+        drawn = statistics.median(draws)
+        print(
+            f"brsf's redraw alone ({numbers:,} numbers from {rule.config.feedback}): "
+            f"{drawn:.2f} ms, {drawn / reference:.2f}x fa's step"
+        )
 
 
 if __name__ == "__main__":

@@ -196,11 +196,23 @@ def test_kp_feedback_takes_the_forward_update(optimizer, options, decay):
             assert not torch.equal(feedback, b0)
 
 
-def test_kp_in_place_sgd_equals_backward_and_the_optimizer():
-    nets = [MLP(SIZES, seed=0, dtype=DT) for _ in range(2)]
-    rules = [FeedbackRule("kp", net, seed=3, dtype=DT) for net in nets]
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+@pytest.mark.parametrize("decay", [0.0, 1e-4, 0.05])
+def test_kp_in_place_sgd_equals_backward_and_the_optimizer(model, decay):
+    """sgd_step's fused update (one lerp_ per parameter and mirror) against backward, the
+    separate decay and torch's SGD, on Linear and Conv2d blocks, with and without decay."""
+    config = {
+        "name": "kp",
+        "template": {"all": {"terms": [{"kind": "above", "mode": f"kp:decay={decay}"}]}},
+    }
+    if model == "mlp":
+        nets = [MLP(SIZES, seed=0, dtype=DT) for _ in range(2)]
+        x, y = batch()
+    else:
+        nets = [build(CONV, seed=0, dtype=DT) for _ in range(2)]
+        x, y = batch(shape=(1, 8, 8))
+    rules = [FeedbackRule(config, net, seed=3, dtype=DT) for net in nets]
     optimizer = torch.optim.SGD([*nets[1].parameters(), *rules[1].parameters()], lr=0.1)
-    x, y = batch()
     for _ in range(3):
         rules[0].sgd_step(nets[0], x, y, lr=0.1)
         rules[1].backward(nets[1], x, y)

@@ -323,6 +323,7 @@ class FeedbackRule(nn.Module):
         self._learned = tuple(place for place in self._places.values() if place.learned)
         self._decays = self._forward_decays()
         self._mirrored = frozenset(place.block for place in self._learned)
+        self._scratch: dict[int, torch.Tensor] = {}  # sgd_step's weight steps of mirrored blocks
         if any(place.mode is not None and place.mode.mode.redraw for place in self._live):
             self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.plan = self._make_plan()
@@ -776,27 +777,48 @@ class FeedbackRule(nn.Module):
                     if part.bias is not None:
                         part.bias.add_(d.sum(dim=-2), alpha=alpha)
                     continue
-                if shape.products is LINEAR:
-                    grads = {"weight": _mm(d.transpose(-1, -2), cache.post[i - 1])}
-                    if part.bias is not None:
-                        grads["bias"] = d.sum(dim=-2)
-                else:
-                    grads = shape.products.param_vjp(part, cache.post[i - 1], d)
-                self._learn_in_place(i, part, grads, alpha)
-                for name, parameter in part.named_parameters():
-                    parameter.add_(grads[name], alpha=alpha)
+                self._mirrored_step(i, part, shape, cache.post[i - 1], d, alpha)
             self._advance()
         return step
 
-    def _learn_in_place(self, block: int, part: nn.Module, grads, alpha: float) -> None:
-        """``sgd_step``'s ``_learn``: both decay, then mirrors take the forward step
-        ``alpha * grad``."""
-        self._decay(block, part)
+    def _mirrored_step(
+        self, block: int, part: nn.Module, shape, h: torch.Tensor, d: torch.Tensor, alpha: float
+    ) -> None:
+        """``sgd_step`` on a block whose parameters learned feedback mirrors: each parameter
+        and its mirrors take the step ``alpha * grad`` and, under a decay ``lambda``
+        (Kolen-Pollack), shrink by ``1 - lambda`` first. That is one ``lerp_`` pass each,
+        ``theta <- theta + lambda (alpha grad / lambda - theta)``, the target ``alpha grad /
+        lambda`` written straight by the weight's matrix product: two element-wise passes
+        beyond fa's update for the pair, not five."""
+        decay = self._decays.get(block, 0.0)
+        decayed = self.structure[block - 1].transported if decay else ()
+        factors = {name: alpha / decay for name in decayed}
+        if shape.products is LINEAR:
+            weight = part.weight
+            factor = factors.get("weight", alpha)
+            # Into a kept buffer: a fresh 2.5 MB one each step costs its page faults.
+            scratch = self._scratch.get(block)
+            if scratch is None or not _alike(scratch, weight):
+                scratch = self._scratch[block] = torch.empty_like(weight)
+            steps = {"weight": _addmm_(scratch, d.transpose(-1, -2), h, beta=0.0, alpha=factor)}
+            if part.bias is not None:
+                steps["bias"] = d.sum(dim=-2).mul_(factors.get("bias", alpha))
+        else:
+            grads = shape.products.param_vjp(part, h, d)
+            steps = {name: grad.mul_(factors.get(name, alpha)) for name, grad in grads.items()}
+
+        pairs = [(parameter, name, steps[name]) for name, parameter in part.named_parameters()]
         for place in self._learned:
             if place.block == block:
                 for name, buffer in place.buffers:
-                    grad = grads[name].transpose(-1, -2) if place.transposed else grads[name]
-                    self.get_parameter(buffer).add_(grad, alpha=alpha)
+                    value = steps[name].transpose(-1, -2) if place.transposed else steps[name]
+                    pairs.append((self.get_parameter(buffer), name, value))
+        lerped = [(target, value) for target, name, value in pairs if name in decayed]
+        added = [(target, value) for target, name, value in pairs if name not in decayed]
+        if lerped:
+            torch._foreach_lerp_(*map(list, zip(*lerped, strict=True)), decay)
+        if added:
+            torch._foreach_add_(*map(list, zip(*added, strict=True)))
 
     def _batch_size(self, x: torch.Tensor) -> int:
         return x.shape[1] if self.stack_size else x.shape[0]
@@ -955,6 +977,10 @@ def _auxiliary_error(logits: torch.Tensor, labels: torch.Tensor):
 # The term loop below is written for any leading batch dimensions: a single network's tensors
 # (N, n) and matrices (rows, cols), or an ensemble's stacked (K, N, n) and (K, rows, cols)
 # (gfalign.ensemble), so both run the same mechanism.
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
