@@ -114,6 +114,18 @@ def test_runs_of_another_protocol_are_their_own_rows_and_counted_apart(tmp_path)
     assert "3 more finished outside the plan" in text
 
 
+def test_a_block_models_table_takes_no_mlp_baselines(tmp_path):
+    """The baselines are 2x800 MLPs: beside LeNet-5 on the same dataset they compare nothing."""
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "baselines", {"2x800 tanh bp": [1.8, 1.9]})
+    fill(store, "field-lenet", {"lenet5 bp": [1.1]})
+    lenet, baselines = experiments.load("field-lenet"), store.list("baselines")
+    table = summarize(lenet, store.list("field-lenet"), baselines)
+    assert not any(r["baseline"] for r in table)
+    assert any(r["baseline"] for r in summarize(experiments.load("exp1"), [], baselines))
+    assert "(baseline)" not in render_report(lenet, store.list("field-lenet"), baselines)
+
+
 def test_runs_of_a_superseded_reading_are_their_own_row_and_left_out_of_figures(
     tmp_path, monkeypatch
 ):

@@ -681,8 +681,10 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         and r.get("history")
         and any(k.startswith(prefix) for k in r["history"][-1])
     ]
-    short = f"Alignment ({experiment.name})"
+    short = f"Alignment ({experiment.name}){_on(spec)}"
     if not rows:
+        if not any(r["status"] == "finished" for r in _on_dataset(context.rows, spec)):
+            return [], [f"{short}: no finished runs yet."]
         return [], [
             f"{short}: these runs recorded no alignment angles (they were trained without "
             "`alignment = true` in their configuration), so there is no alignment figure."

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from gfalign.config import RunConfig
-from gfalign.experiments import Experiment, cell, load
+from gfalign.experiments import Experiment, cell, load, network
 
 __all__ = [
     "architecture",
@@ -46,7 +46,9 @@ def count(n: int, word: str) -> str:
 
 
 def architecture(config: RunConfig) -> tuple:
-    return (config.dataset, config.objective, config.hidden, config.activation)
+    """What makes two runs' networks and tasks alike: dataset, objective and network (an MLP's
+    widths and activation, or a block model's name)."""
+    return (config.dataset, config.objective, network(config))
 
 
 def protocol(config: Mapping[str, Any]) -> tuple[int, int | None, int | None]:
