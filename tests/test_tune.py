@@ -9,6 +9,7 @@ and records the runs in the results store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -360,3 +361,24 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
     assert f"synthetic 1x8 tanh s1 − bp: {difference:+.2f} points" in page
     assert "beyond.md" in (tmp_path / "report" / "README.md").read_text()
     assert 'id="beyond"' in (tmp_path / "report" / "report.html").read_text()
+
+
+# ------------------------------------------------------------------- the shipped study files
+
+TUNE = Path(__file__).resolve().parent.parent / "tune"
+
+
+def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rule():
+    """One search space, budget and base per dataset, whatever the rule: the fair comparison
+    the studies claim."""
+    studies = [tune.load(path) for path in sorted(TUNE.glob("*.toml"))]
+    by_dataset: dict[str, list] = {}
+    for study in studies:
+        by_dataset.setdefault(study.base.dataset, []).append(study)
+    assert set(by_dataset) == {"mnist", "fashion-mnist"}
+    for group in by_dataset.values():
+        assert {s.base.rule_name for s in group} == {"bp", "fa", "dfa", "s1", "s1-aux"}
+        first = group[0]
+        for study in group[1:]:
+            assert study.space == first.space and study.settings == first.settings
+            assert dataclasses.replace(study.base, rule=first.base.rule) == first.base
