@@ -188,6 +188,21 @@ def test_protocol_machine_and_compute_come_from_the_rows(tmp_path):
     machine = line(text, "- Machine:")
     assert "x86_64, 2 CPUs, 2 torch threads, device cpu; torch 2.13.0" in machine
     assert line(text, "- Compute:") == "- Compute: 1.0 h of training in 3 runs"
+    assert "weight decay" not in protocol and "validation" not in protocol
+
+
+def test_protocol_names_every_training_feature_a_run_sets(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "field-lenet", {"lenet5 bp": [1.1]})
+    text = render_report(experiments.load("field-lenet"), store.list("field-lenet"))
+    assert "sgd with lr 0.01 (momentum 0.9), reduction mean, weight decay 0.0001, all of " in (
+        line(text, "- Protocol:")
+    )
+    store = Store(tmp_path / "conv.sqlite")
+    fill(store, "conv", {"lenet5 bp dataset=mnist": [1.1]})
+    protocol = line(render_report(experiments.load("conv"), store.list("conv")), "- Protocol:")
+    assert "weight decay 0.0001, schedule multistep:milestones=[8, 12, 16],gamma=0.1, " in protocol
+    assert "all of mnist (10,000 training examples held out for validation)" in protocol
 
 
 def _store_for_figures(path):

@@ -73,17 +73,44 @@ def protocols(rows: Iterable[Mapping[str, Any]]) -> list[str]:
             else f"{subset[0] or 'all'} training / {subset[1] or 'all'} test examples of {data}"
         )
         epochs = train.get("epochs", 100)
+        if config.get("validation"):
+            examples += f" ({config['validation']:,} training examples held out for validation)"
         text = (
             f"{count(epochs, 'epoch')}, batch size {train.get('batch_size')}, "
             f"{train.get('optimizer')} with lr {train.get('lr')}"
             f"{_options(train.get('optimizer_options'))}, reduction {train.get('reduction')}, "
-            f"{examples}, {config.get('dtype', 'float32')}"
+            + "".join(f"{extra}, " for extra in _features(config, train))
+            + f"{examples}, {config.get('dtype', 'float32')}"
         )
         groups.setdefault(text, []).append(int(config.get("seed", 0)))
     return [
         f"{text}; {_seeds_text(seeds)} ({count(len(seeds), 'run')})"
         for text, seeds in groups.items()
     ]
+
+
+def _features(config: Mapping[str, Any], train: Mapping[str, Any]) -> list[str]:
+    """The training features a run's configuration sets, in words; none for the paper's plain
+    protocol (defaults are not stored)."""
+    out = []
+    if train.get("weight_decay"):
+        out.append(f"weight decay {train['weight_decay']}")
+    if train.get("schedule"):
+        out.append(f"schedule {train['schedule']}")
+    if train.get("warmup"):
+        out.append(f"{count(train['warmup'], 'epoch')} of warm-up")
+    if train.get("clip_grad_norm"):
+        out.append(f"gradient norm clipped at {train['clip_grad_norm']}")
+    dropout = [
+        f"{where} {config[key]}"
+        for where, key in (("input", "dropout_input"), ("hidden", "dropout_hidden"))
+        if config.get(key)
+    ]
+    if dropout:
+        out.append("dropout " + ", ".join(dropout))
+    if train.get("early_stopping"):
+        out.append(f"early stopping after {count(train['early_stopping'], 'epoch')} without gain")
+    return out
 
 
 def _options(options: Mapping[str, Any] | None) -> str:
