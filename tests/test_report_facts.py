@@ -64,6 +64,28 @@ def test_a_runs_facts_are_read_off_its_history(tmp_path):
     assert other[0].subject == "2x200 relu s3 seed 0 (8 epochs)"
 
 
+def test_a_run_with_a_validation_split_gives_its_selected_epoch_and_validation_curve(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    records = _records()
+    validation = [9.5, 4.2, 3.3, 3.6, 3.4, 3.45, 3.5, 3.42]
+    for record, value in zip(records, validation, strict=True):
+        record["validation_error"], record["best_epoch"] = value, 3
+    _run(store, records, epochs=8)
+    facts = {f.quantity: f for f in run_facts("exp1", store.list("exp1"), planned=(8, None))}
+    # selected by the validation split at epoch 3: the test error there, not the test's best
+    assert (facts["selected"].value, facts["selected epoch"].value) == (3.5, 3.0)
+    assert facts["validation, epoch 6"].value == 3.45 and facts["validation, last"].value == 3.42
+    text = render_report(experiments.load("exp1"), store.list("exp1"))
+    header = line(text, "| run |")
+    assert "| best (epoch) | validation-selected (epoch) | validation, ¾ / last |" in header
+    assert "| 3.00 (7) | 3.50 (3) | 3.45 (ep 6) / 3.42 |" in line(text, "| 2x200 relu s3 seed 0")
+    _run(store, _records(), epochs=8)  # no validation split: no such facts, no such columns
+    assert not any("validation" in f.quantity for f in run_facts("exp1", store.list("exp1")))
+    assert "validation" not in line(
+        render_report(experiments.load("exp1"), store.list("exp1")), "| run |"
+    )
+
+
 def test_activation_facts_span_the_final_errors_of_its_runs(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
     fill(store, "exp1", {"2x200 sigmoid s1": [2.9, 3.1], "2x800 sigmoid s2": [2.4]})

@@ -28,7 +28,7 @@ from typing import Any
 from gfalign.experiments import cell
 from gfalign.report.render import Block, Paragraph, Table
 from gfalign.report.rows import config_of, count, protocol, series
-from gfalign.report.tables import PENDING, TRAIN_METRIC, best_epoch
+from gfalign.report.tables import PENDING, TRAIN_METRIC, best_epoch, selected_epoch
 
 __all__ = [
     "Fact",
@@ -112,6 +112,7 @@ def run_facts(
         if best is not None:
             out.append(Fact(experiment, subject, "best", best[1], digits))
             out.append(Fact(experiment, subject, "best epoch", best[0], 0))
+        out += _validation_facts(experiment, subject, history, metric, digits)
         at, values = series(history, train_key)
         if values:
             three_quarters = round(0.75 * max(at))
@@ -133,6 +134,28 @@ def run_facts(
                 out.append(Fact(experiment, subject, f"angle {layer}, min", min(angles), 1))
                 out.append(Fact(experiment, subject, f"angle {layer}, max", max(angles), 1))
                 out.append(Fact(experiment, subject, f"angle {layer}, last", angles[-1], 1))
+    return out
+
+
+def _validation_facts(
+    experiment: str, subject: str, history: Sequence[Mapping[str, Any]], metric: str, digits: int
+) -> list[Fact]:
+    """A run with a validation split: its validation error three quarters through training and
+    at the end (how much the last quarter still moved it, the evidence for an epoch budget),
+    and ``metric`` at the epoch the split selected."""
+    at, values = series(history, "validation_error")
+    if not values:
+        return []
+    out = []
+    three_quarters = round(0.75 * max(at))
+    if three_quarters in at:
+        value = values[at.index(three_quarters)]
+        out.append(Fact(experiment, subject, f"validation, epoch {three_quarters}", value, 2))
+    out.append(Fact(experiment, subject, "validation, last", values[-1], 2))
+    chosen = selected_epoch(history, metric)
+    if chosen is not None:
+        out.append(Fact(experiment, subject, "selected", chosen[1], digits))
+        out.append(Fact(experiment, subject, "selected epoch", chosen[0], 0))
     return out
 
 
@@ -231,6 +254,8 @@ def facts_blocks(facts: Sequence[Fact]) -> list[Block]:
         Paragraph(
             "Numbers a discussion may cite, each read from the store: per activation, the "
             "range over its finished runs; per run, its last and best epoch (test set), its "
+            "validation-selected epoch and validation error three quarters through training "
+            "and at the end (where a validation split was held out), its "
             "training error three quarters through training and at the end, the first epoch "
             "its training error falls below 0.01%, its first epoch's and its largest mean batch "
             "loss and the range "
@@ -266,8 +291,10 @@ def facts_blocks(facts: Sequence[Fact]) -> list[Block]:
                 if "angle" in q
             }
         )
-        header = ["run", "last epoch", "best (epoch)", "train, ¾", "train, last"]
-        header += ["train < 0.01% from", "batch loss, first / max"]
+        validated = any("validation, last" in f for f in runs.values())
+        header = ["run", "last epoch", "best (epoch)"]
+        header += ["validation-selected (epoch)", "validation, ¾ / last"] if validated else []
+        header += ["train, ¾", "train, last", "train < 0.01% from", "batch loss, first / max"]
         header += [f"update angle {layer}" for layer in layers]
         rows = []
         for subject, f in runs.items():
@@ -275,10 +302,10 @@ def facts_blocks(facts: Sequence[Fact]) -> list[Block]:
             if "best" in f:
                 best = f"{f['best'].text} ({f['best epoch'].text})"
             quarter = next((q for q in f if q.startswith("train, epoch")), None)
-            row = [
-                subject,
-                f["last epoch"].text,
-                best,
+            row = [subject, f["last epoch"].text, best]
+            if validated:
+                row += _validation_cells(f)
+            row += [
                 PENDING if quarter is None else f"{f[quarter].text} (ep {quarter.split()[-1]})",
                 f["train, last"].text if "train, last" in f else PENDING,
                 f["train < 0.01% from epoch"].text if "train < 0.01% from epoch" in f else PENDING,
@@ -297,6 +324,19 @@ def facts_blocks(facts: Sequence[Fact]) -> list[Block]:
             rows.append(tuple(row))
         blocks.append(Table(tuple(header), tuple(rows), (False,) + (True,) * (len(header) - 1)))
     return blocks
+
+
+def _validation_cells(f: Mapping[str, Fact]) -> list[str]:
+    selected = PENDING
+    if "selected" in f:
+        selected = f"{f['selected'].text} ({f['selected epoch'].text})"
+    if "validation, last" not in f:
+        return [selected, PENDING]
+    quarter = next((q for q in f if q.startswith("validation, epoch")), None)
+    last = f["validation, last"].text
+    if quarter is None:
+        return [selected, last]
+    return [selected, f"{f[quarter].text} (ep {quarter.split()[-1]}) / {last}"]
 
 
 # ---------------------------------------------------------------------------- checking text
