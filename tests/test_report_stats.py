@@ -8,7 +8,8 @@ import pytest
 
 from gfalign import experiments
 from gfalign.report import describe, render_report, summarize
-from gfalign.report.tables import TOLERANCE, best_epoch
+from gfalign.report.render import Table
+from gfalign.report.tables import TOLERANCE, best_epoch, welch
 from gfalign.store import Store
 from test_report_support import fill, line, presets
 
@@ -182,3 +183,14 @@ def test_the_standing_ranks_each_groups_best_and_marks_overlapping_intervals():
     assert groups_of("conv", {"standing": groups}) == {k: tuple(v) for k, v in groups.items()}
     with pytest.raises(ConfigError, match=r"\[standing\] s = 's1'; allowed"):
         groups_of("conv", {"standing": {"s": "s1"}})
+    # Which rule beats which: Welch intervals on the selected values, lowest mean first.
+    (mnist,) = [
+        b for b in standing(conv, summary, groups) if isinstance(b, Table) and len(b.rows) > 1
+    ]
+    assert [r[0] for r in mnist.rows] == ["bp", "s1 xavier", "dfa xavier", "fa xavier"]
+    assert mnist.rows[0][3] == "dfa xavier, fa xavier"  # bp vs s1: the interval holds 0
+    assert mnist.rows[1][3] == "dfa xavier, fa xavier" and mnist.rows[2][3] == "fa xavier"
+    assert mnist.rows[3][1:] == ("2.60 ± 0.10", "3", "—")
+    difference, (low, high) = welch([1.6, 1.7, 1.8], [0.6, 0.7, 0.8])  # dfa against bp
+    half = 2.7764451051977987 * math.sqrt(2 * 0.01 / 3)  # t(0.975, 4 df): equal spreads
+    assert (difference, low, high) == pytest.approx((1.0, 1.0 - half, 1.0 + half))

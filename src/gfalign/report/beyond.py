@@ -13,17 +13,12 @@ store holds under the experiment ``tune:<study>``. The page gives
 - the final runs' validation error per epoch.
 
 Nothing is typed in: a study without final runs is listed as searched, one without a summary
-as not searched yet.
-
-    >>> difference, interval = welch([1.0, 1.2, 1.1], [1.0, 1.0, 1.0])
-    >>> round(difference, 6), [round(end, 3) for end in interval]
-    (0.1, [-0.148, 0.348])
+as not searched yet. ``welch`` (the gap's interval) lives in ``gfalign.report.tables``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +29,7 @@ from gfalign.experiments import network as network_of
 from gfalign.report.provenance import duration
 from gfalign.report.render import Block, Bullets, Heading, Image, Paragraph, Table
 from gfalign.report.rows import config_of, count, series
-from gfalign.report.tables import describe
+from gfalign.report.tables import describe, welch
 
 __all__ = ["NOKLAND", "PAGE", "beyond_blocks", "read_studies", "welch"]
 
@@ -71,21 +66,6 @@ def read_studies(directory: str | Path) -> dict[str, dict[str, Any]]:
             found["directory"] = str(folder)
             out[str(study)] = found
     return out
-
-
-def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
-    """The difference of means a − b and its Welch 95% interval (None below 2 seeds each)."""
-    from scipy import stats
-
-    difference = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return difference, None
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return difference, (difference, difference)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, df)) * math.sqrt(va + vb)
-    return difference, (difference - half, difference + half)
 
 
 def _finished_errors(rows: Iterable[Mapping[str, Any]]) -> list[float]:

@@ -10,7 +10,8 @@ them (the cell without the network)::
 For every setting the grid crosses (``dataset=fashion-mnist``; one setting for a plain grid),
 ``standing`` gives each group's best rule with its mean, spread and 95% interval over seeds,
 then the groups from best to worst, saying where two groups' intervals overlap (a difference
-the seeds do not settle). The value is the test error at the validation-selected epoch where
+the seeds do not settle), and a table of which rule beats which (Welch's interval of the
+difference of two rules' means excludes 0). The value is the test error at the validation-selected epoch where
 the runs kept one (``keep_best``), else after the last epoch. Nothing in the text is written
 by hand, so it stays true as runs are added.
 """
@@ -21,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gfalign.experiments import Experiment
-from gfalign.report.render import Block, Bullets, Paragraph
+from gfalign.report.render import Block, Bullets, Paragraph, Table
 from gfalign.report.rows import count, rule_of
-from gfalign.report.tables import OUTSIDE, describe
+from gfalign.report.tables import OUTSIDE, describe, welch
 from gfalign.rules import ConfigError
 
 __all__ = ["groups_of", "standing"]
@@ -94,7 +95,9 @@ def standing(
             "Standing of the rules, made from the table above: per group, the rule with the "
             f"lowest {what}, as a mean over seeds with its 95% interval; then the groups' best "
             "from lowest to highest, with < where the intervals are apart and ≈ where they "
-            "overlap (or a rule has one seed): the seeds do not separate those."
+            "overlap (or a rule has one seed): the seeds do not separate those. Then every "
+            "rule from lowest to highest mean, with the rules it is below by more than the "
+            "seeds explain: Welch's 95% interval of the difference excludes 0."
         )
     ]
     for setting, rows in settings.items():
@@ -128,4 +131,35 @@ def standing(
             lines.append("from best to worst: " + " ".join(order))
         title = f"On {setting.removeprefix('dataset=')}" if setting else "On this grid"
         blocks += [Paragraph(f"{title}:"), Bullets(tuple(lines))]
+        blocks += _pairs(rows, groups)
     return blocks
+
+
+def _pairs(rows: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]]) -> list:
+    """Which rule beats which: every rule of the groups from lowest to highest mean, with the
+    rules it is below by more than the seeds explain (the Welch 95% interval of the difference
+    excludes 0); rules with one seed are compared with none."""
+    ranked = sorted(
+        ((describe(_values(rows[r])), r) for rules in groups.values() for r in rules if r in rows),
+        key=lambda item: (item[0].mean, item[1]),
+    )
+    if len(ranked) < 2:
+        return []
+    table = []
+    for stats, rule in ranked:
+        below = [
+            other
+            for _, other in ranked
+            if other != rule
+            and (ci := welch(_values(rows[other]), _values(rows[rule]))[1]) is not None
+            and ci[0] > 0
+        ]
+        spread = f" ± {_text(stats.std)}" if stats.n > 1 else ""
+        table.append((rule, f"{_text(stats.mean)}{spread}", str(stats.n), ", ".join(below) or "—"))
+    return [
+        Table(
+            ("rule", "mean ± std", "seeds", "below (Welch 95% interval of the difference > 0)"),
+            tuple(table),
+            (False, True, True, False),
+        )
+    ]

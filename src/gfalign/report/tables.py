@@ -45,6 +45,7 @@ __all__ = [
     "summarize",
     "table",
     "verdict_text",
+    "welch",
 ]
 
 PENDING = "—"
@@ -119,6 +120,27 @@ def describe(values: Sequence[float], reference: float | None = None) -> Statist
         else:
             p = float(stats.ttest_1samp(values, reference).pvalue)
     return Statistics(n, mean, std, ci, p)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """The difference of means a − b and its Welch 95% interval (None below 2 seeds each).
+
+    >>> difference, interval = welch([1.0, 1.2, 1.1], [1.0, 1.0, 1.0])
+    >>> round(difference, 6), [round(end, 3) for end in interval]
+    (0.1, [-0.148, 0.348])
+    """
+    from scipy import stats
+
+    difference = stdlib_statistics.fmean(a) - stdlib_statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return difference, None
+    va = stdlib_statistics.variance(a) / len(a)
+    vb = stdlib_statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return difference, (difference, difference)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, df)) * math.sqrt(va + vb)
+    return difference, (difference - half, difference + half)
 
 
 def best_epoch(history: Sequence[Mapping[str, Any]], metric: str) -> tuple[float, float] | None:
