@@ -681,13 +681,13 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         and r.get("history")
         and any(k.startswith(prefix) for k in r["history"][-1])
     ]
-    short = f"Alignment ({experiment.name}){_on(spec)}"
+    short = f"Alignment ({experiment.name})"
     if not rows:
         if not any(r["status"] == "finished" for r in _on_dataset(context.rows, spec)):
-            return [], [f"{short}: no finished runs yet."]
+            return [], [f"{short}{_on(spec)}: no finished runs yet."]
         return [], [
-            f"{short}: these runs recorded no alignment angles (they were trained without "
-            "`alignment = true` in their configuration), so there is no alignment figure."
+            f"{short}{_on(spec)}: these runs recorded no alignment angles (they were trained "
+            "without `alignment = true` in their configuration), so there is no alignment figure."
         ]
     configs = [config_of(r) for r in rows]
     if "network" in spec.options:
@@ -725,7 +725,7 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
                 "angle to backprop (degrees)",
                 scale="linear",
                 reference=(90.0, "90°: no alignment"),
-                bottom=0.0,
+                bottom=-4.0,  # bp's line at 0 stays above the axis, not hidden on it
             )
         )
     from gfalign import plots

@@ -11,9 +11,9 @@ For every setting the grid crosses (``dataset=fashion-mnist``; one setting for a
 ``standing`` gives each group's best rule with its mean, spread and 95% interval over seeds,
 then the groups from best to worst, saying where two groups' intervals overlap (a difference
 the seeds do not settle), and a table of which rule beats which (Welch's interval of the
-difference of two rules' means excludes 0). The value is the test error at the validation-selected epoch where
-the runs kept one (``keep_best``), else after the last epoch. Nothing in the text is written
-by hand, so it stays true as runs are added.
+difference of two rules' means excludes 0). The value is the test error at the
+validation-selected epoch where the runs kept one (``keep_best``), else after the last epoch.
+Nothing in the text is written by hand, so it stays true as runs are added.
 """
 
 from __future__ import annotations
