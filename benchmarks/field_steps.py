@@ -4,9 +4,9 @@
 
 Each rule's ``FeedbackRule.sgd_step`` on the 784-800-800-10 tanh MLP, timed in interleaved
 blocks of 5 steps so a shared machine's noise reaches every rule alike; prints the median and
-lower-quartile step time and each rule's ratio to fa's. Then the part of brSF's step no
-element-wise trick removes: drawing its new magnitudes, one random number per feedback weight
-per step, timed alone with the rule's own family and generator.
+lower-quartile step time and each rule's ratio to fa's. Then each sign-concordant rule's
+refresh of its feedback, timed alone through the rule itself: uSF's is the sign, brSF's adds
+its new magnitudes, one random number per feedback weight per step.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 import torch
 
 from gfalign import MLP, FeedbackRule
-from gfalign import feedback as feedback_families
-from gfalign.terms import step_generator
 
 
 def main() -> None:
@@ -52,22 +50,16 @@ def main() -> None:
         median = statistics.median(values)
         quartile = sorted(values)[len(values) // 4]
         print(f"{name:<6} {median:>10.2f} {quartile:>12.2f} {median / reference:>7.2f}x")
-    if "brsf" in cases:
-        net, rule = cases["brsf"]
-        shapes = [tuple(layer.weight.shape) for layer in net.layers[1:]]
-        draws = []
-        for _ in range(args.blocks):
-            started = time.perf_counter()
-            for step, shape in enumerate(shapes):
-                generator = step_generator(0, step, "bench")
-                feedback_families.draw(rule.config.feedback, shape, generator, dtype=x.dtype)
-            draws.append((time.perf_counter() - started) * 1e3)
-        numbers = sum(a * b for a, b in shapes)
-        drawn = statistics.median(draws)
-        print(
-            f"brsf's redraw alone ({numbers:,} numbers from {rule.config.feedback}): "
-            f"{drawn:.2f} ms, {drawn / reference:.2f}x fa's step"
-        )
+    for name in ("usf", "brsf"):  # the rule's own refresh of its sign-concordant feedback
+        if name in cases:
+            net, rule = cases[name]
+            times_ = []
+            for _ in range(args.blocks):
+                started = time.perf_counter()
+                rule.feedback(1, 0, net=net)  # remakes every live term: sign, and brSF's draw
+                times_.append((time.perf_counter() - started) * 1e3)
+            refresh = statistics.median(times_)
+            print(f"{name}'s refresh alone: {refresh:.2f} ms, {refresh / reference:.2f}x fa's step")
 
 
 if __name__ == "__main__":
