@@ -196,16 +196,26 @@ def test_kp_feedback_takes_the_forward_update(optimizer, options, decay):
             assert not torch.equal(feedback, b0)
 
 
-@pytest.mark.parametrize("model", ["mlp", "conv"])
+@pytest.mark.parametrize("model", ["mlp", "conv", "mlp-below"])
 @pytest.mark.parametrize("decay", [0.0, 1e-4, 0.05])
 def test_kp_in_place_sgd_equals_backward_and_the_optimizer(model, decay):
-    """sgd_step's fused update (one lerp_ per parameter and mirror) against backward, the
-    separate decay and torch's SGD, on Linear and Conv2d blocks, with and without decay."""
+    """sgd_step's update (the forward step fused, the mirror made from the stepped parameter
+    and the shrunk difference) against backward, the separate decay and torch's SGD, on Linear
+    and Conv2d blocks, with and without decay."""
     config = {
         "name": "kp",
         "template": {"all": {"terms": [{"kind": "above", "mode": f"kp:decay={decay}"}]}},
     }
-    if model == "mlp":
+    if model == "mlp-below":  # a below term's mirror is kept transposed, B_down = W~^T
+        mode = f"kp:decay={decay}"
+        config = {
+            "name": "kp-below",
+            "layers": {
+                1: {"terms": ["direct"]},
+                2: {"terms": ["direct", {"kind": "below", "mode": mode}]},
+            },
+        }
+    if model.startswith("mlp"):
         nets = [MLP(SIZES, seed=0, dtype=DT) for _ in range(2)]
         x, y = batch()
     else:

@@ -323,7 +323,6 @@ class FeedbackRule(nn.Module):
         self._learned = tuple(place for place in self._places.values() if place.learned)
         self._decays = self._forward_decays()
         self._mirrored = frozenset(place.block for place in self._learned)
-        self._scratch: dict[int, torch.Tensor] = {}  # sgd_step's weight steps of mirrored blocks
         if any(place.mode is not None and place.mode.mode.redraw for place in self._live):
             self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.plan = self._make_plan()
@@ -784,34 +783,46 @@ class FeedbackRule(nn.Module):
     def _mirrored_step(
         self, block: int, part: nn.Module, shape, h: torch.Tensor, d: torch.Tensor, alpha: float
     ) -> None:
-        """``sgd_step`` on a block whose parameters learned feedback mirrors: each parameter
-        and its mirrors shrink by ``1 - decay`` (Kolen-Pollack) and take the step
-        ``alpha * grad``, the weight's gradient written into a kept buffer (a fresh 2.5 MB
-        one each step costs its page faults), every tensor in one multi-tensor call per
-        operation. The same operations in the same order as ``backward`` then ``_learn``, so
-        the numbers are those of the engine's earlier releases bit for bit."""
+        """``sgd_step`` on a block whose parameters learned feedback mirrors (Kolen-Pollack).
+
+        The forward parameter ``theta`` and its mirror ``V`` take the same step
+        ``x <- (1 - decay) x + alpha g``, so only their difference needs the decay:
+        ``V <- theta' + (1 - decay) (V - theta)``, with ``theta'`` the stepped parameter (the
+        Kolen-Pollack theorem, DESIGN.md section 10). The forward step is fa's fused one (a
+        Linear weight's is one ``addmm_`` with ``beta = 1 - decay``: no gradient tensor is
+        written), and the mirror takes two element-wise passes, before and after it. Nothing
+        is kept between steps but the parameters. Equal to ``backward``, the decay and
+        ``torch.optim.SGD`` up to rounding."""
+        decay = self._decays.get(block, 0.0)
+        transported = self.structure[block - 1].transported
+        forward = dict(part.named_parameters())
+        mirrors = [  # (V, theta's name, theta in V's layout)
+            (
+                self.get_parameter(buffer),
+                name,
+                forward[name].mT if place.transposed else forward[name],
+            )
+            for place in self._learned
+            if place.block == block
+            for name, buffer in place.buffers
+        ]
+        for mirror, _, weight in mirrors:
+            mirror.sub_(weight)  # V - theta, before theta moves
         if shape.products is LINEAR:
-            weight = part.weight
-            scratch = self._scratch.get(block)
-            if scratch is None or not _alike(scratch, weight):
-                scratch = self._scratch[block] = torch.empty_like(weight)
-            grads = {"weight": _addmm_(scratch, d.transpose(-1, -2), h, beta=0.0, alpha=1.0)}
+            beta = 1.0 - decay if "weight" in transported else 1.0
+            _addmm_(part.weight, d.transpose(-1, -2), h, alpha=alpha, beta=beta)
             if part.bias is not None:
-                grads["bias"] = d.sum(dim=-2)
+                if decay and "bias" in transported:
+                    part.bias.mul_(1.0 - decay)
+                part.bias.add_(d.sum(dim=-2), alpha=alpha)
         else:
             grads = shape.products.param_vjp(part, h, d)
-        pairs = [(parameter, name, grads[name]) for name, parameter in part.named_parameters()]
-        for place in self._learned:
-            if place.block == block:
-                for name, buffer in place.buffers:
-                    grad = grads[name].transpose(-1, -2) if place.transposed else grads[name]
-                    pairs.append((self.get_parameter(buffer), name, grad))
-        decay = self._decays.get(block, 0.0)
-        if decay:
-            transported = self.structure[block - 1].transported
-            torch._foreach_mul_([t for t, name, _ in pairs if name in transported], 1.0 - decay)
-        targets, _, values = map(list, zip(*pairs, strict=True))
-        torch._foreach_add_(targets, values, alpha=alpha)
+            if decay:
+                torch._foreach_mul_([forward[n] for n in forward if n in transported], 1.0 - decay)
+            torch._foreach_add_(list(forward.values()), [grads[n] for n in forward], alpha=alpha)
+        for mirror, name, weight in mirrors:
+            shrink = 1.0 - decay if name in transported else 1.0
+            torch.add(weight, mirror, alpha=shrink, out=mirror)
 
     def _batch_size(self, x: torch.Tensor) -> int:
         return x.shape[1] if self.stack_size else x.shape[0]
@@ -970,10 +981,6 @@ def _auxiliary_error(logits: torch.Tensor, labels: torch.Tensor):
 # The term loop below is written for any leading batch dimensions: a single network's tensors
 # (N, n) and matrices (rows, cols), or an ensemble's stacked (K, N, n) and (K, rows, cols)
 # (gfalign.ensemble), so both run the same mechanism.
-
-
-def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
