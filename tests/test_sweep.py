@@ -25,6 +25,7 @@ PER_SEED = {
     "field": 9,
     "field-lenet": 9,
     "conv-lr": 96,
+    "conv-budget": 8,
     "conv": 26,
     "conv-cifar": 13,
 }

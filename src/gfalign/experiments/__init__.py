@@ -78,12 +78,14 @@ EXPERIMENTS: tuple[str, ...] = (
     "field",
     "field-lenet",
     "conv-lr",
+    "conv-budget",
     "conv",
     "conv-cifar",
 )
 """Every preset: the paper's, ``fashion`` (the 2x800 tanh grid on Fashion-MNIST), and ``field``
 and ``field-lenet`` (the field's further rules, sign-concordant, Kolen-Pollack and DRTP, beside
-bp and fa on the MLP and on LeNet-5)."""
+bp and fa on the MLP and on LeNet-5), ``conv-lr`` and ``conv-budget`` (the rate and the epoch
+budget of ``conv`` screened on its validation split), ``conv`` and ``conv-cifar``."""
 
 
 def _studies() -> tuple[str, ...]:
