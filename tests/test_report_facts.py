@@ -172,3 +172,20 @@ def test_the_published_discussion_quotes_only_numbers_the_store_gives(tmp_path):
         store.import_file(export)
         facts = collect_facts([*EXPERIMENTS, *STUDIES], store)
     assert [q.context for q in unmatched(discussion.read_text(), facts)] == []
+
+
+def test_runs_a_grid_tells_apart_by_its_dataset_have_facts_of_their_own(tmp_path):
+    """conv's bp on MNIST and on Fashion-MNIST: the same cell and seed, two subjects."""
+    store = Store(tmp_path / "runs.sqlite")
+    values = {"lenet5 bp dataset=mnist": [1.05], "lenet5 bp dataset=fashion-mnist": [11.87]}
+    fill(store, "conv", values)
+    conv = experiments.load("conv")
+    facts = run_facts("conv", store.list("conv"), planned=(20, None), name=conv.cell)
+    last = {f.subject: f.value for f in facts if f.quantity == "last epoch"}
+    assert last == {
+        "lenet5 bp dataset=mnist seed 0": 1.05,
+        "lenet5 bp dataset=fashion-mnist seed 0": 11.87,
+    }
+    text = render_report(conv, store.list("conv"))
+    assert line(text, "| lenet5 bp dataset=mnist seed 0 |").split("|")[2].strip() == "1.05"
+    assert line(text, "| lenet5 bp dataset=fashion-mnist seed 0 |").split("|")[2].strip() == "11.87"

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gfalign.config import RunConfig
 from gfalign.experiments import cell
 from gfalign.report.render import Block, Paragraph, Table
 from gfalign.report.rows import config_of, count, protocol, series
@@ -78,6 +79,7 @@ def run_facts(
     digits: int = 2,
     planned: tuple[int, int | None] = (100, None),
     order: Sequence[str] = (),
+    name: Callable[[RunConfig], str] = cell,
 ) -> list[Fact]:
     """Per finished run: final, best-epoch and training-error facts and angle ranges.
 
@@ -90,15 +92,17 @@ def run_facts(
             names its own in its subject.
         order: the experiment's cells in table order (runs are listed in that order, then
             by seed).
+        name: a run's cell name (``Experiment.cell``, which names the fields a grid varies
+            besides the cell, such as the dataset: two runs never share a subject).
     """
     out = []
     train_key = TRAIN_METRIC.get(metric, "")
-    rows = sorted(rows, key=lambda r: (_cell_place(r, order), r["config"].get("seed", 0)))
+    rows = sorted(rows, key=lambda r: (_cell_place(r, order, name), r["config"].get("seed", 0)))
     for row in rows:
         if row["status"] != "finished" or row["final"].get(metric) is None:
             continue
         config = config_of(row)
-        subject = f"{cell(config)} seed {config.seed}"
+        subject = f"{name(config)} seed {config.seed}"
         epochs, _subset, _test = protocol(row["config"])
         if (epochs, _subset) != tuple(planned):
             subject += f" ({count(epochs, 'epoch')}" + (f", {_subset} ex)" if _subset else ")")
@@ -159,9 +163,11 @@ def _validation_facts(
     return out
 
 
-def _cell_place(row: Mapping[str, Any], order: Sequence[str]) -> tuple[int, str]:
-    name = cell(config_of(row))
-    return (order.index(name) if name in order else len(order), name)
+def _cell_place(
+    row: Mapping[str, Any], order: Sequence[str], name: Callable[[RunConfig], str] = cell
+) -> tuple[int, str]:
+    named = name(config_of(row))
+    return (order.index(named) if named in order else len(order), named)
 
 
 def group_facts(

@@ -169,7 +169,13 @@ def section(
     found = facts_module.group_facts(
         experiment.name, rows, experiment.metric, _digits(experiment)
     ) + facts_module.run_facts(
-        experiment.name, rows, experiment.metric, _digits(experiment), own, cells_of(experiment)
+        experiment.name,
+        rows,
+        experiment.metric,
+        _digits(experiment),
+        own,
+        cells_of(experiment),
+        experiment.cell,
     )
     blocks += [Heading(level + 1, "Facts"), *facts_module.facts_blocks(found)]
     return blocks
@@ -241,8 +247,12 @@ def _study_section(
         blocks += images
         if notes:
             blocks.append(Bullets(tuple(notes)))
-    order = () if experiment is None else cells_of(experiment)
-    found = facts_module.run_facts(study.name, rows, order=order)
+    if experiment is None:
+        found = facts_module.run_facts(study.name, rows)
+    else:
+        found = facts_module.run_facts(
+            study.name, rows, order=cells_of(experiment), name=experiment.cell
+        )
     blocks += [Heading(2, "Facts"), *facts_module.facts_blocks(found)]
     return blocks
 
@@ -430,6 +440,7 @@ def collect_facts(
             digits,
             own,
             cells_of(experiment),
+            experiment.cell,
         )
     out += _across(experiments, rows)
     return out
