@@ -137,8 +137,9 @@ def test_variants_name_what_a_study_changes():
             "conv-lr": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
             "field-lenet": {"lr=0.01", "", "lr=0.0001"},  # a rate per rule
             "conv-cifar": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
-            "conv-budget": {  # the budget, and the rate where it is not the common one
-                f"{r}epochs={e} schedule=multistep:milestones={m},gamma=0.1"
+            "conv-budget": {  # the budget, and the dataset and rate where not the common ones
+                f"{d}{r}epochs={e} schedule=multistep:milestones={m},gamma=0.1"
+                for d in ("", "dataset=fashion-mnist ")
                 for r in ("lr=0.01 ", "")
                 for e, m in ((20, "[8, 12, 16]"), (40, "[16, 24, 32]"))
             },

@@ -25,7 +25,7 @@ PER_SEED = {
     "field": 9,
     "field-lenet": 9,
     "conv-lr": 96,
-    "conv-budget": 8,
+    "conv-budget": 16,
     "conv": 26,
     "conv-cifar": 13,
 }
