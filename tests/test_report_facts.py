@@ -189,3 +189,13 @@ def test_runs_a_grid_tells_apart_by_its_dataset_have_facts_of_their_own(tmp_path
     text = render_report(conv, store.list("conv"))
     assert line(text, "| lenet5 bp dataset=mnist seed 0 |").split("|")[2].strip() == "1.05"
     assert line(text, "| lenet5 bp dataset=fashion-mnist seed 0 |").split("|")[2].strip() == "11.87"
+
+
+def test_a_references_published_value_is_a_fact_a_text_may_set_beside_ours(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "conv", {"lenet5 bp dataset=mnist": [1.05, 1.15]})
+    facts = collect_facts(["conv"], store)
+    found = {(f.subject, f.quantity): f.text for f in facts}
+    assert found["lenet5 bp dataset=mnist", "reference"] == "0.91"  # biotorch's, with runs
+    assert found["lenet5 bp dataset=fashion-mnist", "reference"] == "9.20"  # and without
+    assert unmatched("bp: 1.10 against biotorch's 0.91 and 9.20", facts) == []

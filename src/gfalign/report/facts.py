@@ -210,16 +210,18 @@ def group_facts(
 def cell_facts(
     experiment: str, summary: Iterable[Mapping[str, Any]], digits: int = 2
 ) -> list[Fact]:
-    """The numbers of a summary table (``gfalign.report.tables.summarize``) as facts."""
+    """The numbers of a summary table (``gfalign.report.tables.summarize``) as facts, the
+    paper's or another reference's value of each cell among them."""
     out = []
     for row in summary:
+        subject = row["cell"] + (
+            " (baseline)" if row["baseline"] and row["mean"] is not None else ""
+        )
+        for quantity in ("paper", "reference"):  # the published numbers a text sets beside ours
+            if row.get(quantity) is not None:
+                out.append(Fact(experiment, subject, quantity, row[quantity], 2))
         if row["mean"] is None:
-            if row["paper"] is not None:
-                out.append(Fact(experiment, row["cell"], "paper", row["paper"], 2))
             continue
-        subject = row["cell"] + (" (baseline)" if row["baseline"] else "")
-        if row["paper"] is not None:
-            out.append(Fact(experiment, subject, "paper", row["paper"], 2))
         out += [
             Fact(experiment, subject, "mean", row["mean"], digits),
             Fact(experiment, subject, "std", row["std"], digits),
