@@ -199,3 +199,28 @@ def test_a_references_published_value_is_a_fact_a_text_may_set_beside_ours(tmp_p
     assert found["lenet5 bp dataset=mnist", "reference"] == "0.91"  # biotorch's, with runs
     assert found["lenet5 bp dataset=fashion-mnist", "reference"] == "9.20"  # and without
     assert unmatched("bp: 1.10 against biotorch's 0.91 and 9.20", facts) == []
+
+
+def test_a_screening_shares_the_runs_of_the_experiment_it_screens(tmp_path):
+    """conv-budget's 20-epoch cells are conv's runs (one row per configuration in the store):
+    the screening's page counts them, each cell under its own budget."""
+    store = Store(tmp_path / "runs.sqlite")
+    budget = experiments.load("conv-budget")
+    config = next(c for c in budget.points() if c.train.epochs == 20)
+    curve = [1.07 + 20 - e if e < 20 else 1.07 for e in range(1, 21)]
+    records = [{"epoch": e, "validation_error": v, "seconds": 1.0} for e, v in enumerate(curve, 1)]
+    store.upsert(
+        config.key(),
+        experiment="conv",  # run by the experiment it screens, first
+        label=config.label(),
+        config=config.to_data(),
+        status="finished",
+        epochs_done=20,
+        final=records[-1],
+        history=records,
+        seconds=20.0,
+        versions=MACHINE,
+    )
+    facts = collect_facts(["conv-budget"], store)
+    name = budget.cell(config)
+    assert {(f.subject, f.quantity) for f in facts if f.value == 1.07} >= {(name, "mean")}

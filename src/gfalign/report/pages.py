@@ -45,7 +45,7 @@ from gfalign.report.render import (
     render_html,
     render_markdown,
 )
-from gfalign.report.rows import cells_of, config_of, count, done, preset
+from gfalign.report.rows import cells_of, config_of, count, done, experiment_rows, preset
 from gfalign.report.standing import groups_of, standing
 from gfalign.report.studies import (
     Study,
@@ -422,7 +422,7 @@ def collect_facts(
     baselines = store.list(BASELINES)
     out: list[facts_module.Fact] = []
     experiments = [preset(n) for n in names if n in EXPERIMENTS or n in STUDIES]
-    rows = {e.name: with_environment(store.list(e.name), runs) for e in experiments}
+    rows = {e.name: with_environment(experiment_rows(store, e), runs) for e in experiments}
     for experiment in experiments:
         others = None if experiment.name == BASELINES else baselines
         dataset = experiment.base.dataset
@@ -480,7 +480,7 @@ def write_report(
     found = _studies_for(names)
     study_names = {s.name for s in found}
     experiments = [preset(n) for n in names if n not in study_names]
-    rows = {e.name: with_environment(store.list(e.name), runs) for e in experiments}
+    rows = {e.name: with_environment(experiment_rows(store, e), runs) for e in experiments}
     for study in found:
         rows[study.name] = with_environment(store.list(study.name), runs)
     baselines = store.list(BASELINES)

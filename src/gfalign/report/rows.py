@@ -166,6 +166,22 @@ def points_of(experiment: Experiment) -> list[RunConfig]:
     return [c for c in experiment.configs if c.seed == first]
 
 
+def experiment_rows(store, experiment: Experiment) -> list[dict[str, Any]]:
+    """The store's rows of ``experiment``: those it ran, and those of its planned
+    configurations that another experiment ran first (a screening shares the runs of the
+    experiment it screens: the store keeps one row per configuration)."""
+    own = store.list(experiment.name)
+    planned = {c.key() for c in experiment.configs} - {r["key"] for r in own}
+    shared = [r for r in store.list() if r["key"] in planned] if planned else []
+    return own + shared
+
+
+def planned_protocols(experiment: Experiment) -> dict[str, tuple]:
+    """Each cell's planned (epochs, training subset): the base's, or the grid's where it varies
+    them (a budget screening)."""
+    return {experiment.cell(c): (c.train.epochs, c.train_subset) for c in points_of(experiment)}
+
+
 def cells_of(experiment: Experiment) -> list[str]:
     """The cell names in grid order (``Experiment.cells``, from the configurations built)."""
     return list(dict.fromkeys(experiment.cell(c) for c in experiment.configs))

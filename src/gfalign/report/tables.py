@@ -28,6 +28,7 @@ from gfalign.report.rows import (
     architecture,
     cells_of,
     config_of,
+    planned_protocols,
     points_of,
     preset,
     protocol,
@@ -192,10 +193,13 @@ def outside_plan(experiment: Experiment, rows: Iterable[Mapping[str, Any]]) -> s
     first = experiment.seeds[0] if experiment.seeds else 0
     planned = {p.key() for p in points_of(experiment)}
     own = (experiment.base.train.epochs, experiment.base.train_subset)
+    protocols = planned_protocols(experiment)
     out = set()
     for row in rows:
         config = config_of(row)
-        if (config.train.epochs, config.train_subset) != own:
+        if (config.train.epochs, config.train_subset) != protocols.get(
+            experiment.cell(config), own
+        ):
             continue
         if with_seed(config, first).key() not in planned:
             out.add(row["key"])
@@ -229,7 +233,11 @@ def summarize(
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     diverged: dict[str, int] = {}
     where = {experiment.cell(p): architecture(p) for p in points_of(experiment)}
-    own = (experiment.base.train.epochs, experiment.base.train_subset)
+    base = (experiment.base.train.epochs, experiment.base.train_subset)
+    protocols = planned_protocols(experiment)
+
+    def own(name: str) -> tuple:
+        return protocols.get(name, base)
 
     rows = list(rows)
     outside = outside_plan(experiment, rows)
@@ -270,7 +278,7 @@ def summarize(
         reference = None if baseline else experiment.reference.get("values", {}).get(name)
         difference = None if paper is None else stats.mean - paper
         verdict = None
-        if paper is not None and (epochs, train_subset) == own:
+        if paper is not None and (epochs, train_subset) == own(name):
             verdict = WITHIN if abs(difference) <= TOLERANCE + 1e-9 else UNEXPLAINED
         out.append(
             {
@@ -302,7 +310,9 @@ def summarize(
             }
         )
     # A cell whose runs all follow another protocol is still pending under the experiment's.
-    seen = {r["cell"] for r in out if not r["baseline"] and (r["epochs"], r["subset"]) == own}
+    seen = {
+        r["cell"] for r in out if not r["baseline"] and (r["epochs"], r["subset"]) == own(r["cell"])
+    }
     for name in cells_of(experiment):
         if name not in seen:
             paper = experiment.paper.get(name)
