@@ -796,33 +796,25 @@ class FeedbackRule(nn.Module):
         decay = self._decays.get(block, 0.0)
         transported = self.structure[block - 1].transported
         forward = dict(part.named_parameters())
-        mirrors = [  # (V, theta's name, theta in V's layout)
-            (
-                self.get_parameter(buffer),
-                name,
-                forward[name].mT if place.transposed else forward[name],
-            )
+        mirrors = [  # (V, theta in V's layout)
+            (self.get_parameter(buffer), forward[name].mT if place.transposed else forward[name])
             for place in self._learned
             if place.block == block
             for name, buffer in place.buffers
         ]
-        for mirror, _, weight in mirrors:
+        for mirror, weight in mirrors:
             mirror.sub_(weight)  # V - theta, before theta moves
-        if shape.products is LINEAR:
-            beta = 1.0 - decay if "weight" in transported else 1.0
-            _addmm_(part.weight, d.transpose(-1, -2), h, alpha=alpha, beta=beta)
+        if shape.products is LINEAR:  # the weight is transported and decays, the bias not
+            _addmm_(part.weight, d.transpose(-1, -2), h, alpha=alpha, beta=1.0 - decay)
             if part.bias is not None:
-                if decay and "bias" in transported:
-                    part.bias.mul_(1.0 - decay)
                 part.bias.add_(d.sum(dim=-2), alpha=alpha)
         else:
             grads = shape.products.param_vjp(part, h, d)
             if decay:
                 torch._foreach_mul_([forward[n] for n in forward if n in transported], 1.0 - decay)
             torch._foreach_add_(list(forward.values()), [grads[n] for n in forward], alpha=alpha)
-        for mirror, name, weight in mirrors:
-            shrink = 1.0 - decay if name in transported else 1.0
-            torch.add(weight, mirror, alpha=shrink, out=mirror)
+        for mirror, weight in mirrors:  # each stands for a transported parameter
+            torch.add(weight, mirror, alpha=1.0 - decay, out=mirror)
 
     def _batch_size(self, x: torch.Tensor) -> int:
         return x.shape[1] if self.stack_size else x.shape[0]
