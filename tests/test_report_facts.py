@@ -7,6 +7,8 @@ import pytest
 from gfalign import experiments
 from gfalign.report import collect_facts, render_report, unmatched
 from gfalign.report.facts import Fact, group_facts, quoted_numbers, run_facts
+from gfalign.report.provenance import counts
+from gfalign.report.rows import experiment_rows
 from gfalign.store import Store
 from test_report_support import MACHINE, fill, line, presets
 
@@ -206,21 +208,11 @@ def test_a_screening_shares_the_runs_of_the_experiment_it_screens(tmp_path):
     the screening's page counts them, each cell under its own budget."""
     store = Store(tmp_path / "runs.sqlite")
     budget = experiments.load("conv-budget")
-    config = next(c for c in budget.points() if c.train.epochs == 20)
-    curve = [1.07 + 20 - e if e < 20 else 1.07 for e in range(1, 21)]
-    records = [{"epoch": e, "validation_error": v, "seconds": 1.0} for e, v in enumerate(curve, 1)]
-    store.upsert(
-        config.key(),
-        experiment="conv",  # run by the experiment it screens, first
-        label=config.label(),
-        config=config.to_data(),
-        status="finished",
-        epochs_done=20,
-        final=records[-1],
-        history=records,
-        seconds=20.0,
-        versions=MACHINE,
-    )
+    name = next(budget.cell(c) for c in budget.points() if c.train.epochs == 20)
+    # stored as conv's: the experiment it screens ran it first
+    fill(store, "conv", {name: [1.07]}, experiment=budget, metric="validation_error")
     facts = collect_facts(["conv-budget"], store)
-    name = budget.cell(config)
     assert {(f.subject, f.quantity) for f in facts if f.value == 1.07} >= {(name, "mean")}
+    assert counts(budget, experiment_rows(store, budget)) == (
+        "Runs: 1 of 16 planned finished (16 cells × 1 seed, 20 or 40 epochs)."
+    )

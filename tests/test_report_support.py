@@ -26,13 +26,17 @@ MACHINE = {
 
 
 def history(
-    final: float, epochs: int = 5, angles: bool = False, train: float | None = None
+    final: float,
+    epochs: int = 5,
+    angles: bool = False,
+    train: float | None = None,
+    metric: str = "test_error",
 ) -> list[dict]:
-    """A falling test-error curve ending at ``final`` (its lowest value, at the last epoch);
+    """A falling ``metric`` curve ending at ``final`` (its lowest value, at the last epoch);
     with ``train``, a training error falling by 1 point an epoch to ``train``."""
     out = []
     for epoch in range(1, epochs + 1):
-        record = {"epoch": epoch, "test_error": final + 2.0 * (epochs - epoch), "seconds": 1.0}
+        record = {"epoch": epoch, metric: final + 2.0 * (epochs - epoch), "seconds": 1.0}
         if angles:
             record |= {"update_angle_1": 60.0 - epoch, "update_angle_2": 40.0 - epoch}
         if train is not None:
@@ -51,18 +55,19 @@ def fill(
     seconds: float = 1200.0,
     curves: bool = True,
     experiment=None,
+    metric: str = "test_error",
     **overrides,
 ) -> None:
-    """Rows for the cells of ``values``, one per seed (0, 1, ...), final test error as given.
+    """Rows for the cells of ``values``, one per seed (0, 1, ...), final ``metric`` as given.
 
     ``curves=False`` stores final metrics only, as a CSV import does; ``experiment``: the
-    preset to expand (default ``experiments.load(name)``).
+    preset to expand (default ``experiments.load(name)``), its runs stored as ``name``'s.
     """
     experiment = experiment or experiments.load(name)
     for config in experiment.expand(seeds=5, **overrides):
         cell = experiment.cell(config)
         if cell in values and config.seed < len(values[cell]):
-            records = history(values[cell][config.seed], angles=angles)
+            records = history(values[cell][config.seed], angles=angles, metric=metric)
             store.upsert(
                 config.key(),
                 experiment=name,

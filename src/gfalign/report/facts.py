@@ -214,9 +214,7 @@ def cell_facts(
     paper's or another reference's value of each cell among them."""
     out = []
     for row in summary:
-        subject = row["cell"] + (
-            " (baseline)" if row["baseline"] and row["mean"] is not None else ""
-        )
+        subject = row["cell"] + (" (baseline)" if row["baseline"] else "")
         for quantity in ("paper", "reference"):  # the published numbers a text sets beside ours
             if row.get(quantity) is not None:
                 out.append(Fact(experiment, subject, quantity, row[quantity], 2))

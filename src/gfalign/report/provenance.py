@@ -36,11 +36,11 @@ def counts(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> str:
     finished = [r for r in rows if r["status"] == "finished"]
     done = sum(r["key"] in planned for r in finished)
     cells = len(cells_of(experiment))
-    budgets = sorted({c.train.epochs for c in experiment.configs})  # a screening varies them
-    epochs = " or ".join(str(e) for e in budgets[:-1]) + " or " if len(budgets) > 1 else ""
+    *fewer, most = sorted({c.train.epochs for c in experiment.configs})  # a screening varies them
+    epochs = " or ".join([*map(str, fewer), count(most, "epoch")])
     text = (
         f"Runs: {done} of {len(planned)} planned finished ({count(cells, 'cell')} × "
-        f"{count(len(experiment.seeds), 'seed')}, {epochs}{count(budgets[-1], 'epoch')})"
+        f"{count(len(experiment.seeds), 'seed')}, {epochs})"
     )
     other = len(finished) - done
     if other:

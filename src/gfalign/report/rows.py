@@ -14,7 +14,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from gfalign.config import RunConfig
@@ -171,15 +171,17 @@ def experiment_rows(store, experiment: Experiment) -> list[dict[str, Any]]:
     configurations that another experiment ran first (a screening shares the runs of the
     experiment it screens: the store keeps one row per configuration)."""
     own = store.list(experiment.name)
-    planned = {c.key() for c in experiment.configs} - {r["key"] for r in own}
-    shared = [r for r in store.list() if r["key"] in planned] if planned else []
-    return own + shared
+    ran = {r["key"] for r in own}
+    planned = dict.fromkeys(c.key() for c in experiment.configs)
+    return own + [row for key in planned if key not in ran and (row := store.get(key))]
 
 
-def planned_protocols(experiment: Experiment) -> dict[str, tuple]:
-    """Each cell's planned (epochs, training subset): the base's, or the grid's where it varies
-    them (a budget screening)."""
-    return {experiment.cell(c): (c.train.epochs, c.train_subset) for c in points_of(experiment)}
+def planned_protocol(experiment: Experiment) -> Callable[[str], tuple]:
+    """A cell's planned (epochs, training subset), by its name: the grid's where it varies them
+    (a budget screening), else the base's."""
+    base = (experiment.base.train.epochs, experiment.base.train_subset)
+    cells = {experiment.cell(c): (c.train.epochs, c.train_subset) for c in points_of(experiment)}
+    return lambda name: cells.get(name, base)
 
 
 def cells_of(experiment: Experiment) -> list[str]:

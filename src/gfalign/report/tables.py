@@ -28,7 +28,7 @@ from gfalign.report.rows import (
     architecture,
     cells_of,
     config_of,
-    planned_protocols,
+    planned_protocol,
     points_of,
     preset,
     protocol,
@@ -192,14 +192,11 @@ def outside_plan(experiment: Experiment, rows: Iterable[Mapping[str, Any]]) -> s
     which the table shows apart and the figures leave out."""
     first = experiment.seeds[0] if experiment.seeds else 0
     planned = {p.key() for p in points_of(experiment)}
-    own = (experiment.base.train.epochs, experiment.base.train_subset)
-    protocols = planned_protocols(experiment)
+    own = planned_protocol(experiment)
     out = set()
     for row in rows:
         config = config_of(row)
-        if (config.train.epochs, config.train_subset) != protocols.get(
-            experiment.cell(config), own
-        ):
+        if (config.train.epochs, config.train_subset) != own(experiment.cell(config)):
             continue
         if with_seed(config, first).key() not in planned:
             out.add(row["key"])
@@ -233,12 +230,7 @@ def summarize(
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     diverged: dict[str, int] = {}
     where = {experiment.cell(p): architecture(p) for p in points_of(experiment)}
-    base = (experiment.base.train.epochs, experiment.base.train_subset)
-    protocols = planned_protocols(experiment)
-
-    def own(name: str) -> tuple:
-        return protocols.get(name, base)
-
+    own = planned_protocol(experiment)
     rows = list(rows)
     outside = outside_plan(experiment, rows)
 
