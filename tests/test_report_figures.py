@@ -209,7 +209,12 @@ def test_a_screening_draws_the_final_value_against_the_rate(tmp_path, drawn):
     fill(
         store,
         "conv-lr",
-        {"lenet5 bp lr=0.1": [9.0], "lenet5 bp lr=0.01": [3.0], "lenet5 bp lr=0.001": [5.0]},
+        {
+            "lenet5 bp dataset=mnist lr=0.1": [9.0],
+            "lenet5 bp dataset=mnist lr=0.01": [3.0],
+            "lenet5 bp dataset=mnist lr=0.001": [5.0],
+            "lenet5 bp dataset=fashion-mnist lr=0.01": [20.0],  # the other figure's
+        },
     )
     fill(store, "conv-lr", {"lenet5 fa lr=0.1": [1.0]}, status="diverged")
 
@@ -228,6 +233,24 @@ def test_a_screening_draws_the_final_value_against_the_rate(tmp_path, drawn):
     (curve,) = bp.curves  # seed 0, over the rates in increasing order
     assert list(curve[0]) == [0.001, 0.01, 0.1] and list(curve[1]) == [5.0, 3.0, 9.0]
     assert panels[0].xscale == "log" and panels[0].xlabel == "lr"
+    fashion, _ = drawn["conv-lr-rates-fashion"]
+    (bp,) = [s for s in fashion[0].series if s.label == "bp"]
+    assert [list(c[1]) for c in bp.curves] == [[20.0]]
     page = (tmp_path / "out" / "conv-lr.md").read_text()
     assert "Diverged, so not drawn: fa at lr 0.1" in page
     assert screening.metric == "validation_error"
+
+
+def test_a_budget_screening_draws_both_budgets_and_names_none_in_its_caption(tmp_path, drawn):
+    """conv-budget varies the epochs: a line per budget, the caption not claiming one."""
+    store = Store(tmp_path / "runs.sqlite")
+    budget = experiments.load("conv-budget")
+    names = [budget.cell(c) for c in budget.points() if "bp" in c.rule and c.dataset == "mnist"]
+    fill(store, "conv-budget", {n: [1.0] for n in names}, metric="validation_error")
+    write_report(["conv-budget"], store, tmp_path / "out")
+    panels, _ = drawn["conv-budget-mnist"]
+    labels = {s.label.split(",")[0] for p in panels for s in p.series}
+    assert len(labels) == 2 and all("epochs=" in label for label in labels)
+    page = (tmp_path / "out" / "conv-budget.md").read_text()
+    (caption,) = [ln for ln in page.splitlines() if ln.startswith("*LeNet-5 epoch budget, MNIST")]
+    assert "None" not in caption and "epochs as each line's label names them" in caption

@@ -134,7 +134,11 @@ def test_variants_name_what_a_study_changes():
     for name in experiments.EXPERIMENTS:
         experiment = load(name)
         expected = {
-            "conv-lr": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
+            "conv-lr": {  # the rate, and the dataset where not the base's
+                f"{d}{r}".strip()
+                for d in ("", "dataset=fashion-mnist ")
+                for r in ("lr=0.1", "lr=0.01", "", "lr=0.0001")
+            },
             "field-lenet": {"lr=0.01", "", "lr=0.0001"},  # a rate per rule
             "conv-cifar": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
             "conv-budget": {  # the budget, and the dataset and rate where not the common ones
@@ -268,7 +272,8 @@ def test_a_cell_name_shows_what_tells_its_points_apart():
     screening = load("conv-lr")
     names = screening.cells()
     assert len(names) == len(screening.points())  # every point named apart
-    assert "lenet5 fa xavier lr=0.01" in names and "lenet5 fa lr=0.0001" in names
+    assert "lenet5 fa xavier dataset=mnist lr=0.01" in names  # screened on both datasets
+    assert "lenet5 fa lr=0.0001" in names  # uniform feedback: on MNIST only
     conv = load("conv")
     assert len(conv.cells()) == len(conv.points())
     assert "lenet5 bp dataset=fashion-mnist" in conv.cells()

@@ -24,7 +24,7 @@ PER_SEED = {
     "fashion": 9,
     "field": 9,
     "field-lenet": 9,
-    "conv-lr": 96,
+    "conv-lr": 148,
     "conv-budget": 16,
     "conv": 26,
     "conv-cifar": 13,

@@ -156,11 +156,11 @@ class Experiment:
         """``cell(config)``, followed by ``key=value`` for each field in which the grid's points
         of that name differ (none in the paper's grids), so that every point has a name of its
         own: ``"lenet5 bp dataset=fashion-mnist"`` where a grid crosses datasets, ``"lenet5 fa
-        lr=0.01"`` where it screens rates.
+        lr=0.01"`` where it screens rates, the fields in the order the grid's tables name them.
 
         >>> screening = load("conv-lr")
         >>> screening.cell(screening.points()[1])
-        'lenet5 bp lr=0.01'
+        'lenet5 bp dataset=mnist lr=0.01'
         """
         name = cell(config)
         parts = []

@@ -320,8 +320,11 @@ def _label(line: _Line) -> str:
 
 
 def _protocol_text(protocol: tuple) -> str:
+    """The epochs and training subset the figure's runs share; where the grid varies the
+    epochs (``protocol[1]`` left out), each line's label names them instead."""
+    epochs = "epochs as each line's label names them" if protocol[1] is None else None
     subset = "" if protocol[6] == math.inf else f", {protocol[6]} training examples"
-    return f"{count(protocol[1], 'epoch')}{subset}"
+    return f"{epochs or count(protocol[1], 'epoch')}{subset}"
 
 
 def _final_sentence(lines: Sequence[_Line]) -> str:
