@@ -468,6 +468,33 @@ def test_a_named_directory_comes_before_the_fast_cache(tmp_path, use_spec, monke
     assert f"data directory {root}" in caplog.text and NAMES[2] in caplog.text
 
 
+def test_a_directory_of_a_twin_datasets_files_is_named_for_what_it_holds(tmp_path, use_spec):
+    """MNIST and Fashion-MNIST share their file names: a directory of one, named for the
+    other, is said to hold the one (and where each belongs), not four checksum mismatches."""
+    use_spec(tiny_spec())
+    twin = tiny_spec(name="twin")
+    twin = DatasetSpec(
+        "twin",
+        *(
+            FileSpec(f.name, hashlib.sha256(f.name.encode()).hexdigest(), f.shape)
+            for f in twin.files
+        ),
+        classes=CLASSES,
+    )
+    use_spec(twin)
+    root = write_files(tmp_path / "mine")
+    with pytest.raises(data.DataError) as error:
+        data.fetch("twin", root=root, quiet=True, download=False)
+    message = str(error.value)
+    assert f"it holds tiny's files, not twin's (a directory can hold both as {root / 'tiny'}/" in (
+        message
+    )
+    assert "does not match" not in message
+    stranger = write_files(tmp_path / "other", t10k_images_idx3_ubyte=b"x")  # tiny's no longer
+    with pytest.raises(data.DataError, match="does not match the pinned"):
+        data.fetch("twin", root=stranger, quiet=True, download=False)
+
+
 def test_a_bad_user_file_is_kept_and_the_next_source_used(
     tmp_path, server, use_spec, cache, caplog
 ):

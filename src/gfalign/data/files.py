@@ -30,7 +30,7 @@ from rich.progress import Progress
 from gfalign.data import idx
 from gfalign.data.errors import DataError
 from gfalign.data.progress import progress_bar
-from gfalign.data.registry import get_spec
+from gfalign.data.registry import SPECS, get_spec
 from gfalign.data.sources import CHUNK_BYTES, find_file
 from gfalign.data.specs import DatasetSpec, FileSpec, Source
 
@@ -323,9 +323,25 @@ def named_directory(
     reports = verify_directory(spec, directory, progress)
     problems = "; ".join(report.detail for report in reports if not report.good)
     if problems:
-        _attempt(attempts, f"data directory {directory}", problems)
+        other = _other_dataset(spec, directory, progress)
+        if other is not None:  # MNIST and Fashion-MNIST share their files' names
+            problems = (
+                f"it holds {other}'s files, not {spec.name}'s (a directory can hold both as "
+                f"{user / other}/ and {user / spec.name}/)"
+            )
+        _attempt(attempts, f"data directory {directory}", problems + "; trying the cache")
         return None
     return directory
+
+
+def _other_dataset(spec: DatasetSpec, directory: Path, progress: Progress) -> str | None:
+    """The name of another dataset, of the same file names, whose files ``directory`` holds."""
+    names = [file.name for file in spec.files]
+    twins = [s for s in SPECS.values() if s != spec and [f.name for f in s.files] == names]
+    return next(
+        (s.name for s in twins if all(r.good for r in verify_directory(s, directory, progress))),
+        None,
+    )
 
 
 def fetch_into_cache(
