@@ -164,6 +164,18 @@ def test_a_stacked_sweep_stores_what_the_unstacked_one_does(tmp_path, jobs, monk
         assert row["seconds"] == pytest.approx(sum(r["seconds"] for r in row["history"]))
 
 
+def test_a_sweep_trains_a_run_that_cannot_stack_alone(tmp_path):
+    """Clipping cannot stack: with ``stack`` such runs are jobs of their own, and finish."""
+    experiment = _tiny()
+    clipped = experiment.expand(seeds=2, epochs=1, clip_grad_norm=1.0)[:2]
+    assert [len(g) for g in sweep._groups(clipped, 4)] == [1, 1]
+    plain = experiment.expand(seeds=2, epochs=1)[:2]
+    assert [len(g) for g in sweep._groups(plain, 4)] == [2]  # seeds of one cell
+    store = Store(tmp_path / "runs.sqlite")
+    counts = sweep.run_sweep(experiment, store, tmp_path / "runs", configs=clipped, stack=4)
+    assert counts == {"finished": 2}
+
+
 def test_reproduce_stack_option(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "load", lambda name: _tiny())
     store_path = tmp_path / "runs.sqlite"

@@ -80,6 +80,12 @@ def watched(monkeypatch):
     return seen
 
 
+def _is_test(split, watched) -> bool:
+    """Whether ``split`` is a loaded dataset's test split (or a view of its tensors, as a run
+    moving the dataset to its device and dtype makes)."""
+    return any(split.x.data_ptr() == d.test.x.data_ptr() for d in watched["datasets"])
+
+
 # ------------------------------------------------------------------------------ the file
 
 
@@ -271,15 +277,13 @@ def test_cli_searches_then_final_runs_are_stored_with_one_test_evaluation(tmp_pa
     out = tmp_path / "study.tune"
     assert (out / "summary.json").exists() and (out / "study.png").exists()
     assert (out / "study.db").exists()
-    tests = [d.test for d in watched["datasets"]]
-    assert not any(split is test for split in watched["evaluated"] for test in tests)
+    assert not any(_is_test(split, watched) for split in watched["evaluated"])
 
     result = runner.invoke(main, ["tune", str(path), "--final", "--store", str(store), "-q"])
     assert result.exit_code == 0, result.output
     final = json.loads((out / "final.json").read_text())
     assert final["trial"] == summary["best"]["number"] and len(final["runs"]) == 2
-    tests = [d.test for d in watched["datasets"]]
-    measured = [s for s in watched["evaluated"] if any(s is test for test in tests)]
+    measured = [split for split in watched["evaluated"] if _is_test(split, watched)]
     assert len(measured) == 2  # once per final run
     with Store(store, readonly=True) as opened:
         rows = opened.list("tune:study")
@@ -292,6 +296,37 @@ def test_cli_searches_then_final_runs_are_stored_with_one_test_evaluation(tmp_pa
     assert final["test_error"]["mean"] == pytest.approx(sum(errors) / 2)
 
 
+def test_final_runs_are_a_sweep_stacked_or_not_and_a_finished_one_is_not_trained_again(
+    tmp_path, watched
+):
+    """``--final --stack 2`` trains the seeds as one stacked computation, equal to one by one
+    up to rounding; run again, the stored runs are read back, nothing is trained."""
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY)
+    runner = CliRunner()
+    assert runner.invoke(main, ["tune", str(path), "--trials", "2", "-q"]).exit_code == 0
+    errors = {}
+    for stack in (1, 2):
+        store, runs_dir = tmp_path / f"runs{stack}.sqlite", tmp_path / f"final{stack}"
+        arguments = ["tune", str(path), "--final", "--stack", str(stack), "--store", str(store)]
+        result = runner.invoke(main, [*arguments, "--runs-dir", str(runs_dir), "--json"])
+        assert result.exit_code == 0, result.output
+        final = json.loads(result.stdout)
+        errors[stack] = [run["test_error"] for run in final["runs"]]
+        assert [run["status"] for run in final["runs"]] == ["finished", "finished"]
+    stacked = [
+        json.loads(line)
+        for line in (runs_dir / final["runs"][0]["key"] / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(record.get("stacked") == 2 for record in stacked)
+    assert errors[2] == pytest.approx(errors[1], abs=1e-9)
+    evaluated = len(watched["evaluated"])
+    result = runner.invoke(main, [*arguments, "--runs-dir", str(runs_dir), "--json"])
+    assert json.loads(result.stdout)["test_error"]["mean"] == pytest.approx(sum(errors[2]) / 2)
+    assert len(watched["evaluated"]) == evaluated, "a stored final run was trained again"
+    assert "already stored" in runner.invoke(main, [*arguments, "--runs-dir", str(runs_dir)]).output
+
+
 def test_cli_refuses_clearly(tmp_path):
     path = tmp_path / "study.toml"
     path.write_text(STUDY)
@@ -299,8 +334,9 @@ def test_cli_refuses_clearly(tmp_path):
     result = runner.invoke(main, ["tune", str(path), "--final", "--store", str(tmp_path / "s")])
     assert result.exit_code == 1
     assert "has no completed trial yet: run `gfalign tune` first" in result.output
-    result = runner.invoke(main, ["tune", str(path), "--seeds", "3"])
-    assert result.exit_code == 2 and "add --final" in result.output
+    for flag in ("--seeds", "--stack"):
+        result = runner.invoke(main, ["tune", str(path), flag, "3"])
+        assert result.exit_code == 2 and "add --final" in result.output
     path.write_text(STUDY.replace("validation = 100\n", ""))
     result = runner.invoke(main, ["tune", str(path)])
     assert result.exit_code == 1 and result.output.count("\n") == 1

@@ -417,7 +417,8 @@ def run_sweep(
     every run is done, by this process or another.
 
     Args:
-        experiment: an ``Experiment`` or a preset name.
+        experiment: an ``Experiment`` or a preset name; with ``configs``, any name the
+            store records the runs under (``tune:mnist-2x800-s1``).
         store: where rows are written (by this process only).
         root_dir: run directories go to ``root_dir/<key>``; on a Ray cluster the workers write
             there too, so resuming an unfinished run needs it on a shared filesystem.
@@ -453,9 +454,10 @@ def run_sweep(
         raise ValueError(f"stack must be at least 1, got {stack}")
     if backend == "ray":
         _import_ray()
-    if isinstance(experiment, str):
-        experiment = load(experiment)
+    name = experiment if isinstance(experiment, str) else experiment.name
     if configs is None:
+        if isinstance(experiment, str):
+            experiment = load(experiment)
         configs = configs_for(
             experiment, seeds=seeds, epochs=epochs, quick=quick, only=only, device=device
         )
@@ -473,7 +475,7 @@ def run_sweep(
         if progress is not None:
             progress(Progress(state["done"], total, config, status, final, detail))
 
-    queue = _Queue((), stack, store, experiment.name, root, report)
+    queue = _Queue((), stack, store, name, root, report)
     todo = [config for config in configs if not queue.stored(config)]
     if not todo:
         return counts
@@ -504,14 +506,17 @@ def _writable(root: Path) -> None:
 
 
 def _groups(todo: Sequence[RunConfig], stack: int) -> list[list[RunConfig]]:
-    """The jobs: runs that can stack (``stack_marker``) in groups of at most ``stack``."""
+    """The jobs: runs that can stack (``stack_marker``) in groups of at most ``stack``; a run
+    whose training cannot stack at all (``stacking_problem``: clipping, early stopping) alone."""
     from gfalign.runs import stack_marker
+    from gfalign.train import stacking_problem
 
     if stack == 1:
         return [[config] for config in todo]
     by_marker: dict[str, list[RunConfig]] = {}
     for config in todo:
-        by_marker.setdefault(stack_marker(config), []).append(config)
+        alone = stacking_problem(config.train) is not None
+        by_marker.setdefault(config.key() if alone else stack_marker(config), []).append(config)
     return [
         members[start : start + stack]
         for members in by_marker.values()

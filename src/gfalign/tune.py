@@ -825,16 +825,21 @@ def final(
     store_path: str | Path,
     runs_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
-    on_run: Callable[[RunConfig, Any], None] | None = None,
+    jobs: int = 1,
+    stack: int = 1,
+    on_run: Callable[[RunConfig, str, Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the best trial's configuration on ``seeds`` (default the study's final seeds),
     measure the test set once per run, and record the runs in the results store.
 
-    Each run is an ordinary run directory (``runs_dir/<key>``, default the study's
-    ``final/``), resumed when it exists; it trains the study's final epochs with
+    The runs are a sweep (``gfalign.sweep.run_sweep``) of ordinary run directories
+    (``runs_dir/<key>``, default the study's ``final/``): a finished run is skipped, an
+    interrupted one resumed, ``jobs`` worker processes train at once and ``stack`` seeds may
+    train as one stacked computation. Each trains the study's final epochs with
     ``evaluate_test = false``, so the test set is measured once, after the last epoch (on the
     best-validation weights when the base keeps the best). The store records each run under
-    the experiment ``tune:<study name>``.
+    the experiment ``tune:<study name>``; ``on_run(config, status, final)`` is called as each
+    one is done.
 
     Returns:
         The trial, its values, and every run's key, seed, status and test error, with their
@@ -843,8 +848,9 @@ def final(
     Raises:
         ConfigError: the study has no completed trial yet, or as for ``open_study``.
     """
-    from gfalign.runs import ENVIRONMENT, execute
+    from gfalign.runs import SUMMARY
     from gfalign.store import Store
+    from gfalign.sweep import run_sweep
 
     opened = open_study(study, storage)
     states = _optuna().trial.TrialState
@@ -858,39 +864,39 @@ def final(
     seeds = list(study.settings.final_seeds if seeds is None else seeds)
     epochs = study.settings.final_epochs or study.epochs
     runs_dir = Path(runs_dir) if runs_dir is not None else study.directory / "final"
+    configs = [study.config_for(params, seed=seed, epochs=epochs) for seed in seeds]
+
+    def progress(report) -> None:
+        if on_run is not None and report.status != "busy":
+            on_run(report.config, report.status, report.final)
+
     rows = []
     with Store(store_path) as store:
-        for seed in seeds:
-            config = study.config_for(params, seed=seed, epochs=epochs)
-            directory = runs_dir / config.key()
-            result = execute(config, directory, resume=True, data_dir=data_dir)
-            environment = directory / ENVIRONMENT
-            store.upsert(
-                config.key(),
-                experiment=EXPERIMENT_PREFIX + study.name,
-                label=config.label(),
-                config=config.to_data(),
-                status=result.summary["status"],
-                epochs_done=int(result.summary["epochs"]),
-                final=result.summary["final"],
-                history=result.history,
-                seconds=result.summary.get("train_seconds"),
-                versions=json.loads(environment.read_text()) if environment.exists() else {},
-            )
-            test = result.summary.get("test", {})
+        run_sweep(
+            EXPERIMENT_PREFIX + study.name,
+            store,
+            runs_dir,
+            configs=configs,
+            jobs=jobs,
+            stack=stack,
+            data_dir=data_dir,
+            progress=progress,
+        )
+        for config in configs:
+            row = store.get(config.key()) or {"status": "missing", "final": {}, "epochs_done": 0}
+            summary = runs_dir / config.key() / SUMMARY
+            test = json.loads(summary.read_text()).get("test", {}) if summary.exists() else {}
             rows.append(
                 {
-                    "seed": seed,
+                    "seed": config.seed,
                     "key": config.key(),
-                    "directory": str(directory),
-                    "status": result.summary["status"],
-                    "epochs": result.summary["epochs"],
-                    "test_error": test.get("test_error"),
+                    "directory": str(runs_dir / config.key()),
+                    "status": row["status"],
+                    "epochs": row["epochs_done"],
+                    "test_error": row["final"].get("test_error"),
                     "test_epoch": test.get("epoch"),
                 }
             )
-            if on_run is not None:
-                on_run(config, result)
     errors = [row["test_error"] for row in rows if row["test_error"] is not None]
     return {
         "study": study.name,

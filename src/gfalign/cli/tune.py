@@ -36,7 +36,7 @@ Example study (dfa.toml):
 
 \b
     gfalign tune dfa.toml --jobs 2           # search (continues a stopped study)
-    gfalign tune dfa.toml --final --seeds 5  # best trial on 5 seeds, test set once
+    gfalign tune dfa.toml --final --seeds 5 --jobs 2  # best trial on 5 seeds, test set once
     gfalign tune dfa.toml --storage postgresql://host/db   # one study, many machines
 """
 
@@ -53,7 +53,8 @@ Example study (dfa.toml):
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Trials trained at once by this process.",
+    help="Trials trained at once by this process; with --final, worker processes training "
+    "the seeds at once.",
 )
 @click.option(
     "--storage",
@@ -75,6 +76,15 @@ Example study (dfa.toml):
     "--seeds",
     type=click.IntRange(min=1),
     help="With --final: seeds 0..N-1  [default: the study's [final] seeds, else 5]",
+)
+@click.option(
+    "--stack",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="K",
+    help="With --final: train up to K seeds as one stacked computation (cheaper per run for "
+    "small networks and on a GPU, equal up to rounding).",
 )
 @click.option(
     "--store",
@@ -105,6 +115,7 @@ def tune(
     out: Path | None,
     final: bool,
     seeds: int | None,
+    stack: int,
     store_path: Path,
     runs_dir: Path | None,
     device: str | None,
@@ -128,8 +139,8 @@ def tune(
     """
     from gfalign import tune as tuning
 
-    if not final and (seeds is not None or runs_dir is not None):
-        raise click.UsageError("--seeds and --runs-dir choose the final runs: add --final")
+    if not final and (seeds is not None or runs_dir is not None or stack != 1):
+        raise click.UsageError("--seeds, --stack and --runs-dir choose the final runs: add --final")
     try:
         import optuna
     except ImportError:  # pragma: no cover - a dependency of gfalign
@@ -138,7 +149,9 @@ def tune(
     try:
         study = tuning.load(study_file, directory=out, device=device)
         if final:
-            result = _final(study, storage, seeds, store_path, runs_dir, data_dir, quiet)
+            result = _final(
+                study, storage, seeds, store_path, runs_dir, data_dir, quiet, jobs, stack
+            )
             path = tuning.write_json(study.directory / "final.json", result)
             _echo_final(result, study, path, quiet, as_json)
             return
@@ -185,17 +198,17 @@ def _search(study, storage, trials, jobs, data_dir, quiet) -> dict[str, Any]:
     return tuning.summarize(study, opened, trials)
 
 
-def _final(study, storage, seeds, store_path, runs_dir, data_dir, quiet) -> dict[str, Any]:
+def _final(
+    study, storage, seeds, store_path, runs_dir, data_dir, quiet, jobs, stack
+) -> dict[str, Any]:
     from gfalign import tune as tuning
 
-    def on_run(config, result) -> None:
+    def on_run(config, status, final) -> None:
         if not quiet:
-            test = result.summary.get("test", {}).get("test_error")
-            click.echo(
-                f"final seed {config.seed}: {error_text(config.objective, test)} "
-                f"({result.directory})",
-                err=True,
-            )
+            test = final.get("test_error") if status in ("finished", "skipped") else None
+            shown = status if test is None else error_text(config.objective, test)
+            done = " (already stored)" if status == "skipped" else ""
+            click.echo(f"final seed {config.seed}: {shown}{done}  {config.key()}", err=True)
 
     return tuning.final(
         study,
@@ -204,6 +217,8 @@ def _final(study, storage, seeds, store_path, runs_dir, data_dir, quiet) -> dict
         store_path=store_path,
         runs_dir=runs_dir,
         data_dir=data_dir,
+        jobs=jobs,
+        stack=stack,
         on_run=on_run,
     )
 
