@@ -39,6 +39,19 @@ def _experiment_choice() -> click.Choice:
     return click.Choice([*EXPERIMENTS, *STUDIES, "all"])
 
 
+def stack_option(what: str):
+    """``--stack K``: up to K of ``what`` trained as one stacked computation."""
+    return click.option(
+        "--stack",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        metavar="K",
+        help=f"Train up to K {what} as one stacked computation: faster for small networks "
+        "and on a GPU, equal up to rounding.",
+    )
+
+
 _store_option = click.option(
     "--store",
     "store_path",
@@ -98,15 +111,7 @@ _data_dir_option = click.option(
     metavar="DEVICE",
     help="cpu, cuda, cuda:1 or auto, instead of the experiment's cpu (not part of a run's key).",
 )
-@click.option(
-    "--stack",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    metavar="K",
-    help="Train up to K runs of a cell (its seeds; exp4's feedback families) as one stacked "
-    "computation: faster for small networks and on a GPU, equal up to rounding.",
-)
+@stack_option("runs of a cell (its seeds; exp4's feedback families)")
 @_store_option
 @click.option(
     "--runs-dir",

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from gfalign.cli.reproduce import DEFAULT_STORE
+from gfalign.cli.reproduce import DEFAULT_STORE, stack_option
 from gfalign.cli.train import USER_ERRORS, error_text
 
 EXAMPLE = """\b
@@ -77,15 +77,7 @@ Example study (dfa.toml):
     type=click.IntRange(min=1),
     help="With --final: seeds 0..N-1  [default: the study's [final] seeds, else 5]",
 )
-@click.option(
-    "--stack",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    metavar="K",
-    help="With --final: train up to K seeds as one stacked computation (cheaper per run for "
-    "small networks and on a GPU, equal up to rounding).",
-)
+@stack_option("of the final runs' seeds (with --final)")
 @click.option(
     "--store",
     "store_path",
