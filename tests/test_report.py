@@ -165,6 +165,29 @@ def test_runs_of_a_superseded_reading_are_their_own_row_and_left_out_of_figures(
     assert curves and all(len(c[1]) == 5 for c in curves)
 
 
+def test_a_superseded_run_whose_name_shows_its_rate_is_named_once(tmp_path):
+    """conv's s1-aux on Fashion-MNIST is now at 0.1, so its name shows the rate: a run at the
+    old 0.01 gets that rate in its name once, not the dataset and rate twice."""
+    store = Store(tmp_path / "runs.sqlite")
+    conv = experiments.load("conv")
+    planned = next(c for c in conv.configs if c.rule_name == "s1-aux" and c.train.lr == 0.1)
+    old = planned.override(lr=0.01)
+    records = history(17.1, epochs=20)
+    store.upsert(
+        old.key(),
+        experiment="conv",
+        label=old.label(),
+        config=old.to_data(),
+        status="finished",
+        epochs_done=20,
+        final=records[-1],
+        history=records,
+    )
+    text = render_report(conv, store.list("conv"))
+    name = "lenet5 s1-aux xavier dataset=fashion-mnist lr=0.01 (outside the plan)"
+    assert f"| {name} |" in text
+
+
 def test_autoencoder_table_has_ours_only_in_reconstruction_error(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
     fill(store, "exp3", {"2x128 sigmoid dfa": [0.0210, 0.0230]})

@@ -167,6 +167,7 @@ def test_the_standing_ranks_each_groups_best_and_marks_overlapping_intervals():
         row("lenet5 dfa xavier dataset=mnist", [2.0, 2.1, 2.2]),
         row("lenet5 s1 xavier dataset=mnist", [1.1, 1.3, 1.2]),
         row("lenet5 bp dataset=fashion-mnist", [9.0]),
+        row("lenet5 s1 xavier dataset=fashion-mnist lr=0.1", [9.5]),  # its own rate there
         row("lenet5 fa xavier lr=0.1 dataset=mnist (outside the plan)", [0.1]),
     ]
     groups = {"backprop": ["bp"], "fa, dfa": ["fa xavier", "dfa xavier"], "s": ["s1 xavier"]}
@@ -179,14 +180,15 @@ def test_the_standing_ranks_each_groups_best_and_marks_overlapping_intervals():
     # bp and s1 overlap; dfa's interval lies above both.
     assert "from best to worst: backprop (0.60) ≈ s (0.70) < fa, dfa (1.60)" in text
     assert "On fashion-mnist:" in text and "backprop: bp, 8.50 (1 seed)" in text
+    assert "s: s1 xavier, 9.00 (1 seed)" in text  # ranked with its dataset, not apart
+    assert "backprop (8.50) ≈ s (9.00)" in text
     assert "lr=0.1" not in text  # a run outside the plan is not ranked
     assert groups_of("conv", {"standing": groups}) == {k: tuple(v) for k, v in groups.items()}
     with pytest.raises(ConfigError, match=r"\[standing\] s = 's1'; allowed"):
         groups_of("conv", {"standing": {"s": "s1"}})
     # Which rule beats which: Welch intervals on the selected values, lowest mean first.
-    (mnist,) = [
-        b for b in standing(conv, summary, groups) if isinstance(b, Table) and len(b.rows) > 1
-    ]
+    mnist, fashion = [b for b in standing(conv, summary, groups) if isinstance(b, Table)]
+    assert [r[0] for r in fashion.rows] == ["bp", "s1 xavier"]
     assert [r[0] for r in mnist.rows] == ["bp", "s1 xavier", "dfa xavier", "fa xavier"]
     assert mnist.rows[0][3] == "dfa xavier, fa xavier"  # bp vs s1: the interval holds 0
     assert mnist.rows[1][3] == "dfa xavier, fa xavier" and mnist.rows[2][3] == "fa xavier"

@@ -183,6 +183,20 @@ class Experiment:
                 out[name] = differ
         return out
 
+    @cached_property
+    def settings(self) -> tuple[str, ...]:
+        """The fields the grid crosses its rules with: those in which the points of every
+        ambiguous cell name differ (``("dataset",)`` for ``conv``). A field only some names
+        vary in, such as the rate one rule takes on one dataset, is that rule's protocol.
+
+        >>> load("conv").settings, load("exp1").settings
+        (('dataset',), ())
+        """
+        differing = list(self._ambiguous.values())
+        if not differing:
+            return ()
+        return tuple(key for key in differing[0] if all(key in keys for keys in differing))
+
     def points(self, base: RunConfig | None = None) -> list[RunConfig]:
         """The grid's runs (seed of ``base``), in grid order."""
         base = self.base if base is None else base

@@ -46,10 +46,12 @@ def groups_of(name: str, data: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _split(cell: str) -> tuple[str, str]:
-    """``"lenet5 fa xavier dataset=mnist"`` -> (``"fa xavier"``, ``"dataset=mnist"``)."""
+def _split(cell: str, settings: Sequence[str]) -> tuple[str, str]:
+    """``"lenet5 s1-aux xavier dataset=mnist lr=0.1"`` -> (``"s1-aux xavier"``,
+    ``"dataset=mnist"``): the rule, and the parts that name one of the grid's ``settings``
+    (``Experiment.settings``); a rule's own field (its rate) is in neither."""
     words = rule_of(cell).split(" ")
-    setting = [w for w in words if "=" in w]
+    setting = [w for w in words if "=" in w and w.split("=", 1)[0] in settings]
     return " ".join(w for w in words if "=" not in w), " ".join(setting)
 
 
@@ -80,7 +82,7 @@ def standing(
             continue
         if row["cell"].endswith(OUTSIDE):  # a superseded reading, not the grid's
             continue
-        rule, setting = _split(row["cell"])
+        rule, setting = _split(row["cell"], experiment.settings)
         settings.setdefault(setting, {})[rule] = row
     if not settings:
         return [Paragraph("Standing of the rules: no finished runs of the protocol yet.")]
@@ -115,7 +117,7 @@ def standing(
             text = f"{group}: " + ("" if len(rules) == 1 else "best ")
             text += f"{rule}, {_text(stats.mean)}{spread} ({count(stats.n, 'seed')}{interval})"
             if 1 < len(rules) != len(present):
-                text += f"; {len(present)} of the group's {len(rules)} rules have runs so far"
+                text += f"; {len(present)} of the group's {len(rules)} rules with runs so far"
             lines.append(text)
             bests.append((stats.mean, group, stats.ci))
         bests.sort()

@@ -242,7 +242,9 @@ def summarize(
         if not baseline and row["key"] in outside:
             # A run of the experiment's protocol that its grid no longer holds (a superseded
             # reading): a row of its own, never averaged into the planned cell's.
-            name = " ".join(filter(None, (name, experiment.variant(config)))) + OUTSIDE
+            shown = set(name.split())
+            extra = [part for part in experiment.variant(config).split() if part not in shown]
+            name = " ".join([name, *extra]) + OUTSIDE
         where.setdefault(name, architecture(config))
         if row["status"] == "diverged":
             diverged[name] = diverged.get(name, 0) + 1
