@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib import resources
 
 import pytest
 
@@ -161,6 +162,7 @@ def test_a_figure_keeps_empty_panels_in_their_place_and_its_width():
         ),
         ('x = { kind = "filters", count = 0 }', "count = 0; allowed: a positive number"),
         ('x = { kind = "alignment", angle = "weight" }', "angle = 'weight'; allowed: \"update\""),
+        ('x = { kind = "norms", norm = "bias" }', "norm = 'bias'; allowed: \"weight\""),
         ('x = { kind = "families", network = "2x800 tanh", rules = "dfa" }', "rules = 'dfa'"),
     ],
 )
@@ -254,3 +256,33 @@ def test_a_budget_screening_draws_both_budgets_and_names_none_in_its_caption(tmp
     page = (tmp_path / "out" / "conv-budget.md").read_text()
     (caption,) = [ln for ln in page.splitlines() if ln.startswith("*LeNet-5 epoch budget, MNIST")]
     assert "None" not in caption and "epochs as each line's label names them" in caption
+
+
+def test_the_norm_figures_draw_each_layers_norm_per_epoch_one_line_per_rule(
+    tmp_path, drawn, monkeypatch
+):
+    """study-relu records norms (record_norms): a panel per layer, the output's named so,
+    each rule's line its recorded values; runs without norms are named, not drawn."""
+    study = resources.files("gfalign.experiments").joinpath("presets", "study-relu.toml")
+    presets(monkeypatch, tmp_path / "presets", {"study-relu": study.read_text()})
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "study-relu", {"2x200 relu bp": [2.0], "2x200 relu s3-aux": [70.0]})
+
+    def normed(row):  # s3-aux's weights grow tenfold an epoch; bp's stay at 1
+        grow = 10.0 if row["config"]["rule"] == "s3-aux" else 1.0
+        return [
+            dict(r, **{f"weight_norm_{i}": grow ** r["epoch"] * i for i in (1, 2, 3)})
+            for r in row["history"]
+        ]
+
+    _set_history(store, "study-relu", normed)
+    write_report(["study-relu"], store, tmp_path / "out")
+    panels, title = drawn["study-relu-weights"]
+    assert title == "Norms (study-relu): weight norm, 2x200 relu"
+    assert [p.title for p in panels] == ["hidden layer 1", "hidden layer 2", "layer 3 (output)"]
+    lines = {s.label.split(",")[0]: s for s in panels[1].series}
+    assert set(lines) == {"bp", "s3-aux"}
+    (curve,) = lines["s3-aux"].curves
+    assert list(curve[1]) == [10.0**e * 2 for e in range(1, 6)]
+    page = (tmp_path / "out" / "study-relu.md").read_text()
+    assert "Norms (study-relu): these runs recorded no norms" in page  # deltas, updates

@@ -33,10 +33,11 @@ SIZES = {
     "study-bias": (3, 3),
     "study-feedback": (11, 1),
     "study-lr": (20, 1),
+    "study-relu": (5, 1),
     "study-s3-aux": (8, 1),
 }
 # Protocol fields a study changes on purpose without naming them in its grid.
-PROTOCOL_CHANGES = {"study-batch1": {"epochs": 100}}
+PROTOCOL_CHANGES = {"study-batch1": {"epochs": 100}, "study-relu": {"record_norms": False}}
 
 
 def _data(name: str) -> dict:

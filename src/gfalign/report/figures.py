@@ -156,6 +156,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "panels": (Mapping, 'a table of panel title = [rules], e.g. {"bp, fa" = ["bp", "fa"]}'),
     "count": (int, "a positive number of filters, e.g. 36"),
     "angle": (str, '"update" or "delta"'),
+    "norm": (str, '"weight", "update" or "delta"'),
     "dataset": (str, 'a dataset of the grid, e.g. "fashion-mnist"'),
     "field": (str, 'a field the grid varies, e.g. "lr"'),
 }
@@ -174,6 +175,8 @@ def _check_option(where: str, option: str, value: Any) -> None:
         good = good and value > 0
     elif option == "angle":
         good = value in ("update", "delta")
+    elif option == "norm":
+        good = value in _NORMS
     if not good:
         raise ConfigError(f"{where}: {option} = {value!r}; allowed: {allowed}")
 
@@ -674,9 +677,71 @@ def _panel_image(context, spec, panels, notes, title, caption, every, protocol) 
 
 
 def _alignment(context: Context, spec: FigureSpec) -> Made:
-    experiment = context.experiment
     angle = str(spec.options.get("angle", "update"))
-    prefix = f"{angle}_angle_"
+    what = {"update": "weight update", "delta": "delta"}[angle]
+    return _per_layer(
+        context,
+        spec,
+        f"{angle}_angle_",
+        f"Alignment ({context.experiment.name})",
+        missing="alignment angles (they were trained without `alignment = true` in their "
+        "configuration), so there is no alignment figure",
+        title=f"angle to the backprop {what}",
+        caption=f"angle in degrees between each rule's {what} and the backprop gradient on a "
+        "fixed probe batch, per layer",
+        panel=lambda name: {
+            "ylabel": "angle to backprop (degrees)",
+            "scale": "linear",
+            "reference": (90.0, "90°: no alignment"),
+            "bottom": -4.0,  # bp's line at 0 stays above the axis, not hidden on it
+        },
+        closing="90° is no alignment. ",
+    )
+
+
+_NORMS = {
+    "weight": ("weight norm", "Frobenius norm of each block's weight at the end of the epoch"),
+    "update": ("update norm", "Frobenius norm of the change of each block's weight over the epoch"),
+    "delta": (
+        "delta norm",
+        "root-mean-square over a batch of each layer's per-example delta norm, averaged over "
+        "the epoch's steps (the last layer's is the output error)",
+    ),
+}
+
+
+def _norms(context: Context, spec: FigureSpec) -> Made:
+    """Per layer, a norm each epoch recorded (``record_norms``): one line per rule."""
+    norm = str(spec.options.get("norm", "weight"))
+    label, meaning = _NORMS[norm]
+    return _per_layer(
+        context,
+        spec,
+        f"{norm}_norm_",
+        f"Norms ({context.experiment.name})",
+        missing="norms (they were trained without `record_norms = true`), so there is no "
+        "norm figure",
+        title=label,
+        caption=meaning,
+        panel=lambda name: {"ylabel": f"{label}, log scale"},
+    )
+
+
+def _per_layer(
+    context: Context,
+    spec: FigureSpec,
+    prefix: str,
+    short: str,
+    *,
+    missing: str,
+    title: str,
+    caption: str,
+    panel: Callable[[str], Mapping[str, Any]],
+    closing: str = "",
+) -> Made:
+    """One panel per layer of a per-epoch record ``<prefix><layer>`` (alignment angles,
+    norms), one line per cell of one network: the figure's ``network``, else the widest."""
+    experiment = context.experiment
     rows = [
         r
         for r in _on_dataset(context.rows, spec)
@@ -684,14 +749,10 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         and r.get("history")
         and any(k.startswith(prefix) for k in r["history"][-1])
     ]
-    short = f"Alignment ({experiment.name})"
     if not rows:
         if not any(r["status"] == "finished" for r in _on_dataset(context.rows, spec)):
             return [], [f"{short}{_on(spec)}: no finished runs yet."]
-        return [], [
-            f"{short}{_on(spec)}: these runs recorded no alignment angles (they were trained "
-            "without `alignment = true` in their configuration), so there is no alignment figure."
-        ]
+        return [], [f"{short}{_on(spec)}: these runs recorded no {missing}."]
     configs = [config_of(r) for r in rows]
     if "network" in spec.options:
         network = str(spec.options["network"])
@@ -700,7 +761,7 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         network = network_of(widest)
     rows = [r for r, c in zip(rows, configs, strict=True) if network_of(c) == network]
     if not rows:
-        return [], [f"{short}: no run of the {network} network recorded alignment angles."]
+        return [], [f"{short}: no run of the {network} network recorded {missing.split(' (')[0]}."]
     place = architecture(config_of(rows[0]))
     rows = [r for r in rows if architecture(config_of(r)) == place]
     protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
@@ -716,38 +777,26 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         }
     )
     panels = []
+    blocks = config_of(chosen[0]).model is not None
     for layer in layers:
         lines = [_Line(rule_of(n), *_by_seed(groups[n], f"{prefix}{layer}")) for n in names]
         lines = [line for line in lines if line.curves]
-        panels.append(
-            Panel(
-                f"block {layer}"
-                if config_of(chosen[0]).model is not None
-                else f"hidden layer {layer}",
-                tuple(line.series() for line in lines),
-                "angle to backprop (degrees)",
-                scale="linear",
-                reference=(90.0, "90°: no alignment"),
-                bottom=-4.0,  # bp's line at 0 stays above the axis, not hidden on it
-            )
-        )
+        name = f"block {layer}" if blocks else f"hidden layer {layer}"
+        if not blocks and layer == len(config_of(chosen[0]).hidden) + 1:
+            name = f"layer {layer} (output)"
+        panels.append(Panel(name, tuple(line.series() for line in lines), **panel(name)))
     from gfalign import plots
 
-    what = {"update": "weight update", "delta": "delta"}[angle]
     path = plots.plot_panels(
-        panels,
-        context.path(spec.name),
-        title=f"{short}: angle to the backprop {what}, {network}{_on(spec)}",
+        panels, context.path(spec.name), title=f"{short}: {title}, {network}{_on(spec)}"
     )
     seeds = sorted({len(groups[n]) for n in names})
     span = "–".join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1 else str(seeds[0])
-    caption = (
-        f"{short}, {network}{_on(spec)}: angle in degrees between each rule's {what} and the "
-        "backprop gradient on a fixed probe batch, per layer; mean over seeds "
-        f"({span} per rule), band from min to max; 90° is no alignment. "
-        f"{_protocol_text(protocol)}."
+    text = (
+        f"{short}, {network}{_on(spec)}: {caption}; mean over seeds ({span} per rule), band "
+        f"from min to max; {closing}{_protocol_text(protocol)}."
     )
-    return [Image(path, caption)], notes
+    return [Image(path, text)], notes
 
 
 # ---------------------------------------------------------------------------- autoencoders
@@ -906,6 +955,7 @@ KINDS: dict[str, Kind] = {
     "reconstructions": Kind(_reconstructions),
     "filters": Kind(_filters, frozenset({"count"})),
     "alignment": Kind(_alignment, frozenset({"network", "angle", "dataset"})),
+    "norms": Kind(_norms, frozenset({"network", "norm", "dataset"})),
     "screening": Kind(
         _screening,
         frozenset({"network", "panels", "field", "dataset"}),
