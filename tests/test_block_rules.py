@@ -198,6 +198,25 @@ def test_dfa_aux_is_each_blocks_local_loss_gradient(model, batch):
 
 
 @pytest.mark.parametrize("model", list(MODELS))
+def test_an_auxiliary_classifier_on_a_reads_each_blocks_pre_activation(model, batch):
+    """``direct:auxiliary-pre`` on blocks: logits flatten(a^i) (D^i)^T, the value in a^i's
+    shape, no tail to go back through; d^i = (e^i D^i) * f'(a^i)."""
+    net, (x, y) = MODELS[model](), batch
+    config = {"name": "dfa-aux-pre", "template": {"all": {"terms": ["direct:auxiliary-pre"]}}}
+    rule = FeedbackRule(config, net, seed=4, dtype=DTYPE)
+    deltas = rule.deltas(net, x, y).deltas
+    cache = net.forward_cache(x)
+    for i in range(1, net.depth):
+        D = rule.feedback(i, 0)["matrix"]
+        a = cache.pre[i - 1].clone().requires_grad_(True)
+        assert D.shape[1] == a[0].numel()  # numel(a^i) columns, not numel(h^i)
+        local = functional.cross_entropy(a.flatten(1) @ D.t(), y, reduction="sum")
+        (error,) = torch.autograd.grad(local, a)
+        (slope,) = torch.autograd.grad(net.blocks[i - 1].activation.function(a).sum(), a)
+        torch.testing.assert_close(deltas[i], error * slope, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("preset", ["fa", "dfa", "s1", "s3"])
 def test_feedback_rules_differ_from_bp(model, preset, batch):
     net, (x, y) = MODELS[model](), batch

@@ -142,6 +142,28 @@ def test_dfa_aux_is_the_gradient_of_each_layer_local_loss(activation):
         h = net.activation.function(a.detach())
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_an_auxiliary_classifier_on_a_reads_the_pre_activation(activation):
+    """``direct:auxiliary-pre``: e^i = softmax(a^i (D^i)^T) - y, d^i = (e^i D^i) * f'(a^i)."""
+    sizes = [6, 5, 4, 3]
+    net = MLP(sizes, activation, seed=6, dtype=DT)
+    config = {"name": "dfa-aux-pre", "template": {"all": {"terms": ["direct:auxiliary-pre"]}}}
+    rule = FeedbackRule(config, sizes, dtype=DT)
+    x, y = batch(sizes)
+    step = rule.deltas(net, x, y)
+    h = x
+    for i in (1, 2):
+        a = (h @ net.weight(i).T + net.bias(i)).detach().requires_grad_(True)
+        local = cross_entropy(a @ rule.matrix(i, 0).T, y)
+        (error,) = torch.autograd.grad(local * len(x), a)  # e^i D^i, per example
+        (slope,) = torch.autograd.grad(net.activation.function(a).sum(), a)
+        assert_close(step.deltas[i], error * slope)
+        assert_close(step.auxiliary_losses[i], local.detach())
+        h = net.activation.function(a.detach())
+    post = FeedbackRule("dfa-aux", sizes, dtype=DT).deltas(net, x, y)
+    assert not torch.allclose(step.deltas[1], post.deltas[1])  # h^i's reading differs
+
+
 def test_fa_and_dfa_differ_from_bp():
     """The rule path is not autograd: random feedback gives other deltas than backprop."""
     sizes = [6, 5, 4, 3]

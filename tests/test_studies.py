@@ -34,7 +34,7 @@ SIZES = {
     "study-feedback": (11, 1),
     "study-lr": (20, 1),
     "study-relu": (5, 1),
-    "study-s3-aux": (8, 1),
+    "study-s3-aux": (12, 1),
 }
 # Protocol fields a study changes on purpose without naming them in its grid.
 PROTOCOL_CHANGES = {"study-batch1": {"epochs": 100}, "study-relu": {"record_norms": False}}

@@ -77,7 +77,7 @@ from torch.func import functional_call
 
 from gfalign.blocks import LINEAR
 from gfalign.engine import FeedbackRule
-from gfalign.terms import KINDS
+from gfalign.terms import KINDS, SIGNALS
 
 if TYPE_CHECKING:
     from gfalign.data import Dataset
@@ -580,7 +580,7 @@ def rule_diagnostics(
                     continue
             receives_error = term.kind == "direct" or (term.kind == "above" and layer == top)
             softmax = receives_error and (
-                objective == "classification" or term.error == "auxiliary"
+                objective == "classification" or SIGNALS[term.error].local
             )
             result[layer, index] = diagnose(
                 rule.matrix(layer, index), "softmax" if softmax else "any"

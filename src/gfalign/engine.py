@@ -166,7 +166,8 @@ class PlannedTerm:
     weight, which reads ``W^block``). Any other product term has ``parameters`` (name, buffer)
     and ``block``, the block whose linear part it runs, ``backward`` its direction and
     ``transported`` whether it runs the forward parameters. A direct term has ``columns`` in the
-    stacked ``direct`` buffer and ``signal``, the error signal it projects.
+    stacked ``direct`` buffer and ``signal``, the error signal it projects; an auxiliary one
+    ``reads`` its classifier's input, ``h^i`` (``"post"``) or ``a^i`` (``"pre"``).
     """
 
     index: int
@@ -181,6 +182,7 @@ class PlannedTerm:
     block: int = 0
     parameters: tuple[tuple[str, str], ...] = ()
     signal: str = "output"
+    reads: str = "post"
     backward: bool = True
     transported: bool = False
 
@@ -302,7 +304,8 @@ class FeedbackRule(nn.Module):
         stacked, offset, signals = [], 0, {}
         for i, k, term in direct:
             signal = SIGNALS[term.error]
-            width = _numel(shapes[i - 1].post) if signal.local else shapes[i - 1].width
+            reads_post = signal.local and signal.reads == "post"
+            width = _numel(shapes[i - 1].post) if reads_post else shapes[i - 1].width
             stacked.append(self._draw(i, k, term, (n_out, width)))
             columns = slice(offset, offset + width)
             self._places[i, k] = _Place(i, k, (("matrix", "direct"),), columns)
@@ -465,6 +468,7 @@ class FeedbackRule(nn.Module):
                         columns=place.columns,
                         auxiliary=SIGNALS[term.error].local,
                         signal=term.error,
+                        reads=SIGNALS[term.error].reads,
                     )
                     continue
                 # Backwards: block i+1's part, then back through block i's tail; forwards:
@@ -834,7 +838,7 @@ class FeedbackRule(nn.Module):
         buffers = self._buffers if not self._learned else {**self._buffers, **self._parameters}
         through = None if not cache.tails else _Through(net, cache, self.structure, buffers)
         values, auxiliary_losses = direct_values(
-            plan, e, buffers["direct"], cache.post, target, _auxiliary_error, through
+            plan, e, buffers["direct"], cache, target, _auxiliary_error, through
         )
         weights = [None] + [
             part.weight if shape.products is LINEAR else None
@@ -1078,7 +1082,7 @@ def direct_values(
     plan: Plan,
     e: torch.Tensor,
     direct: torch.Tensor,
-    post: Sequence[torch.Tensor],
+    cache,
     target: torch.Tensor,
     auxiliary_error: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     through: _Through | None = None,
@@ -1091,6 +1095,8 @@ def direct_values(
     reads the layer's own logits ``flatten(h^i) (D^i)^T`` (DESIGN.md sections 4 and 9) and
     ``auxiliary_error(logits, labels)`` returns ``(loss, e^i)``; its value ``e^i D^i`` in
     ``h^i``'s shape goes back through the block's tail (``through``, for models with tails).
+    One that reads ``a^i`` (``cache.pre``) has logits ``flatten(a^i) (D^i)^T`` and its value
+    in ``a^i``'s shape, with no tail to go back through.
     """
     values: dict[tuple[int, int], torch.Tensor] = {}
     losses: dict[int, torch.Tensor] = {}
@@ -1102,13 +1108,15 @@ def direct_values(
         i = layer.layer
         for term in layer.values:
             if term.auxiliary:
-                D = direct[..., term.columns]  # (..., n_L, numel(h^i))
-                h = post[i]
+                D = direct[..., term.columns]  # (..., n_L, numel(h^i)) or numel(a^i)
+                pre = term.reads == "pre"
+                h = cache.a(i) if pre else cache.post[i]
                 flat = h if through is None else h.flatten(1)
                 losses[i], e_i = auxiliary_error(_mm(flat, D.transpose(-1, -2)), target)
                 value = _mm(e_i, D)
                 if through is not None:
-                    value = through.tail_back(i, value.view(h.shape))
+                    value = value.view(h.shape)
+                    value = value if pre else through.tail_back(i, value)
                 values[i, term.index] = value
             else:
                 product, start = stacked[term.signal]

@@ -301,8 +301,8 @@ class Term:
         source: for a term reading a neighbour's delta (``above``/``below``): its ``final``
             delta d^j or its ``direct-only`` delta t^j.
         error: for ``direct``: the signal it projects, a name in ``gfalign.terms.SIGNALS``: the
-            ``output`` error e, the layer's ``auxiliary`` error e^i, or the one-hot ``target``
-            (DRTP).
+            ``output`` error e, the layer's ``auxiliary`` error e^i (its classifier on h^i;
+            ``auxiliary-pre``: on a^i), or the one-hot ``target`` (DRTP).
         feedback: the family of this term's fixed parameters; ``None`` uses the rule's default.
         mode: how its feedback parameters are had each step (``gfalign.terms.MODES``):
             ``None`` is ``fixed``; ``usf``, ``frsf``, ``brsf`` (sign-concordant), ``kp``

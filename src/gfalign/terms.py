@@ -152,6 +152,10 @@ class Signal:
             error and the target (labels for classification).
         order: direct terms are stacked by signal in this order, so that one product per
             signal reaches every layer.
+        reads: for a local signal, the layer activity its classifier reads: ``"post"``
+            (``h^i``, after the block's activation and tail) or ``"pre"`` (``a^i``, before
+            them; the matrix then has ``numel(a^i)`` columns and the value stays in ``a^i``'s
+            shape).
     """
 
     name: str
@@ -160,6 +164,7 @@ class Signal:
     labels: bool = False
     make: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     order: int = 0
+    reads: str = "post"
 
 
 def _one_hot(e: torch.Tensor, target: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -174,6 +179,8 @@ SIGNALS: dict[str, Signal] = {
         Signal("output", "e", make=lambda e, target, n_out: e, order=0),
         Signal("target", "y*", labels=True, make=_one_hot, order=1),
         Signal("auxiliary", "e^i", local=True, labels=True, order=2),
+        # A reading of LAFS's auxiliary classifier: its logits from a^i instead of h^i.
+        Signal("auxiliary-pre", "e^i(a)", local=True, labels=True, order=2, reads="pre"),
     )
 }
 
