@@ -286,3 +286,19 @@ def test_the_norm_figures_draw_each_layers_norm_per_epoch_one_line_per_rule(
     assert list(curve[1]) == [10.0**e * 2 for e in range(1, 6)]
     page = (tmp_path / "out" / "study-relu.md").read_text()
     assert "Norms (study-relu): these runs recorded no norms" in page  # deltas, updates
+
+
+def test_a_figure_gives_every_line_its_own_colour_and_wraps_a_long_title(tmp_path, monkeypatch):
+    """One legend serves every panel, so no two of its 15 lines share a colour; a title
+    longer than the figure is wide is wrapped, not cut at the edges."""
+    series = [Series(f"rule {n}", curves=(([1, 2], [3.0, 2.0]),)) for n in range(15)]
+    panels = [Panel("a", tuple(series[:8]), "error"), Panel("b", tuple(series[8:]), "error")]
+    figure = panels_figure(panels)
+    colours = [line.get_color() for ax in figure.axes for line in ax.get_lines()]
+    assert len(set(colours)) == 15
+    written = {}
+    monkeypatch.setattr(plots, "_write", lambda figure, path: written.setdefault("f", figure))
+    title = "LeNet-5 learning-rate screening, Fashion-MNIST (conv-lr): validation error (%) "
+    plots.plot_panels(panels, tmp_path / "f.png", title=title + "after the last epoch")
+    text = written["f"].get_suptitle()
+    assert "\n" in text and text.replace("\n", " ") == title + "after the last epoch"

@@ -178,8 +178,17 @@ def mean_band(curves: Sequence[Curve]) -> tuple[list[float], list[float], list[f
 
 
 def _colours(panels: Sequence[Panel]) -> dict[str, str]:
-    solid = [s.label for p in panels for s in p.series if not s.dashed]
-    colours = {label: f"C{n % 10}" for n, label in enumerate(dict.fromkeys(solid))}
+    """A colour per label, none repeated within a figure of up to 20 solid lines (one legend
+    serves every panel): matplotlib's ten, else ``tab20``'s twenty."""
+    solid = list(dict.fromkeys(s.label for p in panels for s in p.series if not s.dashed))
+    if len(solid) <= 10:
+        palette = [f"C{n}" for n in range(10)]
+    else:
+        from matplotlib import colormaps
+        from matplotlib.colors import to_hex
+
+        palette = [to_hex(c) for c in colormaps["tab20"].colors]
+    colours = {label: palette[n % len(palette)] for n, label in enumerate(solid)}
     dashed = [s.label for p in panels for s in p.series if s.dashed and s.label not in colours]
     for n, label in enumerate(dict.fromkeys(dashed)):
         colours[label] = _BASELINE_COLOURS[n % len(_BASELINE_COLOURS)]
@@ -460,8 +469,8 @@ def plot_filters(
 
 def _save(figure, path: str | Path, title: str | None) -> Path:
     """Title ``figure`` and write it to ``path`` as a PNG, creating the directory."""
-    if title:
-        figure.suptitle(title)
+    if title:  # wrapped to the figure's width: about 11 characters of its title an inch
+        figure.suptitle(textwrap.fill(title, width=int(11 * figure.get_figwidth())))
     return _write(figure, path)
 
 
