@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from importlib import resources
 
@@ -302,3 +303,11 @@ def test_a_figure_gives_every_line_its_own_colour_and_wraps_a_long_title(tmp_pat
     plots.plot_panels(panels, tmp_path / "f.png", title=title + "after the last epoch")
     text = written["f"].get_suptitle()
     assert "\n" in text and text.replace("\n", " ") == title + "after the last epoch"
+
+
+def test_a_log_axis_over_many_decades_ticks_each_decade():
+    """Norms that grow a millionfold get a tick a decade, not the error ticks' 1-100 only."""
+    grows = Series("s3-aux", curves=(([1, 2, 3], [10.0, 1e4, 1e7]),))
+    (ax,) = panels_figure([Panel("layer 3", (grows,), "weight norm")]).axes
+    ticks = [t for t in ax.get_yticks() if 10.0 <= t <= 1e7]
+    assert len(ticks) >= 4 and all(math.log10(t).is_integer() for t in ticks)

@@ -96,7 +96,7 @@ def plot_curves(
 
 # Baseline colours, so bp, fa and dfa look the same in every figure.
 _BASELINE_COLOURS = ("black", "tab:gray", "tab:brown", "tab:olive", "tab:pink")
-_ERROR_TICKS = (0.1, 0.2, 0.5, 1, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 70, 100)
+_ERROR_TICKS = (0.1, 0.2, 0.5, 1, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 70, 100, 200, 500, 1000)
 _SYMLOG_TICKS = (0.0, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 WIDTH = 7.0
@@ -350,12 +350,18 @@ def _draw_panel(ax, panel: Panel, colours: Mapping[str, str], handles: dict) -> 
         low, high = min(values) * 0.9, max(values) * 1.1
         ax.set_yscale("log")
         ax.set_ylim(low, high)
-        ticks = [t for t in _ERROR_TICKS if low <= t <= high]
-        if len(ticks) < 3:  # a narrow range: five evenly spaced ticks, two significant digits
-            ticks = [float(f"{low + (high - low) * k / 4:.2g}") for k in range(5)]
-        ax.yaxis.set_major_locator(FixedLocator(ticks))
-        ax.yaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_formatter("{x:g}")
+        if high / low > 1000:  # many decades (norms): one tick a decade, as 10^k
+            from matplotlib.ticker import LogLocator
+
+            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
+            ax.yaxis.set_minor_locator(NullLocator())
+        else:
+            ticks = [t for t in _ERROR_TICKS if low <= t <= high]
+            if len(ticks) < 3:  # a narrow range: five evenly spaced ticks, two significant digits
+                ticks = [float(f"{low + (high - low) * k / 4:.2g}") for k in range(5)]
+            ax.yaxis.set_major_locator(FixedLocator(ticks))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter("{x:g}")
     elif scale == "symlog":
         high = max(max(values) * 1.3, 0.02)
         ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
