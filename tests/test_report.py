@@ -126,6 +126,21 @@ def test_a_block_models_table_takes_no_mlp_baselines(tmp_path):
     assert "(baseline)" not in render_report(lenet, store.list("field-lenet"), baselines)
 
 
+def _store_finished(store: Store, experiment: str, config, final: float, **options) -> None:
+    """A finished 20-epoch run of ``config`` ending at ``final``, stored as ``experiment``'s."""
+    records = history(final, epochs=20, **options)
+    store.upsert(
+        config.key(),
+        experiment=experiment,
+        label=config.label(),
+        config=config.to_data(),
+        status="finished",
+        epochs_done=20,
+        final=records[-1],
+        history=records,
+    )
+
+
 def test_runs_of_a_superseded_reading_are_their_own_row_and_left_out_of_figures(
     tmp_path, monkeypatch
 ):
@@ -135,18 +150,7 @@ def test_runs_of_a_superseded_reading_are_their_own_row_and_left_out_of_figures(
     lenet = experiments.load("field-lenet")
     fill(store, "field-lenet", {"lenet5 frsf xavier": [1.2]}, angles=True)
     (planned,) = [c for c in lenet.configs if c.rule_name == "frsf"]
-    old = planned.override(lr=0.1)
-    records = history(89.7, epochs=20, angles=True)
-    store.upsert(
-        old.key(),
-        experiment="field-lenet",
-        label=old.label(),
-        config=old.to_data(),
-        status="finished",
-        epochs_done=20,
-        final=records[-1],
-        history=records,
-    )
+    _store_finished(store, "field-lenet", planned.override(lr=0.1), 89.7, angles=True)
     text = render_report(lenet, store.list("field-lenet"))
     assert "| lenet5 frsf xavier | 1.20 | 1 | 20 |" in text
     assert "| lenet5 frsf xavier lr=0.1 (outside the plan) | 89.70 | 1 | 20 |" in text
@@ -171,18 +175,7 @@ def test_a_superseded_run_whose_name_shows_its_rate_is_named_once(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
     conv = experiments.load("conv")
     planned = next(c for c in conv.configs if c.rule_name == "s1-aux" and c.train.lr == 0.1)
-    old = planned.override(lr=0.01)
-    records = history(17.1, epochs=20)
-    store.upsert(
-        old.key(),
-        experiment="conv",
-        label=old.label(),
-        config=old.to_data(),
-        status="finished",
-        epochs_done=20,
-        final=records[-1],
-        history=records,
-    )
+    _store_finished(store, "conv", planned.override(lr=0.01), 17.1)
     text = render_report(conv, store.list("conv"))
     name = "lenet5 s1-aux xavier dataset=fashion-mnist lr=0.01 (outside the plan)"
     assert f"| {name} |" in text
