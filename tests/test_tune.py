@@ -305,7 +305,7 @@ def test_final_runs_are_a_sweep_stacked_or_not_and_a_finished_one_is_not_trained
     path.write_text(STUDY)
     runner = CliRunner()
     assert runner.invoke(main, ["tune", str(path), "--trials", "2", "-q"]).exit_code == 0
-    errors = {}
+    errors, losses = {}, {}
     for stack in (1, 2):
         store, runs_dir = tmp_path / f"runs{stack}.sqlite", tmp_path / f"final{stack}"
         arguments = ["tune", str(path), "--final", "--stack", str(stack), "--store", str(store)]
@@ -314,12 +314,15 @@ def test_final_runs_are_a_sweep_stacked_or_not_and_a_finished_one_is_not_trained
         final = json.loads(result.stdout)
         errors[stack] = [run["test_error"] for run in final["runs"]]
         assert [run["status"] for run in final["runs"]] == ["finished", "finished"]
+        with Store(store, readonly=True) as opened:  # the loss tells runs apart, not only errors
+            losses[stack] = [opened.get(run["key"])["final"]["test_loss"] for run in final["runs"]]
     stacked = [
         json.loads(line)
         for line in (runs_dir / final["runs"][0]["key"] / "metrics.jsonl").read_text().splitlines()
     ]
     assert all(record.get("stacked") == 2 for record in stacked)
     assert errors[2] == pytest.approx(errors[1], abs=1e-9)
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5) and losses[1][0] != losses[1][1]
     evaluated = len(watched["evaluated"])
     result = runner.invoke(main, [*arguments, "--runs-dir", str(runs_dir), "--json"])
     assert json.loads(result.stdout)["test_error"]["mean"] == pytest.approx(sum(errors[2]) / 2)

@@ -684,12 +684,13 @@ def _alignment(context: Context, spec: FigureSpec) -> Made:
         spec,
         f"{angle}_angle_",
         f"Alignment ({context.experiment.name})",
-        missing="alignment angles (they were trained without `alignment = true` in their "
-        "configuration), so there is no alignment figure",
+        recorded="alignment angles",
+        why="they were trained without `alignment = true` in their configuration, so there is "
+        "no alignment figure",
         title=f"angle to the backprop {what}",
         caption=f"angle in degrees between each rule's {what} and the backprop gradient on a "
         "fixed probe batch, per layer",
-        panel=lambda name: {
+        panel={
             "ylabel": "angle to backprop (degrees)",
             "scale": "linear",
             "reference": (90.0, "90°: no alignment"),
@@ -719,11 +720,11 @@ def _norms(context: Context, spec: FigureSpec) -> Made:
         spec,
         f"{norm}_norm_",
         f"Norms ({context.experiment.name})",
-        missing="norms (they were trained without `record_norms = true`), so there is no "
-        "norm figure",
+        recorded="norms",
+        why="they were trained without `record_norms = true`, so there is no norm figure",
         title=label,
         caption=meaning,
-        panel=lambda name: {"ylabel": f"{label}, log scale"},
+        panel={"ylabel": f"{label}, log scale"},
     )
 
 
@@ -733,10 +734,11 @@ def _per_layer(
     prefix: str,
     short: str,
     *,
-    missing: str,
+    recorded: str,
+    why: str,
     title: str,
     caption: str,
-    panel: Callable[[str], Mapping[str, Any]],
+    panel: Mapping[str, Any],
     closing: str = "",
 ) -> Made:
     """One panel per layer of a per-epoch record ``<prefix><layer>`` (alignment angles,
@@ -752,7 +754,7 @@ def _per_layer(
     if not rows:
         if not any(r["status"] == "finished" for r in _on_dataset(context.rows, spec)):
             return [], [f"{short}{_on(spec)}: no finished runs yet."]
-        return [], [f"{short}{_on(spec)}: these runs recorded no {missing}."]
+        return [], [f"{short}{_on(spec)}: these runs recorded no {recorded} ({why})."]
     configs = [config_of(r) for r in rows]
     if "network" in spec.options:
         network = str(spec.options["network"])
@@ -761,7 +763,7 @@ def _per_layer(
         network = network_of(widest)
     rows = [r for r, c in zip(rows, configs, strict=True) if network_of(c) == network]
     if not rows:
-        return [], [f"{short}: no run of the {network} network recorded {missing.split(' (')[0]}."]
+        return [], [f"{short}: no run of the {network} network recorded {recorded}."]
     place = architecture(config_of(rows[0]))
     rows = [r for r in rows if architecture(config_of(r)) == place]
     protocol, chosen, notes = _choose(rows, short, varied(context.experiment))
@@ -784,7 +786,7 @@ def _per_layer(
         name = f"block {layer}" if blocks else f"hidden layer {layer}"
         if not blocks and layer == len(config_of(chosen[0]).hidden) + 1:
             name = f"layer {layer} (output)"
-        panels.append(Panel(name, tuple(line.series() for line in lines), **panel(name)))
+        panels.append(Panel(name, tuple(line.series() for line in lines), **panel))
     from gfalign import plots
 
     path = plots.plot_panels(

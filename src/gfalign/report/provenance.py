@@ -196,7 +196,8 @@ def cost_table(
         f"Wall-clock cost per rule of the {network} network, from one machine only ({machine}: "
         f"{count(len(chosen), 'run')}"
         + (f"; {count(others, 'run')} of other networks or machines left out" if others else "")
-        + "): the median over runs of the seconds per epoch, training and evaluation included. "
+        + "): the median over runs of the seconds per epoch of the training steps (the "
+        "end-of-epoch evaluation not counted). "
         "A stacked run's epoch is its share of the stack's time."
     )
     return table, sentence
