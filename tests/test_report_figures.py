@@ -311,3 +311,28 @@ def test_a_log_axis_over_many_decades_ticks_each_decade():
     (ax,) = panels_figure([Panel("layer 3", (grows,), "weight norm")]).axes
     ticks = [t for t in ax.get_yticks() if 10.0 <= t <= 1e7]
     assert len(ticks) >= 4 and all(math.log10(t).is_integer() for t in ticks)
+
+
+def test_a_study_figure_draws_each_configuration_beside_the_experiments_run_of_its_cell(
+    tmp_path, drawn, monkeypatch
+):
+    """study-batch1's curves: its batch-1 run and experiment 1's runs of the cell it addresses
+    (dashed, the seeds the study has), named for how they differ; other runs left out."""
+    study = resources.files("gfalign.experiments").joinpath("presets", "study-batch1.toml")
+    presets(monkeypatch, tmp_path / "presets", {"study-batch1": study.read_text()})
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "study-batch1", {"2x200 sigmoid s1": [4.9]})
+    fill(store, "exp1", {"2x200 sigmoid s1": [3.0, 2.9], "2x200 sigmoid s2": [2.8]})
+    fill(store, "exp1", {"2x200 sigmoid s1": [9.0]}, epochs=7)  # not the planned protocol
+    write_report(["study-batch1"], store, tmp_path / "out")
+    panels, title = drawn["study-batch1-curves"]
+    assert title == "Curves (study-batch1): each addressed cell, study against experiment"
+    (panel,) = panels  # no training errors recorded: the test-error panel alone
+    assert panel.title == "exp1: 2x200 sigmoid s1"
+    lines = {s.label: s for s in panel.series}
+    assert set(lines) == {"batch_size=1, epochs=30", "exp1 (its preset)"}
+    assert lines["exp1 (its preset)"].dashed and not lines["batch_size=1, epochs=30"].dashed
+    assert [c[1][-1] for c in lines["exp1 (its preset)"].curves] == [3.0]  # seed 0's
+    assert [c[1][-1] for c in lines["batch_size=1, epochs=30"].curves] == [4.9]
+    page = (tmp_path / "out" / "study-batch1.md").read_text()
+    assert "the experiment's own runs of the cell with the same seeds dashed" in page

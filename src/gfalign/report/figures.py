@@ -19,6 +19,9 @@ The kinds (options after the colon):
 - ``reconstructions``: ten test digits and each rule's reconstruction (Figure 6), from the
   runs' checkpoints.
 - ``filters``: the first rows of W1 as tiles, one panel per rule (Figure 7); ``count``.
+- ``study``: a study's runs beside the experiment's runs of each cell it addresses: per cell a
+  row of test error and training error per epoch, one line per configuration of the study
+  (mean and min-max band over seeds), the experiment's own runs dashed.
 - ``alignment``: each rule's angle with the backprop update per hidden layer over
   training; ``network`` (default the widest), ``angle`` (``update`` or ``delta``).
 
@@ -87,7 +90,8 @@ class FigureSpec:
 @dataclass
 class Context:
     """What a figure needs: the experiment, its rows, the baselines' rows on its dataset, where
-    to write, where the run directories and the data are."""
+    to write, where the run directories and the data are; for a study, ``references``: the
+    rows of the experiments whose cells it addresses."""
 
     experiment: Experiment
     rows: list[dict[str, Any]]
@@ -96,6 +100,7 @@ class Context:
     runs_dir: Path | None = None
     data_dir: Path | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    references: list[dict[str, Any]] = field(default_factory=list)
 
     def path(self, name: str) -> Path:
         return self.figures / f"{self.experiment.name}-{name}.png"
@@ -662,6 +667,119 @@ def _screening(context: Context, spec: FigureSpec) -> Made:
     return [Image(path, caption)], []
 
 
+def _study(context: Context, spec: FigureSpec) -> Made:
+    """Per addressed cell, its study configurations' curves and the experiment's run dashed."""
+    from gfalign.report.studies import changes_from_grid, configurations, studies
+
+    experiment = context.experiment
+    short = f"{spec.title} ({experiment.name})"
+    found = studies([experiment.name])
+    if not found:
+        return [], [f"{short}: the preset addresses no published cell."]
+    groups = configurations(found[0], context.rows)
+    if not groups:
+        return [], [f"{short}: no finished runs yet."]
+    cells = [c for c in found[0].cells if any((e, n) == c for e, n, _m in groups)]
+    rows_of_panels: list[tuple[Panel, Panel]] = []
+    every: list[_Line] = []
+    coincidences: list[str] = []
+    for experiment_name, name in cells:
+        theirs = {  # the experiment's planned runs of the cell, whichever experiment ran them
+            r["key"]: r
+            for r in context.references
+            if r["status"] == "finished"
+            and cell(config_of(r)) == name
+            and not changes_from_grid(experiment_name, name, config_of(r))
+        }
+        mine = [m for e, n, m in groups if (e, n) == (experiment_name, name)]
+        drawn = {c.seed for members in mine for c, _row in members}
+        theirs = {k: r for k, r in theirs.items() if config_of(r).seed in drawn}
+        pair = []
+        for metric in ("test_error", "train_error"):
+            lines = [
+                _Line(
+                    _study_label(m[0][0], name, experiment_name),
+                    *_by_seed([r for _c, r in m], metric),
+                )
+                for m in mine
+            ]
+            lines.append(
+                _Line(
+                    f"{experiment_name} (its preset)",
+                    *_by_seed(list(theirs.values()), metric),
+                    dashed=True,
+                )
+            )
+            lines = [line for line in lines if line.n]
+            coincide = _separate(lines)
+            coincidences += [f"{name} ({_LABELS[metric]}): {c}" for c in coincide]
+            every += lines
+            test = metric == "test_error"
+            pair.append(
+                Panel(
+                    f"{experiment_name}: {name}" + ("" if test else ", training"),
+                    tuple(line.series() for line in lines),
+                    _LABELS[metric] + (", log" if test else ""),
+                    scale="log" if test else "symlog",
+                    reference=None if test else (0.01, "0.01%"),
+                    note="; ".join(coincide),
+                )
+            )
+        rows_of_panels.append((pair[0], pair[1]))
+    trained = any(train.series for _test, train in rows_of_panels)
+    panels = [p for pair in rows_of_panels for p in (pair if trained else pair[:1])]
+    seeds = sorted({line.n for line in every if not line.dashed})
+    what = (
+        "test error (left, log scale) and training error (right, linear below 0.01%, the "
+        "paper's training criterion, dotted)"
+        if trained
+        else "test error (log scale; the runs recorded no training error)"
+    )
+    caption = (
+        f"{short}: {what} per epoch of each published cell the "
+        "study addresses, one line per configuration of the study (named for how it differs "
+        f"from the experiment's run), mean over its seeds ({_span(seeds)} per line), band "
+        "from min to max; the experiment's own runs of the cell with the same seeds dashed. "
+    )
+    if coincidences:
+        caption += "Coinciding series, drawn dotted over wide: " + "; ".join(coincidences) + ". "
+    sentence = _final_sentence(every)
+    caption += sentence + " " if sentence else ""
+    from gfalign import plots
+
+    path = plots.plot_panels(
+        panels,
+        context.path(spec.name),
+        title=f"{short}: each addressed cell, study against experiment",
+        columns=2 if trained else None,
+    )
+    return [Image(path, caption.strip())], []
+
+
+def _study_label(config: RunConfig, name: str, experiment_name: str) -> str:
+    """What tells a study's configuration apart: the words of its cell name that the
+    addressed cell's lacks (``lr=0.003``, ``s3-aux:below-final``), else its changes."""
+    from gfalign.report.studies import changes_from_grid
+
+    extra = [w for w in cell(config).split() if w not in name.split()]
+    if extra:
+        return " ".join(extra)
+    changes = changes_from_grid(experiment_name, name, config)
+    short = [
+        f"{key.rsplit('.', 1)[-1]}={new}"
+        for key, _colon, rest in (c.partition(": ") for c in changes)
+        for new in [rest.rpartition(" → ")[2]]
+    ]
+    return ", ".join(short) or "the study"
+
+
+def _span(numbers: Sequence[int]) -> str:
+    """``"3"`` or ``"1–3"``: the range of seed counts the lines have."""
+    if not numbers:
+        return "0"
+    return str(numbers[0]) if numbers[0] == numbers[-1] else f"{numbers[0]}–{numbers[-1]}"
+
+
 def _panel_image(context, spec, panels, notes, title, caption, every, protocol) -> Made:
     """The figure of ``panels`` with its caption closed by the final values and the protocol;
     a note instead when no cell has finished runs."""
@@ -958,6 +1076,7 @@ KINDS: dict[str, Kind] = {
     "filters": Kind(_filters, frozenset({"count"})),
     "alignment": Kind(_alignment, frozenset({"network", "angle", "dataset"})),
     "norms": Kind(_norms, frozenset({"network", "norm", "dataset"})),
+    "study": Kind(_study),
     "screening": Kind(
         _screening,
         frozenset({"network", "panels", "field", "dataset"}),

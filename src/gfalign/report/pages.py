@@ -199,6 +199,7 @@ def _study_section(
     figures: Path | None,
     runs_dir: Path | None,
     data_dir: Path | None,
+    references: Sequence[Mapping[str, Any]] = (),
 ) -> list[Block]:
     rows = with_environment([dict(r) for r in rows], runs_dir)
     experiment = study.experiment
@@ -239,7 +240,9 @@ def _study_section(
         variants_table(study, variants, ours),
     ]
     if figures is not None and experiment is not None:
-        context = Context(experiment, rows, [], figures, runs_dir, data_dir)
+        context = Context(
+            experiment, rows, [], figures, runs_dir, data_dir, references=list(references)
+        )
         specs = figure_specs(study.name, preset_data(study.name))
         images, notes = draw(context, specs)
         if images or notes:
@@ -519,6 +522,11 @@ def write_report(
             figures=figures,
             runs_dir=runs,
             data_dir=data,
+            references=[
+                r
+                for name in dict.fromkeys(e for e, _c in study.cells)
+                for r in rows.get(name) or store.list(name)
+            ],
         )
         text = render_markdown(
             [blocks[0], Paragraph("[All experiments](README.md)"), *blocks[1:]], output

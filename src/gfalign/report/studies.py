@@ -41,6 +41,8 @@ __all__ = [
     "Study",
     "Variant",
     "addressed_cell",
+    "changes_from_grid",
+    "configurations",
     "evaluate",
     "explain",
     "preset_data",
@@ -229,8 +231,12 @@ def _trained_epoch(history: Sequence[Mapping[str, Any]]) -> float | None:
     return next((e for e, v in zip(epochs, values, strict=True) if v < TRAINED), None)
 
 
-def evaluate(study: Study, rows: Iterable[Mapping[str, Any]]) -> list[Variant]:
-    """The study's variants for each addressed cell, from its finished runs."""
+def configurations(
+    study: Study, rows: Iterable[Mapping[str, Any]]
+) -> list[tuple[str, str, list[tuple[RunConfig, Mapping[str, Any]]]]]:
+    """The study's finished runs grouped by the published cell they stand for and their
+    configuration less the seed: (experiment, cell, [(config, row), ...] by seed), in the
+    order the runs come."""
     wanted = {}
     for experiment_name, name in study.cells:
         experiment = preset(experiment_name)
@@ -250,11 +256,23 @@ def evaluate(study: Study, rows: Iterable[Mapping[str, Any]]) -> list[Variant]:
         data.pop("seed")
         key = (experiment.name, name, json.dumps(data, sort_keys=True, default=str))
         groups.setdefault(key, []).append((config, row))
-    out = []
-    for (experiment_name, name, _config), members in groups.items():
-        experiment = preset(experiment_name)
+    for members in groups.values():
         members.sort(key=lambda m: m[0].seed)
-        grid = {cell(p): p for p in points_of(experiment)}
+    return [(e, name, members) for (e, name, _config), members in groups.items()]
+
+
+def changes_from_grid(experiment_name: str, name: str, config: RunConfig) -> tuple[str, ...]:
+    """How ``config`` differs from experiment ``experiment_name``'s run of cell ``name``
+    (seed and device aside), e.g. ``("train.lr: 0.001 → 0.003",)``."""
+    grid = {cell(p): p for p in points_of(preset(experiment_name))}
+    return _changes(config, grid.get(name))
+
+
+def evaluate(study: Study, rows: Iterable[Mapping[str, Any]]) -> list[Variant]:
+    """The study's variants for each addressed cell, from its finished runs."""
+    out = []
+    for experiment_name, name, members in configurations(study, rows):
+        experiment = preset(experiment_name)
         paper = experiment.paper[name]
         values = [float(row["final"][experiment.metric]) for _c, row in members]
         out.append(
@@ -263,7 +281,7 @@ def evaluate(study: Study, rows: Iterable[Mapping[str, Any]]) -> list[Variant]:
                 experiment_name,
                 name,
                 paper,
-                _changes(members[0][0], grid.get(name)),
+                changes_from_grid(experiment_name, name, members[0][0]),
                 describe(values, paper),
                 tuple(c.seed for c, _row in members),
                 tuple(_trained_epoch(row.get("history") or ()) for _c, row in members),
