@@ -538,7 +538,7 @@ def _activation(context: Context, spec: FigureSpec) -> Made:
         title=f"{short}: {activation} networks, test and training error per epoch",
         columns=len(networks),
     )
-    seeds = sorted({line.n for line in every if not line.dashed}) or [0]
+    seeds = sorted({line.n for line in every if not line.dashed})
     rows_text = (
         "test error (top row, log scale) and training error (bottom row, linear below 0.01%, "
         "the paper's training criterion, dotted)"
@@ -547,9 +547,8 @@ def _activation(context: Context, spec: FigureSpec) -> Made:
     )
     caption = (
         f"{short}: {rows_text} per epoch of every {activation} cell, one column per network; "
-        f"mean over seeds ({'–'.join(map(str, (seeds[0], seeds[-1])))} per line), band from "
-        "min to max; baselines dashed. "
-    ).replace(f"({seeds[0]}–{seeds[0]} per", f"({seeds[0]} per")
+        f"mean over seeds ({_span(seeds)} per line), band from min to max; baselines dashed. "
+    )
     if coincidences:
         caption += "Coinciding series, drawn dotted over wide: " + "; ".join(coincidences) + ". "
     sentence = _final_sentence(every)
@@ -684,16 +683,16 @@ def _study(context: Context, spec: FigureSpec) -> Made:
     every: list[_Line] = []
     coincidences: list[str] = []
     for experiment_name, name in cells:
-        theirs = {  # the experiment's planned runs of the cell, whichever experiment ran them
-            r["key"]: r
+        mine = [m for e, n, m in groups if (e, n) == (experiment_name, name)]
+        drawn = {c.seed for members in mine for c, _row in members}
+        theirs = {  # the experiment's planned runs of the cell with the study's seeds
+            r["key"]: r  # (whichever experiment ran them: one row per key)
             for r in context.references
             if r["status"] == "finished"
             and cell(config_of(r)) == name
+            and config_of(r).seed in drawn
             and not changes_from_grid(experiment_name, name, config_of(r))
         }
-        mine = [m for e, n, m in groups if (e, n) == (experiment_name, name)]
-        drawn = {c.seed for members in mine for c, _row in members}
-        theirs = {k: r for k, r in theirs.items() if config_of(r).seed in drawn}
         pair = []
         for metric in ("test_error", "train_error"):
             lines = [
@@ -725,7 +724,7 @@ def _study(context: Context, spec: FigureSpec) -> Made:
                     note="; ".join(coincide),
                 )
             )
-        rows_of_panels.append((pair[0], pair[1]))
+        rows_of_panels.append(tuple(pair))
     trained = any(train.series for _test, train in rows_of_panels)
     panels = [p for pair in rows_of_panels for p in (pair if trained else pair[:1])]
     seeds = sorted({line.n for line in every if not line.dashed})
@@ -764,12 +763,10 @@ def _study_label(config: RunConfig, name: str, experiment_name: str) -> str:
     extra = [w for w in cell(config).split() if w not in name.split()]
     if extra:
         return " ".join(extra)
-    changes = changes_from_grid(experiment_name, name, config)
-    short = [
-        f"{key.rsplit('.', 1)[-1]}={new}"
-        for key, _colon, rest in (c.partition(": ") for c in changes)
-        for new in [rest.rpartition(" → ")[2]]
-    ]
+    short = []
+    for change in changes_from_grid(experiment_name, name, config):  # "train.lr: 0.001 → 0.003"
+        key, _colon, values = change.partition(": ")
+        short.append(f"{key.rsplit('.', 1)[-1]}={values.rpartition(' → ')[2]}")
     return ", ".join(short) or "the study"
 
 
@@ -911,10 +908,9 @@ def _per_layer(
         panels, context.path(spec.name), title=f"{short}: {title}, {network}{_on(spec)}"
     )
     seeds = sorted({len(groups[n]) for n in names})
-    span = "–".join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1 else str(seeds[0])
     text = (
-        f"{short}, {network}{_on(spec)}: {caption}; mean over seeds ({span} per rule), band "
-        f"from min to max; {closing}{_protocol_text(protocol)}."
+        f"{short}, {network}{_on(spec)}: {caption}; mean over seeds ({_span(seeds)} per "
+        f"rule), band from min to max; {closing}{_protocol_text(protocol)}."
     )
     return [Image(path, text)], notes
 
