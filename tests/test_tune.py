@@ -357,6 +357,7 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
     """Two searched studies with final runs make results' beyond.md: each search's trials and
     compute, each final mean with its interval, and the rule's gap to tuned bp."""
     from gfalign.report.beyond import welch
+    from gfalign.report.provenance import duration
 
     runner = CliRunner()
     store = tmp_path / "runs.sqlite"
@@ -396,6 +397,9 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
         finals[rule] = [run["test_error"] for run in final["runs"]]
         mean = sum(finals[rule]) / 2
         assert f"| {rule} | synthetic | 1x8 tanh {rule} | {mean:.2f}" in page
+        spent = sum(run["seconds"] for run in final["runs"])
+        row = next(line for line in page.splitlines() if line.startswith(f"| {rule} | synthetic"))
+        assert row.split(" | ")[5] == duration(spent)
     difference, ci = welch(finals["s1"], finals["bp"])
     assert f"synthetic 1x8 tanh s1 − bp: {difference:+.2f} points" in page
     assert "beyond.md" in (tmp_path / "report" / "README.md").read_text()

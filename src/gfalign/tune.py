@@ -895,6 +895,7 @@ def final(
                     "epochs": row["epochs_done"],
                     "test_error": row["final"].get("test_error"),
                     "test_epoch": test.get("epoch"),
+                    "seconds": row.get("seconds"),
                 }
             )
     errors = [row["test_error"] for row in rows if row["test_error"] is not None]

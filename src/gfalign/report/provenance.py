@@ -26,6 +26,7 @@ __all__ = [
     "duration",
     "machines",
     "protocols",
+    "total_seconds",
     "with_environment",
 ]
 
@@ -220,6 +221,12 @@ def duration(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes:.1f} min"
     return f"{minutes / 60:.1f} h"
+
+
+def total_seconds(rows: Iterable[Mapping[str, Any]]) -> float | None:
+    """The rows' recorded training seconds, summed; None when none has a time."""
+    times = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
+    return sum(times) if times else None
 
 
 def compute(rows: Sequence[Mapping[str, Any]]) -> str:
