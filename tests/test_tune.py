@@ -330,6 +330,41 @@ def test_final_runs_are_a_sweep_stacked_or_not_and_a_finished_one_is_not_trained
     assert "already stored" in runner.invoke(main, [*arguments, "--runs-dir", str(runs_dir)]).output
 
 
+def test_opening_without_creating_refuses_a_study_the_storage_lacks(tmp_path):
+    study = _study(tmp_path)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    tune.run(study, storage=url, trials=1)
+    assert tune.counted(tune.open_study(study, url, create=False)) == 1
+    other = _study(tmp_path, name="other")
+    with pytest.raises(ConfigError, match="no study 'other' in sqlite:///"):
+        tune.open_study(other, url, create=False)
+    assert optuna.study.get_all_study_names(storage=url) == ["study"]
+
+
+def test_cli_summary_reads_the_stored_trials_and_trains_nothing(tmp_path, watched):
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY)
+    out = tmp_path / "study.tune"
+    runner = CliRunner()
+    result = runner.invoke(main, ["tune", str(path), "--summary"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "no study 'study'" in result.output and "run `gfalign tune` first" in result.output
+    assert not out.exists()  # reading wrote nothing
+    assert runner.invoke(main, ["tune", str(path), "--trials", "2", "-q"]).exit_code == 0
+    searched = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    trained = len(watched["evaluated"])
+    result = runner.invoke(main, ["tune", str(path), "--summary", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(watched["evaluated"]) == trained  # no trial trained
+    summary = json.loads(result.stdout)
+    assert summary["counted"] == 2 and summary["target_trials"] == 3
+    assert summary["best"] == searched["best"]
+    assert json.loads((out / "summary.json").read_text())["counted"] == 2
+    result = runner.invoke(main, ["tune", str(path), "--summary", "--final"])
+    assert result.exit_code == 2 and "use one of them" in result.output
+
+
 def test_cli_refuses_clearly(tmp_path):
     path = tmp_path / "study.toml"
     path.write_text(STUDY)

@@ -515,17 +515,28 @@ def _pruner(study: Study):
     )
 
 
-def open_study(study: Study, storage: str | None = None, *, pruner=None) -> optuna.Study:
-    """The study's Optuna study in its storage, created the first time.
+def open_study(
+    study: Study, storage: str | None = None, *, pruner=None, create: bool = True
+) -> optuna.Study:
+    """The study's Optuna study in its storage, created the first time (unless ``create`` is
+    false: then a study the storage does not hold is an error, and nothing is written).
 
     ``pruner`` replaces the study's own (an ``optuna.pruners.BasePruner``).
 
     Raises:
         ConfigError: the storage cannot be opened, or its study was made from another base
-            run, space or number of epochs (it cannot be continued by this one).
+            run, space or number of epochs (it cannot be continued by this one), or it holds
+            no such study and ``create`` is false.
     """
     optuna = _optuna()
     url = storage_url(study, storage)
+    if not create:
+        missing = f"no study {study.name!r} in {url}: run `gfalign tune` first"
+        if storage is None and not (study.directory / "study.db").is_file():
+            raise ConfigError(missing)
+        names = optuna.study.get_all_study_names(storage=_storage(url))
+        if study.name not in names:
+            raise ConfigError(missing)
     if storage is None:
         study.directory.mkdir(parents=True, exist_ok=True)
     opened = optuna.create_study(

@@ -36,6 +36,7 @@ Example study (dfa.toml):
 
 \b
     gfalign tune dfa.toml --jobs 2           # search (continues a stopped study)
+    gfalign tune dfa.toml --summary          # where a running study stands, training nothing
     gfalign tune dfa.toml --final --seeds 5 --jobs 2  # best trial on 5 seeds, test set once
     gfalign tune dfa.toml --storage postgresql://host/db   # one study, many machines
 """
@@ -73,6 +74,13 @@ Example study (dfa.toml):
     "set once per run, recording the runs in the results store.",
 )
 @click.option(
+    "--summary",
+    "summary_only",
+    is_flag=True,
+    help="Instead of searching: write the summary and plot of the trials the storage holds "
+    "now (a study another process is running, or a stopped one), training nothing.",
+)
+@click.option(
     "--seeds",
     type=click.IntRange(min=1),
     help="With --final: seeds 0..N-1  [default: the study's [final] seeds, else 5]",
@@ -106,6 +114,7 @@ def tune(
     storage: str | None,
     out: Path | None,
     final: bool,
+    summary_only: bool,
     seeds: int | None,
     stack: int,
     store_path: Path,
@@ -124,7 +133,8 @@ def tune(
     the median pruner stops poor trials early; the test set is never evaluated. Trials are
     kept in an SQLite file in the study's directory, so a stopped study continues where it
     was; --storage shares one study between machines. The summary (best trial, parameter
-    importances) goes to OUT/summary.json and OUT/study.png.
+    importances) goes to OUT/summary.json and OUT/study.png; --summary writes it from the
+    trials stored so far, while a search runs or after it stopped.
 
     --final trains the best trial's configuration on several seeds, measures the test set
     once per run and records the runs in the results store (experiment "tune:NAME").
@@ -133,6 +143,8 @@ def tune(
 
     if not final and (seeds is not None or runs_dir is not None or stack != 1):
         raise click.UsageError("--seeds, --stack and --runs-dir choose the final runs: add --final")
+    if final and summary_only:
+        raise click.UsageError("--final trains and --summary only reads the study: use one of them")
     try:
         import optuna
     except ImportError:  # pragma: no cover - a dependency of gfalign
@@ -147,7 +159,11 @@ def tune(
             path = tuning.write_json(study.directory / "final.json", result)
             _echo_final(result, study, path, quiet, as_json)
             return
-        summary = _search(study, storage, trials, jobs, data_dir, quiet)
+        if summary_only:
+            opened = tuning.open_study(study, storage, create=False)
+            summary = tuning.summarize(study, opened, trials)
+        else:
+            summary = _search(study, storage, trials, jobs, data_dir, quiet)
     except USER_ERRORS as error:
         raise click.ClickException(str(error)) from None
     path = tuning.write_json(study.directory / "summary.json", summary)
