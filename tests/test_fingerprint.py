@@ -6,11 +6,14 @@ and biases (their bytes) with every per-epoch number but the timing. The hashes 
 ``results/``, so a test that passes here says those results stay valid, bit for bit.
 
 Bit-identity holds for one build of PyTorch on one kind of processor at one number of threads
-(its matrix kernels fix the order of every sum; the hashes were taken with two threads, which
-the tests set whatever ``OMP_NUM_THREADS`` says). The file records the build and the processor;
-elsewhere the test compares the stored final test losses to 1e-5 instead of the hashes.
-Regenerate after an intended change of the numbers with
-``GFALIGN_WRITE_FINGERPRINTS=1 pytest tests/test_fingerprint.py``.
+(its matrix kernels fix the order of every sum; the hashes are taken with two threads, which
+the tests set whatever ``OMP_NUM_THREADS`` says). The file holds one set of hashes per build
+and processor (``machines``; the first is the one the committed results were trained on). On
+a machine it has no set for, the test compares the final test losses with the first set's to
+2% instead: another processor's kernels round differently, and two epochs carry that to up to
+0.5% of the test loss (AVX2 against AVX512). After an intended change of the numbers,
+regenerate on each processor with ``GFALIGN_WRITE_FINGERPRINTS=1 pytest
+tests/test_fingerprint.py``; without a change, that adds this machine's set beside the others.
 """
 
 from __future__ import annotations
@@ -130,25 +133,35 @@ def dataset():
     return data.synthetic(256, 64, seed=0)
 
 
+CROSS_MACHINE = 2e-2
+"""Relative tolerance of the final test loss on a processor without its own hashes."""
+
+
 @pytest.fixture(scope="module")
 def stored():
+    """This machine's set of hashes (None when the file has none) and the reference set."""
+    machines = json.loads(FILE.read_text())["machines"] if FILE.is_file() else []
+    mine = next((m for m in machines if m["machine"] == _machine()), None)
     if WRITE:
-        content = {"machine": _machine(), "runs": {}}
-        yield content
-        FILE.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
+        fresh = {"machine": _machine(), "runs": {}}
+        yield {"own": None, "reference": None, "written": fresh}
+        machines = [fresh if m is mine else m for m in machines]
+        if mine is None:
+            machines.append(fresh)
+        FILE.write_text(json.dumps({"machines": machines}, indent=1, sort_keys=True) + "\n")
         return
-    yield json.loads(FILE.read_text())
+    yield {"own": mine, "reference": machines[0], "written": None}
 
 
 def _check(stored: dict, name: str, digest: str, test_loss: float) -> None:
     if WRITE:
-        stored["runs"][name] = {"digest": digest, "test_loss": test_loss}
+        stored["written"]["runs"][name] = {"digest": digest, "test_loss": test_loss}
         return
-    expected = stored["runs"][name]
-    if stored["machine"] == _machine():
-        assert digest == expected["digest"], f"{name}: the numbers moved"
+    if stored["own"] is not None:
+        assert digest == stored["own"]["runs"][name]["digest"], f"{name}: the numbers moved"
     else:
-        assert test_loss == pytest.approx(expected["test_loss"], rel=1e-5, abs=1e-7), name
+        expected = stored["reference"]["runs"][name]["test_loss"]
+        assert test_loss == pytest.approx(expected, rel=CROSS_MACHINE), name
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -377,7 +377,8 @@ def test_autoencoder_figures_use_the_trained_networks(tmp_path, monkeypatch):
     store.close()
 
 
-def test_cli_report_writes_a_directory_or_prints_markdown(tmp_path):
+def test_cli_report_writes_a_directory_or_prints_markdown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the defaults (results/tune, ...) name nothing of the checkout's
     store = _store_for_figures(tmp_path / "runs.sqlite")
     store.close()
     runner = CliRunner()
