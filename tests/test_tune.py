@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import warnings
 from pathlib import Path
 
@@ -237,6 +238,28 @@ def test_a_stopped_study_continues_and_replaces_a_killed_trial(tmp_path, monkeyp
     assert trials[-1].params != trials[0].params  # the continued sampler draws anew
 
 
+def test_a_summary_marks_a_trial_whose_heartbeat_stopped_as_failed(tmp_path):
+    """A killed search leaves its trials RUNNING; once their heartbeat is older than the grace
+    period, the summary says they failed (they are replaced), not that they still run."""
+    study = _study(tmp_path)
+    tune.run(study, trials=1)
+    opened = tune.open_study(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: a heartbeat is meant for Study.optimize
+        alive, dead = opened.ask(), opened.ask()
+        for trial in (alive, dead):
+            opened._storage.record_heartbeat(trial._trial_id)
+    with sqlite3.connect(study.directory / "study.db") as db:
+        db.execute(
+            "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?",
+            (dead._trial_id,),
+        )
+    summary = tune.summarize(study, tune.open_study(study))
+    assert summary["states"] == {"complete": 1, "running": 1, "fail": 1}
+    states = {t["number"]: t["state"] for t in summary["trials"]}
+    assert states[alive.number] == "running" and states[dead.number] == "fail"
+
+
 def test_the_same_seed_gives_the_same_study(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -426,6 +449,9 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report" / "beyond.md").read_text()
     assert "| s1 | 2 of 2 | 2 complete |" in page
+    search = next(line for line in page.splitlines() if line.startswith("| s1 | 2 of 2"))
+    best = summary["best"]
+    assert search.split(" | ")[4:6] == [f"{best['validation_error']:.2f}", str(best["number"])]
     finals = {}
     for rule in ("bp", "s1"):
         final = json.loads((tmp_path / "tune" / rule / "final.json").read_text())
@@ -447,8 +473,9 @@ TUNE = Path(__file__).resolve().parent.parent / "tune"
 
 
 def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rule():
-    """One search space, budget and base per dataset, whatever the rule: the fair comparison
-    the studies claim."""
+    """One search space, settings and base per dataset, whatever the rule: the fair comparison
+    the studies claim. Only the number of trials may differ (each study's page says how many it
+    ran and at which its best was found)."""
     studies = [tune.load(path) for path in sorted(TUNE.glob("*.toml"))]
     by_dataset: dict[str, list] = {}
     for study in studies:
@@ -458,5 +485,6 @@ def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rul
         assert {s.base.rule_name for s in group} == {"bp", "fa", "dfa", "s1", "s1-aux"}
         first = group[0]
         for study in group[1:]:
-            assert study.space == first.space and study.settings == first.settings
+            settings = dataclasses.replace(study.settings, trials=first.settings.trials)
+            assert study.space == first.space and settings == first.settings
             assert dataclasses.replace(study.base, rule=first.base.rule) == first.base

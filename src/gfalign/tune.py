@@ -723,9 +723,13 @@ def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> 
 
     Importances (PED-ANOVA, ``optuna.importance``) need enough completed trials; before,
     they are ``{}`` and ``importances_note`` says why. ``trials`` is the target the search
-    ran to (default: the study's).
+    ran to (default: the study's). Trials whose process died (their heartbeat stopped longer
+    ago than the grace period) are marked failed first, as the next search would.
     """
     optuna = _optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(opened)
     states = optuna.trial.TrialState
     every = opened.get_trials(deepcopy=False)
     counts: dict[str, int] = {}

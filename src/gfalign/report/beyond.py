@@ -135,7 +135,10 @@ def beyond_blocks(
             "best configuration trained on several seeds, the test set measured once per run. "
             "The final runs keep the validation split: the epoch they report is chosen on it "
             "(`keep_best`), which a retraining on all 60,000 examples could not do without "
-            "fixing the epoch count blind."
+            "fixing the epoch count blind. A study's trials are drawn one after another by "
+            "Optuna's TPE sampler whatever their target number, so a longer search only adds "
+            "trials after the shorter one's: the best trial's number says how much of a search "
+            "its result needed."
         ),
     ]
     if not names:
@@ -170,12 +173,13 @@ def beyond_blocks(
                     states or "—",
                     cost,
                     "—" if value is None else f"{value:.2f}",
+                    "—" if best.get("number") is None else str(best["number"]),
                     str(best.get("best_epoch") or best.get("epochs") or "—"),
                     values or "—",
                 )
             )
         else:
-            search_rows.append((name, "not searched yet", "—", "—", "—", "—", "—"))
+            search_rows.append((name, "not searched yet", "—", "—", "—", "—", "—", "—"))
         errors = _finished_errors(study_rows)
         if config is not None:
             ours, ci = _stats_text(errors)
@@ -213,11 +217,12 @@ def beyond_blocks(
                 "states",
                 "compute",
                 "best validation error",
+                "its trial",
                 "its epoch",
                 "best values",
             ),
             tuple(search_rows),
-            (False, True, False, True, True, True, False),
+            (False, True, False, True, True, True, True, False),
         ),
         Heading(2, "Final runs"),
     ]
