@@ -258,6 +258,7 @@ def test_a_summary_marks_a_trial_whose_heartbeat_stopped_as_failed(tmp_path):
     assert summary["states"] == {"complete": 1, "running": 1, "fail": 1}
     states = {t["number"]: t["state"] for t in summary["trials"]}
     assert states[alive.number] == "running" and states[dead.number] == "fail"
+    assert summary["trials"][dead.number]["seconds"] is None  # its end is unknown
 
 
 def test_the_same_seed_gives_the_same_study(tmp_path):

@@ -783,8 +783,11 @@ def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> 
 
 
 def _seconds(trial) -> float | None:
-    """A trial's wall-clock time (start to end), or None while it runs."""
+    """A trial's wall-clock time (start to end), or None while it runs, and for a killed trial:
+    its end is when a later search found its heartbeat stopped, not when it stopped."""
     if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    if trial.state == _optuna().trial.TrialState.FAIL and "diverged" not in trial.user_attrs:
         return None
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 

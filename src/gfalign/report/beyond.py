@@ -163,6 +163,13 @@ def beyond_blocks(
             seconds = [t.get("seconds") for t in summary.get("trials", [])]
             timed = [s for s in seconds if isinstance(s, (int, float))]
             cost = duration(sum(timed)) if timed else "not recorded"
+            killed = sum(
+                1
+                for t in summary.get("trials", [])
+                if t.get("state") == "fail" and not t.get("seconds")
+            )
+            if timed and killed:
+                cost += f" (and {killed} killed trials, untimed)"
             best = summary.get("best") or {}
             values = ", ".join(f"{k}={_short(v)}" for k, v in (best.get("params") or {}).items())
             value = best.get("validation_error")
