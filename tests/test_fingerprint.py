@@ -39,7 +39,23 @@ HIDDEN = (24, 20, 16)
 
 
 def _machine() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    """The PyTorch build, its vector extension and the processor's model: two processors with
+    the same extension may still take other kernels (one AVX512 machine's hashes fail on
+    another's)."""
+    machine = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                machine["model"] = line.split(":", 1)[1].strip()
+                break
+    return machine
+
+
+def _own(machines: list[dict]) -> dict | None:
+    """The set recorded on this very machine (build, extension and model), if any: any other
+    is only compared to the reference's test losses."""
+    return next((m for m in machines if m["machine"] == _machine()), None)
 
 
 def _case(
@@ -141,7 +157,7 @@ CROSS_MACHINE = 2e-2
 def stored():
     """This machine's set of hashes (None when the file has none) and the reference set."""
     machines = json.loads(FILE.read_text())["machines"] if FILE.is_file() else []
-    mine = next((m for m in machines if m["machine"] == _machine()), None)
+    mine = _own(machines)
     if WRITE:
         fresh = {"machine": _machine(), "runs": {}}
         yield {"own": None, "reference": None, "written": fresh}
@@ -150,7 +166,7 @@ def stored():
             machines.append(fresh)
         FILE.write_text(json.dumps({"machines": machines}, indent=1, sort_keys=True) + "\n")
         return
-    yield {"own": mine, "reference": machines[0], "written": None}
+    yield {"own": _own(machines), "reference": machines[0], "written": None}
 
 
 def _check(stored: dict, name: str, digest: str, test_loss: float) -> None:
