@@ -261,6 +261,22 @@ def test_a_summary_marks_a_trial_whose_heartbeat_stopped_as_failed(tmp_path):
     assert summary["trials"][dead.number]["seconds"] is None  # its end is unknown
 
 
+def test_the_beyond_page_times_a_search_without_its_killed_trials(tmp_path):
+    from gfalign.report.beyond import beyond_blocks
+    from gfalign.report.render import Table
+
+    trials = [
+        {"number": 0, "state": "complete", "seconds": 90.0},
+        {"number": 1, "state": "pruned", "seconds": 30.0},
+        {"number": 2, "state": "fail", "seconds": None},
+    ]
+    summary = {"counted": 2, "target_trials": 2, "states": {}, "trials": trials}
+    blocks = beyond_blocks(Store(tmp_path / "runs.sqlite"), {"s": {"summary": summary}})
+    searches = next(b for b in blocks if isinstance(b, Table) and "compute" in b.header)
+    (row,) = searches.rows
+    assert row[searches.header.index("compute")] == "2.0 min (and 1 killed trials, untimed)"
+
+
 def test_the_same_seed_gives_the_same_study(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()

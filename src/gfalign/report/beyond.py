@@ -160,14 +160,10 @@ def beyond_blocks(
         config = config_of(study_rows[0]) if study_rows else None
         if summary:
             states = ", ".join(f"{n} {s}" for s, n in sorted(summary.get("states", {}).items()))
-            seconds = [t.get("seconds") for t in summary.get("trials", [])]
-            timed = [s for s in seconds if isinstance(s, (int, float))]
+            trials = summary.get("trials", [])
+            timed = [t["seconds"] for t in trials if isinstance(t.get("seconds"), (int, float))]
             cost = duration(sum(timed)) if timed else "not recorded"
-            killed = sum(
-                1
-                for t in summary.get("trials", [])
-                if t.get("state") == "fail" and not t.get("seconds")
-            )
+            killed = sum(1 for t in trials if t.get("state") == "fail" and t.get("seconds") is None)
             if timed and killed:
                 cost += f" (and {killed} killed trials, untimed)"
             best = summary.get("best") or {}
