@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -474,14 +475,97 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
         final = json.loads((tmp_path / "tune" / rule / "final.json").read_text())
         finals[rule] = [run["test_error"] for run in final["runs"]]
         mean = sum(finals[rule]) / 2
-        assert f"| {rule} | synthetic | 1x8 tanh {rule} | {mean:.2f}" in page
+        assert f"| {rule} | synthetic | 1x8 tanh {rule} | 2 | {mean:.2f}" in page
         spent = sum(run["seconds"] for run in final["runs"])
         row = next(line for line in page.splitlines() if line.startswith(f"| {rule} | synthetic"))
-        assert row.split(" | ")[5] == duration(spent)
+        assert row.split(" | ")[6] == duration(spent)
     difference, ci = welch(finals["s1"], finals["bp"])
-    assert f"synthetic 1x8 tanh s1 − bp: {difference:+.2f} points" in page
+    assert f"synthetic 1x8 tanh s1 − bp, 2 epochs: {difference:+.2f} points" in page
     assert "beyond.md" in (tmp_path / "report" / "README.md").read_text()
     assert 'id="beyond"' in (tmp_path / "report" / "report.html").read_text()
+
+
+# ------------------------------------------------------------- a study taking another's search
+
+LONGER = """\
+search = "study.toml"
+description = "study's best, trained longer"
+[final]
+epochs = 3
+"""
+
+
+def test_a_study_taking_anothers_search_trains_its_best_longer_under_its_own_name(
+    tmp_path, watched
+):
+    """``search = "study.toml"``: the searched study's base, space and best trial, this file's
+    final epochs, the runs recorded under this study's name, the search's storage found beside
+    this study's directory; searching it, summarising it or a bad file is refused in one line."""
+    runner = CliRunner()
+    (tmp_path / "study.toml").write_text(STUDY)
+    (tmp_path / "longer.toml").write_text(LONGER)
+    out = tmp_path / "tune"
+    result = runner.invoke(
+        main, ["tune", str(tmp_path / "study.toml"), "--trials", "2", "--out", str(out / "study")]
+    )
+    assert result.exit_code == 0, result.output
+    best = json.loads((out / "study" / "summary.json").read_text())["best"]
+    longer = tune.load(tmp_path / "longer.toml", directory=out / "longer")
+    assert longer.searched.directory == out / "study" and longer.base == longer.searched.base
+    assert longer.settings.final_epochs == 3 and longer.settings.final_seeds == (0, 1)
+    store = tmp_path / "runs.sqlite"
+    arguments = ["tune", str(tmp_path / "longer.toml"), "--out", str(out / "longer")]
+    result = runner.invoke(main, [*arguments, "--final", "--store", str(store), "-q"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "longer" / "final.json").read_text())
+    assert final["study"] == "longer" and final["search"] == "study"
+    assert final["trial"] == best["number"] and final["epochs"] == 3
+    with Store(store, readonly=True) as opened:
+        rows = opened.list("tune:longer")
+    assert len(rows) == 2 and {row["epochs_done"] for row in rows} == {3}
+    assert all(row["config"]["train"]["lr"] == best["params"]["train.lr"] for row in rows)
+    assert not (out / "longer" / "study.db").exists()  # nothing searched under its name
+    for flag in ([], ["--summary"]):
+        result = runner.invoke(main, [*arguments, *flag])
+        assert result.exit_code == 1 and result.output.count("\n") == 1
+        assert "takes its trials from the search of 'study'" in result.output
+    result = runner.invoke(
+        main,
+        [
+            "report",
+            "exp1",
+            "--store",
+            str(store),
+            "--runs-dir",
+            str(tmp_path / "none"),
+            "--tune-dir",
+            str(out),
+            "-o",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "beyond.md").read_text()
+    assert "| longer | synthetic | 1x8 tanh dfa | 3 |" in page
+    assert "| longer | not searched yet" not in page
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("trials = 4\n" + LONGER, "study key(s) ['trials'] beside search"),
+        (LONGER.replace('"study.toml"', '"missing.toml"'), "no such study file"),
+        (LONGER.replace('"study.toml"', "3"), "allowed: the name of the searched study's TOML"),
+        (LONGER.replace("epochs = 3", "epochs = 0"), "epochs"),
+        (LONGER.replace('"study.toml"', '"longer.toml"'), "takes its search from another"),
+    ],
+)
+def test_a_bad_search_study_is_one_line(tmp_path, text, fragment):
+    (tmp_path / "study.toml").write_text(STUDY)
+    (tmp_path / "longer.toml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as raised:
+        tune.load(tmp_path / "longer.toml")
+    assert "\n" not in str(raised.value)
 
 
 # ------------------------------------------------------------------- the shipped study files
@@ -492,8 +576,17 @@ TUNE = Path(__file__).resolve().parent.parent / "tune"
 def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rule():
     """One search space, settings and base per dataset, whatever the rule: the fair comparison
     the studies claim. Only the number of trials may differ (each study's page says how many it
-    ran and at which its best was found)."""
+    ran and at which its best was found). A study training another's best longer has a bp
+    twin of the same length."""
     studies = [tune.load(path) for path in sorted(TUNE.glob("*.toml"))]
+    longer = [study for study in studies if study.searched is not None]
+    studies = [study for study in studies if study.searched is None]
+    assert {study.searched.name for study in longer} <= {study.name for study in studies}
+    by_length: dict[tuple, set] = {}  # a longer training is given to bp as to the others
+    for study in longer:
+        key = (study.base.dataset, study.settings.final_epochs, study.settings.final_seeds)
+        by_length.setdefault(key, set()).add(study.base.rule_name)
+    assert all("bp" in rules and len(rules) > 1 for rules in by_length.values())
     by_dataset: dict[str, list] = {}
     for study in studies:
         by_dataset.setdefault(study.base.dataset, []).append(study)

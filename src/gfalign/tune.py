@@ -29,6 +29,14 @@ how many trials to finish and how many epochs each trains::
 
     [final]
     seeds = 5                   # the final runs of the best trial: seeds 0..4 (or a list)
+    epochs = 60                 # and their length (default: the trials' epochs)
+
+A study file that holds ``search = "other.toml"`` (and only a name, a description and a
+[final] table besides) searches nothing: its final runs train the best trial of that study's
+search again with its own [final] epochs or seeds, recorded under its own name; that study's
+directory is found beside its own (``results/tune/s1-60`` -> ``results/tune/s1``), or by
+``--storage``. Screening short and training the chosen configuration longer is then one more
+file, not a second search.
 
 A space key is a dotted path into the run's configuration as ``RunConfig.to_data`` writes it
 (``"train.lr"``, ``"activation"``, ``"feedback.density"``, ``"rule.layers.1.combine"``), so a
@@ -107,7 +115,9 @@ _RESERVED = {
     "train.evaluate_test": "a study never evaluates the test set",
     "device": "the device does not change the numbers; use --device",
 }
-_TOP = ("name", "description", "trials", "epochs", "seed", "sampler", "base", "space")
+_TOP = ("name", "description", "trials", "epochs", "seed", "sampler", "base", "space", "search")
+# What a study taking another's search (``search = "other.toml"``) may set: its final runs.
+_DERIVED = ("name", "description", "search", "final")
 _TABLES = ("pruner", "final")
 _SCALARS = (int, float, str, bool)
 
@@ -308,6 +318,9 @@ class Study:
         settings: trials, epochs per trial, sampler, pruner and final seeds.
         directory: where the default storage, the summary, the plot and the final runs go.
         description: one line, for the summary.
+        searched: the study whose trials choose this one's best configuration, when this one
+            only trains that configuration again (``search = "other.toml"``: other final
+            epochs or seeds); None when it searches itself.
     """
 
     name: str
@@ -316,6 +329,12 @@ class Study:
     settings: _Settings = field(default_factory=_Settings)
     directory: Path = Path("study.tune")
     description: str = ""
+    searched: Study | None = None
+
+    @property
+    def trials_from(self) -> Study:
+        """The study whose trials this one's final runs take their configuration from."""
+        return self.searched if self.searched is not None else self
 
     @property
     def trials(self) -> int:
@@ -376,6 +395,8 @@ def from_data(
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown study key {key!r}{hint}; known: {', '.join(sorted(known))}")
     root = Path(root)
+    if "search" in data:
+        return _derived(data, name=name, root=root, directory=directory)
     base = _base(data.get("base"), root)
     if base.validation == 0:
         raise ConfigError(
@@ -402,6 +423,57 @@ def from_data(
                     f"[space] {json.dumps(dimension.path)} = {render(value)}: {problem}"
                 ) from None
     return study
+
+
+def _derived(
+    data: Mapping[str, Any], *, name: str, root: Path, directory: str | Path | None
+) -> Study:
+    """A study that trains another study's best configuration again, with its own [final]:
+    the searched study's file is ``search`` (relative to ``root``), its directory the sibling
+    of this one's named as its own would be (``results/tune/s1-60`` -> ``results/tune/s1``,
+    ``s1-60.tune`` -> ``s1.tune``)."""
+    extra = sorted(set(data) - set(_DERIVED))
+    if extra:
+        raise ConfigError(
+            f"study key(s) {extra} beside search = {render(data['search'])}: the searched "
+            f"study gives the base, space and trials; allowed: {', '.join(_DERIVED)}"
+        )
+    value = data["search"]
+    if not isinstance(value, str) or not value.endswith(".toml"):
+        raise ConfigError(
+            f"search = {render(value)}: allowed: the name of the searched study's TOML file"
+        )
+    path = Path(value) if Path(value).is_absolute() else root / value
+    if not path.is_file():
+        raise ConfigError(f"search = {render(value)}: no such study file {path}")
+    name = str(data.get("name", name))
+    directory = Path(directory) if directory is not None else root / f"{name}.tune"
+    source = load_toml(path)
+    if "search" in source:
+        raise ConfigError(
+            f"search = {render(value)}: that study takes its search from another; allowed: "
+            "a study that searches itself"
+        )
+    source_name = str(source.get("name", path.stem))
+    suffix = ".tune" if directory.name.endswith(".tune") else ""
+    sibling = directory.parent / (source_name + suffix)
+    searched = from_data(source, name=source_name, root=path.parent, directory=sibling)
+    final = data.get("final", {})
+    own = _settings({"final": final})  # checks the table as every study's
+    settings = replace(
+        searched.settings,
+        final_seeds=own.final_seeds if "seeds" in final else searched.settings.final_seeds,
+        final_epochs=own.final_epochs if "epochs" in final else searched.settings.final_epochs,
+    )
+    return Study(
+        name,
+        searched.base,
+        searched.space,
+        settings,
+        directory,
+        str(data.get("description", "")),
+        searched,
+    )
 
 
 def _base(value: Any, root: Path) -> RunConfig:
@@ -526,9 +598,16 @@ def open_study(
     Raises:
         ConfigError: the storage cannot be opened, or its study was made from another base
             run, space or number of epochs (it cannot be continued by this one), or it holds
-            no such study and ``create`` is false.
+            no such study and ``create`` is false, or ``study`` takes its trials from
+            another's search (``searched``): open that one.
     """
     optuna = _optuna()
+    if study.searched is not None:
+        raise ConfigError(
+            f"study {study.name!r} takes its trials from the search of {study.searched.name!r} "
+            "and only trains that search's best again; allowed: --final (search or summarise "
+            f"the study {study.searched.name!r} itself)"
+        )
     url = storage_url(study, storage)
     if not create:
         missing = f"no study {study.name!r} in {url}: run `gfalign tune` first"
@@ -857,7 +936,8 @@ def final(
     ``evaluate_test = false``, so the test set is measured once, after the last epoch (on the
     best-validation weights when the base keeps the best). The store records each run under
     the experiment ``tune:<study name>``; ``on_run(config, status, final)`` is called as each
-    one is done.
+    one is done. A study that takes another's search (``searched``) trains that search's best
+    trial, under its own name and with its own final epochs and seeds.
 
     Returns:
         The trial, its values, and every run's key, seed, status and test error, with their
@@ -870,11 +950,12 @@ def final(
     from gfalign.store import Store
     from gfalign.sweep import run_sweep
 
-    opened = open_study(study, storage)
+    source = study.trials_from
+    opened = open_study(source, storage, create=study.searched is None)
     states = _optuna().trial.TrialState
     if not any(t.state == states.COMPLETE for t in opened.get_trials(deepcopy=False)):
         raise ConfigError(
-            f"study {study.name!r} has no completed trial yet: run `gfalign tune` first"
+            f"study {source.name!r} has no completed trial yet: run `gfalign tune` first"
         )
     best = opened.best_trial
     decode = {dimension.path: dimension.decode for dimension in study.space}
@@ -919,6 +1000,7 @@ def final(
     errors = [row["test_error"] for row in rows if row["test_error"] is not None]
     return {
         "study": study.name,
+        **({"search": study.searched.name} if study.searched is not None else {}),
         "trial": best.number,
         "validation_error": best.value,
         "params": params,

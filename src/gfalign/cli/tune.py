@@ -39,6 +39,14 @@ Example study (dfa.toml):
     gfalign tune dfa.toml --summary          # where a running study stands, training nothing
     gfalign tune dfa.toml --final --seeds 5 --jobs 2  # best trial on 5 seeds, test set once
     gfalign tune dfa.toml --storage postgresql://host/db   # one study, many machines
+
+\b
+A study that trains another's best again, longer (dfa-60.toml):
+    search = "dfa.toml"
+    [final]
+    epochs = 60
+\b
+    gfalign tune dfa-60.toml --final --jobs 2   # dfa.toml's best trial, 60 epochs
 """
 
 
@@ -137,7 +145,9 @@ def tune(
     trials stored so far, while a search runs or after it stopped.
 
     --final trains the best trial's configuration on several seeds, measures the test set
-    once per run and records the runs in the results store (experiment "tune:NAME").
+    once per run and records the runs in the results store (experiment "tune:NAME"). A study
+    file with search = "other.toml" searches nothing: its --final trains that study's best
+    trial with its own [final] epochs and seeds.
     """
     from gfalign import tune as tuning
 
@@ -152,6 +162,8 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = tuning.load(study_file, directory=out, device=device)
+        if study.searched is not None and not final:
+            tuning.open_study(study)  # refuses in one line: this study searches nothing
         if final:
             result = _final(
                 study, storage, seeds, store_path, runs_dir, data_dir, quiet, jobs, stack

@@ -138,7 +138,10 @@ def beyond_blocks(
             "fixing the epoch count blind. A study's trials are drawn one after another by "
             "Optuna's TPE sampler whatever their target number, so a longer search only adds "
             "trials after the shorter one's: the best trial's number says how much of a search "
-            "its result needed."
+            "its result needed. A study whose final runs train another study's best trial "
+            'again, longer (`search = "other.toml"` in its file), has no search of its own: '
+            "its row in the final runs names the epochs it trained, and each rule's gap to bp "
+            "compares runs of the same length."
         ),
     ]
     if not names:
@@ -181,7 +184,7 @@ def beyond_blocks(
                     values or "—",
                 )
             )
-        else:
+        elif not (final or {}).get("search"):  # a study training another's best has no search
             search_rows.append((name, "not searched yet", "—", "—", "—", "—", "—", "—"))
         errors = _finished_errors(study_rows)
         if config is not None:
@@ -195,6 +198,7 @@ def beyond_blocks(
                     name,
                     config.dataset,
                     cell(config),
+                    str(config.train.epochs),
                     ours,
                     ci,
                     "—" if spent is None else duration(spent),
@@ -202,7 +206,7 @@ def beyond_blocks(
                     "—" if paper is None else f"{paper:.2f}",
                 )
             )
-            key = (config.dataset, network_of(config))
+            key = (config.dataset, network_of(config), config.train.epochs)
             finals.setdefault(key, {})[config.rule_name] = errors
             curves[name] = [
                 series(r.get("history") or (), "validation_error")
@@ -245,6 +249,7 @@ def beyond_blocks(
                     "study",
                     "dataset",
                     "cell",
+                    "epochs",
                     "tuned (mean ± std)",
                     "95% CI",
                     "compute",
@@ -252,7 +257,7 @@ def beyond_blocks(
                     "published",
                 ),
                 tuple(final_rows),
-                (False, False, False, True, True, True, True, True),
+                (False, False, False, True, True, True, True, True, True),
             ),
         ]
         gaps = _gaps(finals)
@@ -276,9 +281,10 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _gaps(finals: Mapping[tuple[str, str], Mapping[str, list[float]]]) -> list[str]:
+def _gaps(finals: Mapping[tuple[str, str, int], Mapping[str, list[float]]]) -> list[str]:
+    """Each rule's gap to bp trained as long on the same dataset and network."""
     out = []
-    for (dataset, network), by_rule in finals.items():
+    for (dataset, network, epochs), by_rule in finals.items():
         bp = by_rule.get("bp")
         if not bp:
             continue
@@ -288,27 +294,28 @@ def _gaps(finals: Mapping[tuple[str, str], Mapping[str, list[float]]]) -> list[s
             difference, ci = welch(errors, bp)
             interval = "" if ci is None else f" (95% CI {ci[0]:+.2f} to {ci[1]:+.2f})"
             out.append(
-                f"{dataset} {network} {rule} − bp: {difference:+.2f} points{interval}, "
+                f"{dataset} {network} {rule} − bp, {epochs} epochs: {difference:+.2f} "
+                f"points{interval}, "
                 f"{count(len(errors), 'seed')} against {len(bp)}"
             )
     return out
 
 
-def _goal(finals: Mapping[tuple[str, str], Mapping[str, list[float]]]) -> str:
+def _goal(finals: Mapping[tuple[str, str, int], Mapping[str, list[float]]]) -> str:
     general = [
-        (statistics.fmean(errors), rule, len(errors))
-        for (dataset, _network), by_rule in finals.items()
+        (statistics.fmean(errors), rule, len(errors), epochs)
+        for (dataset, _network, epochs), by_rule in finals.items()
         if dataset == "mnist"
         for rule, errors in by_rule.items()
         if errors and rule not in ("bp", "fa", "dfa")
     ]
     if not general:
         return ""
-    mean, rule, n = min(general)
+    mean, rule, n, epochs = min(general)
     verdict = "reached" if mean <= GOAL + 1e-9 else f"not reached ({mean - GOAL:+.2f} points)"
     return (
         f"Goal, a general-rule network at or below {GOAL:.2f}% on MNIST: {verdict}; the best is "
-        f"{rule}, {mean:.2f}% over {count(n, 'seed')}."
+        f"{rule} trained {epochs} epochs, {mean:.2f}% over {count(n, 'seed')}."
     )
 
 
