@@ -429,6 +429,15 @@ def test_cli_help_has_an_example():
     assert "gfalign tune dfa.toml --final --seeds 5" in result.output
 
 
+def _beyond_page(runner, store: Path, tune_dir: Path, tmp_path: Path) -> str:
+    """The beyond page `gfalign report` writes from ``store`` and the studies in ``tune_dir``."""
+    arguments = ["report", "exp1", "--store", str(store), "--runs-dir", str(tmp_path / "none")]
+    out = tmp_path / "report"
+    result = runner.invoke(main, [*arguments, "--tune-dir", str(tune_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return (out / "beyond.md").read_text()
+
+
 def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path):
     """Two searched studies with final runs make results' beyond.md: each search's trials and
     compute, each final mean with its interval, and the rule's gap to tuned bp."""
@@ -449,23 +458,7 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
         assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "tune" / "s1" / "summary.json").read_text())
     assert all(t["seconds"] > 0 for t in summary["trials"])
-    result = runner.invoke(
-        main,
-        [
-            "report",
-            "exp1",
-            "--store",
-            str(store),
-            "--runs-dir",
-            str(tmp_path / "none"),
-            "--tune-dir",
-            str(tmp_path / "tune"),
-            "-o",
-            str(tmp_path / "report"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    page = (tmp_path / "report" / "beyond.md").read_text()
+    page = _beyond_page(runner, store, tmp_path / "tune", tmp_path)
     assert "| s1 | 2 of 2 | 2 complete |" in page
     search = next(line for line in page.splitlines() if line.startswith("| s1 | 2 of 2"))
     best = summary["best"]
@@ -529,25 +522,22 @@ def test_a_study_taking_anothers_search_trains_its_best_longer_under_its_own_nam
         result = runner.invoke(main, [*arguments, *flag])
         assert result.exit_code == 1 and result.output.count("\n") == 1
         assert "takes its trials from the search of 'study'" in result.output
-    result = runner.invoke(
-        main,
-        [
-            "report",
-            "exp1",
-            "--store",
-            str(store),
-            "--runs-dir",
-            str(tmp_path / "none"),
-            "--tune-dir",
-            str(out),
-            "-o",
-            str(tmp_path / "report"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    page = (tmp_path / "report" / "beyond.md").read_text()
+    page = _beyond_page(runner, store, out, tmp_path)
     assert "| longer | synthetic | 1x8 tanh dfa | 3 |" in page
     assert "| longer | not searched yet" not in page
+
+
+def test_a_rules_gap_to_bp_compares_runs_of_the_same_length():
+    """s1 trained 60 epochs has no bp of 60 epochs beside it: no gap, rather than one to bp's
+    30-epoch runs; the 30-epoch pair gives its Welch difference."""
+    from gfalign.report.beyond import _gaps
+
+    finals = {
+        ("mnist", "2x800 tanh", 30): {"bp": [1.5, 1.4, 1.6], "s1": [1.7, 1.8, 1.6]},
+        ("mnist", "2x800 tanh", 60): {"s1": [1.5, 1.6, 1.4]},
+    }
+    (line,) = _gaps(finals)
+    assert line.startswith("mnist 2x800 tanh s1 − bp, 30 epochs: +0.20 points")
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,7 @@ __all__ = [
     "load",
     "open_study",
     "plot",
+    "require_search",
     "run",
     "storage_url",
     "summarize",
@@ -395,6 +396,8 @@ def from_data(
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown study key {key!r}{hint}; known: {', '.join(sorted(known))}")
     root = Path(root)
+    name = str(data.get("name", name))
+    directory = Path(directory) if directory is not None else root / f"{name}.tune"
     if "search" in data:
         return _derived(data, name=name, root=root, directory=directory)
     base = _base(data.get("base"), root)
@@ -411,8 +414,6 @@ def from_data(
         )
     space = tuple(Dimension.parse(str(path), value) for path, value in space_data.items())
     settings = _settings(data)
-    name = str(data.get("name", name))
-    directory = Path(directory) if directory is not None else root / f"{name}.tune"
     study = Study(name, base, space, settings, directory, str(data.get("description", "")))
     for dimension in space:  # every bound and every choice must make a run
         for value in dimension.extremes():
@@ -425,9 +426,7 @@ def from_data(
     return study
 
 
-def _derived(
-    data: Mapping[str, Any], *, name: str, root: Path, directory: str | Path | None
-) -> Study:
+def _derived(data: Mapping[str, Any], *, name: str, root: Path, directory: Path) -> Study:
     """A study that trains another study's best configuration again, with its own [final]:
     the searched study's file is ``search`` (relative to ``root``), its directory the sibling
     of this one's named as its own would be (``results/tune/s1-60`` -> ``results/tune/s1``,
@@ -443,11 +442,9 @@ def _derived(
         raise ConfigError(
             f"search = {render(value)}: allowed: the name of the searched study's TOML file"
         )
-    path = Path(value) if Path(value).is_absolute() else root / value
+    path = _relative(value, root)
     if not path.is_file():
         raise ConfigError(f"search = {render(value)}: no such study file {path}")
-    name = str(data.get("name", name))
-    directory = Path(directory) if directory is not None else root / f"{name}.tune"
     source = load_toml(path)
     if "search" in source:
         raise ConfigError(
@@ -476,10 +473,14 @@ def _derived(
     )
 
 
+def _relative(value: str, root: Path) -> Path:
+    """A file named in a study: absolute, or relative to the study file's folder."""
+    return Path(value) if Path(value).is_absolute() else root / value
+
+
 def _base(value: Any, root: Path) -> RunConfig:
     if isinstance(value, str):
-        path = Path(value) if Path(value).is_absolute() else root / value
-        return RunConfig.from_data(load_toml(path))
+        return RunConfig.from_data(load_toml(_relative(value, root)))
     if isinstance(value, Mapping):
         return RunConfig.from_data(value)
     raise ConfigError(
@@ -587,6 +588,21 @@ def _pruner(study: Study):
     )
 
 
+def require_search(study: Study) -> None:
+    """Refuse a study that takes its trials from another's search (``searched``): it has no
+    storage of its own to search in or summarise.
+
+    Raises:
+        ConfigError: naming the searched study.
+    """
+    if study.searched is not None:
+        raise ConfigError(
+            f"study {study.name!r} takes its trials from the search of {study.searched.name!r} "
+            "and only trains that search's best again; allowed: --final (search or summarise "
+            f"the study {study.searched.name!r} itself)"
+        )
+
+
 def open_study(
     study: Study, storage: str | None = None, *, pruner=None, create: bool = True
 ) -> optuna.Study:
@@ -602,12 +618,7 @@ def open_study(
             another's search (``searched``): open that one.
     """
     optuna = _optuna()
-    if study.searched is not None:
-        raise ConfigError(
-            f"study {study.name!r} takes its trials from the search of {study.searched.name!r} "
-            "and only trains that search's best again; allowed: --final (search or summarise "
-            f"the study {study.searched.name!r} itself)"
-        )
+    require_search(study)
     url = storage_url(study, storage)
     if not create:
         missing = f"no study {study.name!r} in {url}: run `gfalign tune` first"

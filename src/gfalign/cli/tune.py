@@ -162,8 +162,8 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = tuning.load(study_file, directory=out, device=device)
-        if study.searched is not None and not final:
-            tuning.open_study(study)  # refuses in one line: this study searches nothing
+        if not final:
+            tuning.require_search(study)
         if final:
             result = _final(
                 study, storage, seeds, store_path, runs_dir, data_dir, quiet, jobs, stack
