@@ -285,6 +285,36 @@ def test_the_same_seed_gives_the_same_study(tmp_path):
     assert [(t.params, t.value) for t in one.trials] == [(t.params, t.value) for t in two.trials]
 
 
+def test_two_processes_opening_a_shared_study_at_once_draw_different_trials(tmp_path):
+    """Each process opens the study before either has drawn: a sampler seeded once per process
+    would give both the same values; seeded from the trial's number, they differ."""
+    study = _study(tmp_path)
+    one, two = tune.open_study(study), tune.open_study(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: a heartbeat is meant for Study.optimize
+        first, second = one.ask(), two.ask()
+    for trial in (first, second):
+        trial.suggest_float("train.lr", 1e-3, 0.1, log=True)
+    assert (first.number, second.number) == (0, 1)
+    assert first.params != second.params
+
+
+def test_parallel_trials_draw_what_the_same_trials_draw_one_by_one(tmp_path):
+    """Trial k's values depend on the seed and k, not on how many threads draw: --jobs 2 gives
+    the random sampler's trials exactly (Optuna alone reseeds at random under n_jobs > 1)."""
+    text = STUDY.replace("seed = 3\n", 'seed = 3\nsampler = "random"\n')
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = tune.run(_study(tmp_path / "one", text), trials=4)
+    two = tune.run(_study(tmp_path / "two", text), trials=4, jobs=2)
+
+    def drawn(opened):
+        return {t.number: t.params for t in opened.trials}
+
+    assert drawn(one) == drawn(two)
+    assert len({tuple(sorted(p.items())) for p in drawn(one).values()}) == 4
+
+
 def test_a_changed_study_is_not_continued_in_the_same_storage(tmp_path):
     tune.run(_study(tmp_path), trials=1)
     changed = STUDY.replace("lr = 0.01\n", "lr = 0.02\n")

@@ -7,7 +7,7 @@ how many trials to finish and how many epochs each trains::
     name = "dfa-2x800"          # the study's name in its storage (default: the file's stem)
     trials = 40                 # trials to finish: completed, pruned or diverged
     epochs = 20                 # epochs of every trial (replaces [base.train] epochs)
-    seed = 0                    # seeds the sampler
+    seed = 0                    # seeds the sampler: trial k draws from (seed, k)
     sampler = "tpe"             # or "random"
 
     [base]
@@ -102,6 +102,7 @@ __all__ = [
     "run",
     "storage_url",
     "summarize",
+    "trial_seed",
     "write_json",
 ]
 
@@ -568,14 +569,68 @@ def _storage(url: str):
         raise ConfigError(f"storage {url}: cannot be opened ({text})") from None
 
 
-def _sampler(study: Study, offset: int):
+def trial_seed(seed: int, number: int) -> int:
+    """The seed trial ``number`` of a study seeded ``seed`` samples with: a function of the two
+    alone, so a study's trials are the same whichever process, thread or machine draws them.
+
+    Example:
+        >>> trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(0, 4)
+        True
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def _sampler(study: Study):
+    """The study's sampler, reseeded for every trial from its number (``trial_seed``).
+
+    A sampler seeded once per process draws the same values in two processes that open a
+    shared study at once, and Optuna reseeds it at random under ``n_jobs > 1``; a trial's
+    number is unique in its storage, so seeding from it keeps parallel trials apart and the
+    study reproducible: trial k of a given history draws the same values however it is run.
+    """
     optuna = _optuna()
-    # Seeded past the trials already stored, so a continued study does not draw its first
-    # values again.
-    seed = study.settings.seed + offset
-    if study.settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    settings = study.settings
+
+    def make(number: int):
+        seed = trial_seed(settings.seed, number)
+        if settings.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
+
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._samplers: dict[int, Any] = {}
+            self._lock = threading.Lock()
+
+        def _of(self, trial):
+            with self._lock:
+                if trial.number not in self._samplers:
+                    self._samplers[trial.number] = make(trial.number)
+                return self._samplers[trial.number]
+
+        def infer_relative_search_space(self, opened, trial):
+            return self._of(trial).infer_relative_search_space(opened, trial)
+
+        def sample_relative(self, opened, trial, search_space):
+            return self._of(trial).sample_relative(opened, trial, search_space)
+
+        def sample_independent(self, opened, trial, name, distribution):
+            return self._of(trial).sample_independent(opened, trial, name, distribution)
+
+        def before_trial(self, opened, trial):
+            self._of(trial).before_trial(opened, trial)
+
+        def after_trial(self, opened, trial, state, values):
+            self._of(trial).after_trial(opened, trial, state, values)
+            with self._lock:
+                self._samplers.pop(trial.number, None)
+
+        def reseed_rng(self):
+            """Nothing to reseed: every trial's seed comes from its number."""
+
+    return TrialSeeded()
 
 
 def _pruner(study: Study):
@@ -636,7 +691,7 @@ def open_study(
         load_if_exists=True,
         pruner=pruner if pruner is not None else _pruner(study),
     )
-    opened.sampler = _sampler(study, len(opened.get_trials(deepcopy=False)))
+    opened.sampler = _sampler(study)
     mine = study.fingerprint()
     recorded = opened.user_attrs.get("gfalign")
     if recorded is None:
