@@ -501,7 +501,10 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
         assert f"| {rule} | synthetic | 1x8 tanh {rule} | 2 | {mean:.2f}" in page
         spent = sum(run["seconds"] for run in final["runs"])
         row = next(line for line in page.splitlines() if line.startswith(f"| {rule} | synthetic"))
-        assert row.split(" | ")[6] == duration(spent)
+        with Store(store, readonly=True) as opened:
+            histories = [r["history"] for r in opened.list(f"tune:{rule}")]
+        best = [min(epoch["validation_error"] for epoch in h) for h in histories]
+        assert row.split(" | ")[6:8] == [f"{sum(best) / len(best):.2f}", duration(spent)]
     difference, ci = welch(finals["s1"], finals["bp"])
     assert f"synthetic 1x8 tanh s1 − bp, 2 epochs: {difference:+.2f} points" in page
     assert "beyond.md" in (tmp_path / "report" / "README.md").read_text()
@@ -557,17 +560,58 @@ def test_a_study_taking_anothers_search_trains_its_best_longer_under_its_own_nam
     assert "| longer | not searched yet" not in page
 
 
+def _final(study, rule, epochs, errors, validation, search=None):
+    from gfalign.report.beyond import Final
+
+    return Final(study, search or study, "mnist", "2x800 tanh", epochs, rule, errors, validation)
+
+
 def test_a_rules_gap_to_bp_compares_runs_of_the_same_length():
     """s1 trained 60 epochs has no bp of 60 epochs beside it: no gap, rather than one to bp's
-    30-epoch runs; the 30-epoch pair gives its Welch difference."""
+    30-epoch runs; the 30-epoch pair gives its Welch difference, each study named."""
     from gfalign.report.beyond import _gaps
 
-    finals = {
-        ("mnist", "2x800 tanh", 30): {"bp": [1.5, 1.4, 1.6], "s1": [1.7, 1.8, 1.6]},
-        ("mnist", "2x800 tanh", 60): {"s1": [1.5, 1.6, 1.4]},
-    }
+    finals = [
+        _final("bp", "bp", 30, (1.5, 1.4, 1.6), 1.4),
+        _final("s1", "s1", 30, (1.7, 1.8, 1.6), 1.6),
+        _final("s1-60", "s1", 60, (1.5, 1.6, 1.4), 1.5, search="s1"),
+    ]
     (line,) = _gaps(finals)
     assert line.startswith("mnist 2x800 tanh s1 − bp, 30 epochs: +0.20 points")
+    assert line.endswith("(s1 − bp)")
+
+
+def test_two_searches_of_one_rule_each_get_their_gap_to_bp():
+    from gfalign.report.beyond import _gaps
+
+    finals = [
+        _final("bp", "bp", 30, (1.5, 1.4, 1.6), 1.4),
+        _final("aux", "s1-aux", 30, (1.9, 2.0, 1.8), 1.9),
+        _final("aux-warmup", "s1-aux", 30, (1.7, 1.8, 1.6), 1.7),
+    ]
+    lines = _gaps(finals)
+    assert [line.rsplit("(", 1)[1] for line in lines] == ["aux − bp)", "aux-warmup − bp)"]
+    assert "+0.40 points" in lines[0] and "+0.20 points" in lines[1]
+
+
+def test_the_goal_is_judged_on_the_runs_chosen_on_validation_not_on_the_best_test_error():
+    """s1's 30-epoch runs have the lower test error, its 60-epoch runs the lower validation
+    error: the length and the verdict follow validation (1.62%, not reached), and of two
+    general rules the one validation prefers is judged."""
+    from gfalign.report.beyond import _goal, _lengths
+
+    finals = [
+        _final("s1", "s1", 30, (1.55, 1.55), 1.70),
+        _final("s1-60", "s1", 60, (1.62, 1.62), 1.50, search="s1"),
+        _final("aux", "s1-aux", 30, (1.58, 1.58), 1.80),
+        _final("bp", "bp", 30, (1.40, 1.40), 1.30),
+    ]
+    goal = _goal(finals)
+    assert goal.startswith("Goal, a general-rule network at or below 1.60% on MNIST: not reached")
+    assert "s1 trained 60 epochs (s1-60, mean best validation error 1.50): 1.62%" in goal
+    (line,) = _lengths(finals)
+    assert line.startswith("s1 (s1): the validation error prefers 60 epochs (s1-60")
+    assert "against 1.70 at 30" in line
 
 
 @pytest.mark.parametrize(
@@ -596,8 +640,9 @@ TUNE = Path(__file__).resolve().parent.parent / "tune"
 def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rule():
     """One search space, settings and base per dataset, whatever the rule: the fair comparison
     the studies claim. Only the number of trials may differ (each study's page says how many it
-    ran and at which its best was found). A study training another's best longer has a bp
-    twin of the same length."""
+    ran and at which its best was found), and the pruner's warm-up of a study that searches a
+    rule again with a later pruner (its file says why). A study training another's best longer
+    has a bp twin of the same length."""
     studies = [tune.load(path) for path in sorted(TUNE.glob("*.toml"))]
     longer = [study for study in studies if study.searched is not None]
     studies = [study for study in studies if study.searched is None]
@@ -615,6 +660,10 @@ def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rul
         assert {s.base.rule_name for s in group} == {"bp", "fa", "dfa", "s1", "s1-aux"}
         first = group[0]
         for study in group[1:]:
-            settings = dataclasses.replace(study.settings, trials=first.settings.trials)
+            settings = dataclasses.replace(
+                study.settings,
+                trials=first.settings.trials,
+                warmup_epochs=first.settings.warmup_epochs,
+            )
             assert study.space == first.space and settings == first.settings
             assert dataclasses.replace(study.base, rule=first.base.rule) == first.base
