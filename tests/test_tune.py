@@ -507,6 +507,18 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
         assert row.split(" | ")[6:8] == [f"{sum(best) / len(best):.2f}", duration(spent)]
     difference, ci = welch(finals["s1"], finals["bp"])
     assert f"synthetic 1x8 tanh s1 − bp, 2 epochs: {difference:+.2f} points" in page
+    searched, trained = 0.0, 0.0
+    for rule in ("bp", "s1"):
+        folder = tmp_path / "tune" / rule
+        trials = json.loads((folder / "summary.json").read_text())["trials"]
+        searched += sum(t["seconds"] for t in trials)
+        trained += sum(
+            r["seconds"] for r in json.loads((folder / "final.json").read_text())["runs"]
+        )
+    assert (
+        f"Compute, all studies: {duration(searched)} of timed search trials and "
+        f"{duration(trained)} of final-run training, {duration(searched + trained)} in all"
+    ) in page
     assert "beyond.md" in (tmp_path / "report" / "README.md").read_text()
     assert 'id="beyond"' in (tmp_path / "report" / "report.html").read_text()
 

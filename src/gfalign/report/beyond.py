@@ -161,6 +161,7 @@ def beyond_blocks(
         )
         return blocks
     search_rows, final_rows, notes = [], [], []
+    searched_seconds, final_seconds = 0.0, 0.0
     finals: list[Final] = []
     curves: dict[str, list[Any]] = {}
     for name in names:
@@ -173,6 +174,7 @@ def beyond_blocks(
             states = ", ".join(f"{n} {s}" for s, n in sorted(summary.get("states", {}).items()))
             trials = summary.get("trials", [])
             timed = [t["seconds"] for t in trials if isinstance(t.get("seconds"), (int, float))]
+            searched_seconds += sum(timed)
             cost = duration(sum(timed)) if timed else "not recorded"
             killed = sum(1 for t in trials if t.get("state") == "fail" and t.get("seconds") is None)
             if timed and killed:
@@ -203,6 +205,7 @@ def beyond_blocks(
             baseline, _ = _stats_text(protocol)
             paper = _paper_value(config)
             spent = total_seconds(r for r in study_rows if r["status"] == "finished")
+            final_seconds += spent or 0.0
             final_rows.append(
                 (
                     name,
@@ -248,8 +251,17 @@ def beyond_blocks(
             tuple(search_rows),
             (False, True, False, True, True, True, True, False),
         ),
-        Heading(2, "Final runs"),
     ]
+    if searched_seconds or final_seconds:
+        blocks.append(
+            Paragraph(
+                f"Compute, all studies: {duration(searched_seconds)} of timed search trials "
+                f"and {duration(final_seconds)} of final-run training, "
+                f"{duration(searched_seconds + final_seconds)} in all (killed trials untimed; "
+                "a stacked final run counts its share of the stack)."
+            )
+        )
+    blocks.append(Heading(2, "Final runs"))
     if final_rows:
         blocks += [
             Paragraph(
