@@ -80,6 +80,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gfalign.config import RunConfig, load_toml, resolve_device
 from gfalign.rules import ConfigError, Limit, check_fields, render
 from gfalign.train import DivergenceError, Trainer
@@ -577,8 +579,6 @@ def trial_seed(seed: int, number: int) -> int:
         >>> trial_seed(0, 3) == trial_seed(0, 3) != trial_seed(0, 4)
         True
     """
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 

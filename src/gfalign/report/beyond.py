@@ -34,7 +34,7 @@ from gfalign.experiments import network as network_of
 from gfalign.report.provenance import duration, total_seconds
 from gfalign.report.render import Block, Bullets, Heading, Image, Paragraph, Table
 from gfalign.report.rows import config_of, count, series
-from gfalign.report.tables import describe, welch
+from gfalign.report.tables import best_epoch, describe, welch
 
 __all__ = ["NOKLAND", "PAGE", "beyond_blocks", "read_studies", "welch"]
 
@@ -204,7 +204,7 @@ def beyond_blocks(
             protocol = _finished_errors(_protocol_rows(store, config))
             baseline, _ = _stats_text(protocol)
             paper = _paper_value(config)
-            spent = total_seconds(r for r in study_rows if r["status"] == "finished")
+            spent = total_seconds(finished)
             final_seconds += spent or 0.0
             final_rows.append(
                 (
@@ -334,44 +334,38 @@ class Final:
 def _best_validation(rows: Iterable[Mapping[str, Any]]) -> float | None:
     """The mean over runs of each run's lowest validation error (the epoch ``keep_best``
     reports), or None when no run recorded one."""
-    best = [
-        min(values)
-        for _, values in (series(r.get("history") or (), "validation_error") for r in rows)
-        if values
-    ]
-    return statistics.fmean(best) if best else None
+    best = [best_epoch(r.get("history") or (), "validation_error") for r in rows]
+    values = [value for _, value in filter(None, best)]
+    return statistics.fmean(values) if values else None
 
 
-def _chosen(finals: Sequence[Final]) -> list[Final]:
-    """Of each search's final runs, those of the length with the lowest mean best validation
-    error (a search trained at one length keeps it): what a choice blind to the test set takes.
-    """
-    by_search: dict[tuple[str, str], list[Final]] = {}
+def _by_search(finals: Sequence[Final]) -> dict[str, list[Final]]:
+    """The final runs with test errors, grouped by the search whose best they train."""
+    out: dict[str, list[Final]] = {}
     for entry in finals:
         if entry.errors:
-            by_search.setdefault((entry.search, entry.rule), []).append(entry)
-    chosen = []
-    for group in by_search.values():
-        rated = [e for e in group if e.validation is not None]
-        chosen.append(min(rated, key=lambda e: (e.validation, e.epochs)) if rated else group[0])
-    return chosen
+            out.setdefault(entry.search, []).append(entry)
+    return out
+
+
+def _pick(group: Sequence[Final]) -> Final:
+    """Of one search's final runs, the length with the lowest mean best validation error (the
+    shorter on a tie): what a choice blind to the test set takes."""
+    rated = [e for e in group if e.validation is not None]
+    return min(rated, key=lambda e: (e.validation, e.epochs)) if rated else group[0]
 
 
 def _lengths(finals: Sequence[Final]) -> tuple[str, ...]:
     """A line for each search whose best was trained for more than one length."""
     out = []
-    chosen = set(_chosen(finals))
-    by_search: dict[str, list[Final]] = {}
-    for entry in finals:
-        if entry.validation is not None:
-            by_search.setdefault(entry.search, []).append(entry)
-    for search, group in sorted(by_search.items()):
-        if len({e.epochs for e in group}) < 2:
+    for search, group in sorted(_by_search(finals).items()):
+        rated = [e for e in group if e.validation is not None]
+        if len({e.epochs for e in rated}) < 2:
             continue
-        (best,) = [e for e in group if e in chosen]
+        best = _pick(rated)
         others = ", ".join(
             f"{e.validation:.2f} at {e.epochs}"
-            for e in sorted(group, key=lambda e: e.epochs)
+            for e in sorted(rated, key=lambda e: e.epochs)
             if e is not best
         )
         out.append(
@@ -407,9 +401,8 @@ def _gaps(finals: Sequence[Final]) -> list[str]:
 def _goal(finals: Sequence[Final]) -> str:
     """The goal's verdict on the general-rule network chosen on validation: of each search's
     lengths the one validation prefers, then the lowest mean best validation error."""
-    general = [
-        e for e in _chosen(finals) if e.dataset == "mnist" and e.rule not in ("bp", "fa", "dfa")
-    ]
+    chosen = (_pick(group) for group in _by_search(finals).values())
+    general = [e for e in chosen if e.dataset == "mnist" and e.rule not in ("bp", "fa", "dfa")]
     if not general:
         return ""
     best = min(general, key=lambda e: math.inf if e.validation is None else e.validation)
