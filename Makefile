@@ -14,6 +14,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install -e ".[test,ray]"
+	# The peer the tests compare against; --no-deps, as its own requirements pin old releases.
+	$(BIN)/python -m pip install --no-deps biotorch==0.0.16
 	touch $@
 
 install: $(VENV)/.installed

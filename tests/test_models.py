@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from gfalign.rules import ConfigError
 
 def test_lenet5_is_biotorchs_lenet_mnist():
     """Three 5x5 convolutions (6, 16, 120 channels) with relu, 2x2 max-pooling after the
-    first two, Linear 120-84 without activation, Linear 84-10, on 32x32 inputs."""
+    first two, Linear 120-84 relu, Linear 84-10, on 32x32 inputs."""
     net = build("lenet5", seed=0)
     assert net.input_shape == (1, 32, 32)
     assert net.pre_shapes == ((6, 28, 28), (16, 10, 10), (120, 1, 1), (84,), (10,))
@@ -20,7 +22,7 @@ def test_lenet5_is_biotorchs_lenet_mnist():
     kinds = [type(block.linear).__name__ for block in net.blocks]
     assert kinds == ["Conv2d", "Conv2d", "Conv2d", "Linear", "Linear"]
     activations = [block.activation.name for block in net.blocks[:-1]]
-    assert activations == ["relu", "relu", "relu", "identity"]
+    assert activations == ["relu", "relu", "relu", "relu"]
     tails = [[type(m).__name__ for m in block.tail.modules] for block in net.blocks]
     assert tails == [["MaxPool2d"], ["MaxPool2d"], ["Flatten"], [], []]
     assert sum(p.numel() for p in net.parameters()) == 61_706  # LeNet-5's parameter count
@@ -34,7 +36,7 @@ def test_the_forward_pass_is_plain_pytorch():
         net.blocks[0].linear, nn.ReLU(), nn.MaxPool2d(2),
         net.blocks[1].linear, nn.ReLU(), nn.MaxPool2d(2),
         net.blocks[2].linear, nn.ReLU(), nn.Flatten(),
-        net.blocks[3].linear, net.blocks[4].linear,
+        net.blocks[3].linear, nn.ReLU(), net.blocks[4].linear,
     )  # fmt: skip
     x = torch.rand(3, 1, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(net(x), reference(x), rtol=0, atol=0)
@@ -178,3 +180,35 @@ def test_an_experiment_cell_names_its_model():
     )
     assert experiment.cells() == ["lenet5 bp", "lenet5 fa", "lenet5 dfa"]
     assert len(experiment.configs) == 6
+
+
+def _biotorch_file(relative: str):
+    """A module of the installed biotorch package loaded from its file alone: its
+    ``biotorch.models`` package imports torchvision, which this test environment lacks."""
+    import importlib.util
+
+    found = importlib.util.find_spec("biotorch")
+    if found is None or not found.submodule_search_locations:
+        pytest.skip("biotorch is not installed (pip install --no-deps biotorch)")
+    path = Path(found.submodule_search_locations[0]) / relative
+    spec = importlib.util.spec_from_file_location(f"_biotorch_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lenet5_forward_equals_biotorchs_lenet_mnist_from_the_same_weights():
+    """biotorch's own LeNetMNIST (its package's le_net.py), our weights copied in: the same
+    logits in float64, so the two networks are one function (relu after fc1 included)."""
+    theirs = _biotorch_file("models/le_net.py").LeNetMNIST().double()
+    ours = build("lenet5", seed=3, dtype=torch.float64)
+    names = ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    with torch.no_grad():
+        for name, block in zip(names, ours.blocks, strict=True):
+            getattr(theirs, name).weight.copy_(block.linear.weight)
+            getattr(theirs, name).bias.copy_(block.linear.bias)
+    x = torch.rand(4, 1, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-14)
+    # Without the relu after fc1 the two would differ: the test can tell.
+    theirs.relu4 = nn.Identity()
+    assert not torch.allclose(ours(x), theirs(x), atol=1e-6)

@@ -311,8 +311,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "lenet5": {
         "name": "lenet5",
         "description": "LeNet-5 as biotorch's LeNetMNIST: three 5x5 relu convolutions (6, 16, "
-        "120 channels, 2x2 max-pooling after the first two), Linear 120-84 without activation, "
-        "Linear 84-10; 32x32 inputs, so 28x28 images are resized to 32x32 as biotorch does",
+        "120 channels, 2x2 max-pooling after the first two), Linear 120-84 relu, Linear 84-10; "
+        "32x32 inputs, so 28x28 images are resized to 32x32 as biotorch does",
         "input": [1, 32, 32],
         "resize": 32,
         "activation": "relu",
@@ -320,7 +320,7 @@ MODELS: dict[str, dict[str, Any]] = {
             {"conv": 6, "kernel": 5, "pool": "max:2"},
             {"conv": 16, "kernel": 5, "pool": "max:2"},
             {"conv": 120, "kernel": 5},
-            {"linear": 84, "activation": "identity"},
+            {"linear": 84},
             {"linear": 10},
         ],
     },
