@@ -54,7 +54,16 @@ from gfalign.network import (
 )
 from gfalign.rules import ConfigError
 
-__all__ = ["MODELS", "Block", "BlockNet", "ModelSpec", "build", "from_modules", "model_spec"]
+__all__ = [
+    "MODELS",
+    "RETIRED_MODELS",
+    "Block",
+    "BlockNet",
+    "ModelSpec",
+    "build",
+    "from_modules",
+    "model_spec",
+]
 
 
 def activation_named(name: str, where: str = "activation") -> Activation:
@@ -342,6 +351,32 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }
 """The built-in models, by name, as data."""
+
+RETIRED_MODELS: dict[str, tuple[dict[str, Any], ...]] = {
+    "lenet5": (
+        {  # before relu was added after fc1: fc1 and fc2 were one linear map
+            "name": "lenet5",
+            "description": "LeNet-5 as biotorch's LeNetMNIST: three 5x5 relu convolutions (6, "
+            "16, 120 channels, 2x2 max-pooling after the first two), Linear 120-84 without "
+            "activation, Linear 84-10; 32x32 inputs, so 28x28 images are resized to 32x32 as "
+            "biotorch does",
+            "input": [1, 32, 32],
+            "resize": 32,
+            "activation": "relu",
+            "blocks": [
+                {"conv": 6, "kernel": 5, "pool": "max:2"},
+                {"conv": 16, "kernel": 5, "pool": "max:2"},
+                {"conv": 120, "kernel": 5},
+                {"linear": 84, "activation": "identity"},
+                {"linear": 10},
+            ],
+        },
+    ),
+}
+"""Former definitions of built-in models, newest last. A stored run names its model, and its
+key hashes the model's definition: a run trained on a former definition is recognised by its
+key and reads that definition as an explicit table (``gfalign.store``), so it keeps its meaning
+and leaves the tables of the current one."""
 
 
 def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:

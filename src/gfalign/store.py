@@ -498,6 +498,20 @@ def _text(value: Any, what: str) -> str | None:
     return value
 
 
+def _retired(config: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """``config`` with its built-in model's name replaced by the former definition that its key
+    hashes (``gfalign.models.RETIRED_MODELS``), or ``None`` where none does."""
+    from gfalign.config import RunConfig
+    from gfalign.models import RETIRED_MODELS
+
+    name = config.get("model")
+    for former in RETIRED_MODELS.get(name, ()) if isinstance(name, str) else ():
+        candidate = {**config, "model": former}
+        if RunConfig.from_data(candidate).key() == key:
+            return candidate
+    return None
+
+
 def _checked(row: Mapping[str, Any]) -> dict[str, Any]:
     """One export row, checked by type and range, in the shape ``Store._insert`` takes."""
     from gfalign.config import RunConfig
@@ -514,6 +528,9 @@ def _checked(row: Mapping[str, Any]) -> dict[str, Any]:
     _plain(config, "config")
     try:
         hashed = RunConfig.from_data(config).key()
+        if hashed != key:
+            config = _retired(config, key) or config
+            hashed = RunConfig.from_data(config).key()
     except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as error:
         raise _Bad(f"bad configuration ({error})") from None
     if hashed != key:
