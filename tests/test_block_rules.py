@@ -91,16 +91,23 @@ def transcribe(net, rule, x, y) -> dict[int, torch.Tensor]:
                 return (e @ D).view(a[i].shape)
             if term.error == "target":
                 return (functional.one_hot(y, CLASSES).to(DTYPE) @ D).view(a[i].shape)
-            logits = h[i].flatten(1) @ D.t()
-            e_i = torch.softmax(logits, 1) - functional.one_hot(y, CLASSES).to(DTYPE)
+            one_hot = functional.one_hot(y, CLASSES).to(DTYPE)
+            if term.error == "auxiliary-pre":  # the classifier reads a^i
+                e_i = torch.softmax(a[i].flatten(1) @ D.t(), 1) - one_hot
+                return (e_i @ D).view(a[i].shape)
+            if term.error != "auxiliary":
+                raise AssertionError(f"no transcription of signal {term.error!r}: write one here")
+            e_i = torch.softmax(h[i].flatten(1) @ D.t(), 1) - one_hot
             return tail_vjp(i, (e_i @ D).view(h[i].shape))
         if term.kind == "backprop":
             return tail_vjp(i, part_vjp(i + 1, own(i + 1), delta(i + 1)))
         if term.kind == "above":
             source = delta(i + 1) if term.source == "final" or i + 1 == L else only(i + 1)
             return tail_vjp(i, part_vjp(i + 1, feedback, source))
-        source = delta(i - 1) if term.source == "final" else only(i - 1)
-        return part_jvp(i, feedback, tail_jvp(i - 1, source))
+        if term.kind == "below":
+            source = delta(i - 1) if term.source == "final" else only(i - 1)
+            return part_jvp(i, feedback, tail_jvp(i - 1, source))
+        raise AssertionError(f"no transcription of a {term.kind!r} term: write one here")
 
     deltas = {L: e}
 

@@ -20,7 +20,7 @@ from torch import nn
 from gfalign.config import RunConfig
 from gfalign.engine import FeedbackRule
 from gfalign.models import build, from_modules
-from gfalign.network import MLP
+from gfalign.network import MLP, Network
 from gfalign.rules import ConfigError
 
 DT = torch.float64
@@ -268,7 +268,7 @@ def test_stacked_members_draw_their_own_masks():
     nets = [mlp(seed=s, dropout_input=0.2, dropout_hidden=0.5) for s in (0, 1, 2)]
     x = torch.rand(3, 9, SIZES[0], dtype=DT, generator=torch.Generator().manual_seed(1))
     nets[1].forward_cache(x[1])  # member 1 is one step ahead
-    stacked = MLP.stack(nets)
+    stacked = Network.stack(nets)
     assert stacked.dropout_step.tolist() == [0, 1, 0]
     cache = stacked.forward_cache(x)
     assert stacked.dropout_step.tolist() == [1, 2, 1]
@@ -284,7 +284,7 @@ def test_stacked_members_draw_their_own_masks():
     with nets[2].dropout_at(0):
         assert torch.equal(first[2], nets[2].forward_cache(x[2]).masks[0])
     with pytest.raises(ValueError, match="stacked members share their rates"):
-        MLP.stack([nets[0], mlp(dropout_hidden=0.1)])
+        Network.stack([nets[0], mlp(dropout_hidden=0.1)])
     with pytest.raises(ValueError, match="or 3 of them, one per member"):
         stacked.dropout_at([0, 1]).__enter__()
 

@@ -6,7 +6,7 @@ the general feedback alignment rule, all as configurations of one exact rule eng
 
 from gfalign.engine import FeedbackRule, Step
 from gfalign.feedback import FAMILIES, FeedbackSpec
-from gfalign.network import MLP
+from gfalign.network import MLP, Network, mlp
 from gfalign.rules import PRESETS, ConfigError, LayerRule, RuleConfig, Term, preset, resolve
 from gfalign.train import DivergenceError, TrainConfig, Trainer, evaluate
 
@@ -21,12 +21,14 @@ __all__ = [
     "FeedbackSpec",
     "LayerRule",
     "MLP",
+    "Network",
     "RuleConfig",
     "Step",
     "Term",
     "TrainConfig",
     "Trainer",
     "evaluate",
+    "mlp",
     "preset",
     "resolve",
 ]

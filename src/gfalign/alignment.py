@@ -49,10 +49,10 @@ identities and how much of the possible output errors a matrix carries; see
 ``FeedbackDiagnostics``.
 
 Example:
-    >>> from gfalign import MLP, FeedbackRule
+    >>> from gfalign import mlp, FeedbackRule
     >>> from gfalign.data import synthetic
     >>> from gfalign.train import TrainConfig, Trainer
-    >>> data, net = synthetic(200, 50), MLP([784, 32, 32, 10], seed=0)
+    >>> data, net = synthetic(200, 50), mlp([784, 32, 32, 10], seed=0)
     >>> probe = alignment_metric(data, size=100)           # a fixed batch of training examples
     >>> rule, config = FeedbackRule("dfa", net), TrainConfig(epochs=2)
     >>> trainer = Trainer(net, rule, data, config, metrics=[probe])
@@ -193,7 +193,7 @@ def backprop_reference(net: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
     drawn (tails are deterministic, as the rules' forward pass assumes).
 
     Args:
-        net: an ``MLP`` or a ``BlockNet``.
+        net: a ``gfalign.network.Network``.
         x: inputs, shape (N, *net.input_shape).
         target: labels (N,) for classification; the flattened input (N, n_0) for the
             autoencoder.
@@ -335,7 +335,7 @@ def measure(
     ``.grad``) and each block's local parameter product (``param_vjp``) on them.
 
     Args:
-        net: the model (an ``MLP``, a ``BlockNet``), with its current parameters.
+        net: the model (a ``gfalign.network.Network``), with its current parameters.
         rule: the rule built for ``net``.
         x: probe inputs, shape (N, *net.input_shape).
         y: labels (N,) for classification; ignored (may be ``None``) for the autoencoder.
@@ -354,7 +354,7 @@ def measure(
             return measure(net, rule, x, y, weights=weights)
         finally:
             net.train()
-    target = y if net.objective.uses_labels else x.flatten(1)
+    target = net.objective.target(x, y)
     reference = backprop_reference(net, x, target)
     record: dict[str, float] = {}
     with torch.no_grad():
@@ -363,7 +363,7 @@ def measure(
         hidden = zip(net.blocks[:-1], rule.structure[:-1], strict=True)
         for i, (block, shape) in enumerate(hidden, start=1):
             names = [name for name, _ in shape.parameters]
-            update = shape.products.param_vjp(block.linear, cache.post[i - 1], ours[i])
+            update = shape.products.param_vjp(block.linear, cache.input(i), ours[i])
             record[f"update_angle_{i}"] = angle(
                 _compared(update, names), _compared(reference.gradients[i], names)
             )
@@ -389,10 +389,10 @@ class AlignmentProbe:
         weights: also record the weight angles.
 
     Example:
-        >>> from gfalign import MLP, FeedbackRule
+        >>> from gfalign import mlp, FeedbackRule
         >>> from gfalign.data import synthetic
         >>> from gfalign.train import TrainConfig, Trainer
-        >>> data, net = synthetic(200, 50), MLP([784, 32, 10], seed=0)
+        >>> data, net = synthetic(200, 50), mlp([784, 32, 10], seed=0)
         >>> probe = AlignmentProbe(data.train.x[:100], data.train.y[:100])
         >>> history = Trainer(net, FeedbackRule("fa", net), data, metrics=[probe]).fit(1)
         >>> "delta_angle_1" in history[-1]
@@ -572,13 +572,15 @@ def rule_diagnostics(
     result = {}
     for layer, config in enumerate(rule.config.layers, start=1):
         for index, term in enumerate(config.terms):
-            if term.kind == "backprop":
+            kind = KINDS[term.kind]
+            if not kind.has_parameters:  # it runs the forward parameters: nothing to diagnose
                 continue
-            if term.kind != "direct":
-                stands_for = rule.structure[layer if term.kind == "above" else layer - 1]
+            if not kind.is_direct:
+                stands_for = rule.structure[layer + kind.part - 1]
                 if stands_for.products is not LINEAR:
                     continue
-            receives_error = term.kind == "direct" or (term.kind == "above" and layer == top)
+            # a direct term's signal, or the output error where the neighbour read is the output
+            receives_error = kind.is_direct or layer + kind.reads == top + 1
             softmax = receives_error and (
                 objective == "classification" or SIGNALS[term.error].local
             )

@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gfalign.engine import FeedbackRule
 from gfalign.models import MODELS, build
-from gfalign.network import MLP
+from gfalign.network import ACTIVATIONS, mlp
 from gfalign.rules import PRESETS
 from gfalign.train import TrainConfig, Trainer
 
@@ -261,7 +261,7 @@ def record_products(step: Callable[[], object]) -> list[Product]:
     """The products ``step()`` calls, in order, while it really runs.
 
     Example:
-        >>> net = MLP([784, 16, 10], seed=0)
+        >>> net = mlp([784, 16, 10], seed=0)
         >>> rule = FeedbackRule("bp", net)
         >>> x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
         >>> products = record_products(lambda: rule.sgd_step(net, x, y, lr=1e-3))
@@ -716,7 +716,7 @@ def _network(config: BenchConfig, device, dtype, seed: int | None = None) -> nn.
     """The benchmarked model: the MLP of ``config.sizes`` or the built-in block model."""
     seed = config.seed if seed is None else seed
     if config.model == "mlp":
-        return MLP(config.sizes, config.activation, seed=seed, dtype=dtype, device=device)
+        return mlp(config.sizes, config.activation, seed=seed, dtype=dtype, device=device)
     return build(config.model, seed=seed, dtype=dtype, device=device)
 
 
@@ -788,9 +788,7 @@ class _AutogradCase(_BatchedCase):
         self.name = self.bound_key = BASELINE
         start = _network(config, device, dtype)
         if config.model == "mlp":
-            activation = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}[
-                config.activation
-            ]
+            activation = ACTIVATIONS[config.activation].module
             layers: list[nn.Module] = []
             for index, (fan_in, fan_out) in enumerate(
                 zip(config.sizes[:-1], config.sizes[1:], strict=False)

@@ -136,27 +136,45 @@ CONV2D = LinearProducts(
 )
 
 
+def _with_buffers(module: nn.Module, params: Parameters) -> dict[str, torch.Tensor]:
+    """``params`` and copies of the module's buffers: a normalisation layer in training mode
+    updates its running statistics in place, and a product must not move them (only the
+    forward pass does, once a step; DESIGN.md section 12)."""
+    values = dict(params)
+    for name, buffer in module.named_buffers():
+        values[name] = buffer.clone()
+    return values
+
+
 def _generic_input_vjp(module, params, x, g):
-    _, pullback = vjp(lambda inputs: functional_call(module, dict(params), (inputs,)), x)
+    values = _with_buffers(module, params)
+    _, pullback = vjp(lambda inputs: functional_call(module, values, (inputs,)), x)
     return pullback(g)[0]
 
 
-def _forward_mode(function: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``J v`` of ``function`` at ``x`` by forward-mode autodiff (``torch.func.jvp``)."""
+def forward_mode(function: Callable, primals: tuple, tangents: tuple) -> torch.Tensor:
+    """``J v`` of ``function`` at ``primals`` along ``tangents`` by forward-mode autodiff
+    (``torch.func.jvp``)."""
     with warnings.catch_warnings():
         # torch.func's first jvp scripts its decompositions through the deprecated jit: torch's
         # own warning, not ours.
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-        return jvp(function, (x,), (v,))[1]
+        return jvp(function, primals, tangents)[1]
+
+
+def _forward_mode(function: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return forward_mode(function, (x,), (v,))
 
 
 def _generic_input_jvp(module, params, x, v):
-    return _forward_mode(lambda inputs: functional_call(module, dict(params), (inputs,)), x, v)
+    values = _with_buffers(module, params)
+    return _forward_mode(lambda inputs: functional_call(module, values, (inputs,)), x, v)
 
 
 def _generic_param_vjp(module, x, d):
     own = {name: p.detach() for name, p in module.named_parameters()}
-    _, pullback = vjp(lambda values: functional_call(module, values, (x,)), own)
+    buffers = _with_buffers(module, {})
+    _, pullback = vjp(lambda values: functional_call(module, {**values, **buffers}, (x,)), own)
     return dict(pullback(d)[0])
 
 

@@ -3,7 +3,7 @@
 A network of the paper's small grid (2x200) cannot keep even two cores busy at batch 32: its
 products are small and much of a step is per-operation overhead. ``EnsembleTrainer`` stacks K
 members that share a configuration structure (the same sizes, activation, objective and rule
-terms) and trains them together: ``MLP.stack`` and ``FeedbackRule.stack`` give one network and
+terms) and trains them together: ``Network.stack`` and ``FeedbackRule.stack`` give one network and
 one rule whose parameters are (K, ...) tensors, and the rule engine's own step runs on them,
 every product a ``torch.bmm`` / ``torch.baddbmm`` over (K, N, n) tensors. There is no second
 copy of the rule here: K = 1 is the plain run.
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from gfalign.engine import FeedbackRule
-from gfalign.network import MLP
+from gfalign.network import Network
 from gfalign.train import (
     DivergenceError,
     Metric,
@@ -92,8 +92,9 @@ class EnsembleTrainer:
 
     Example:
         >>> from gfalign.data import synthetic
+        >>> from gfalign.network import mlp
         >>> data = synthetic(200, 50)
-        >>> nets = [MLP([784, 50, 50, 10], seed=s) for s in range(3)]
+        >>> nets = [mlp([784, 50, 50, 10], seed=s) for s in range(3)]
         >>> rules = [FeedbackRule("s1", net, seed=s) for s, net in enumerate(nets)]
         >>> configs = [TrainConfig(epochs=2, lr=1e-3, seed=s, optimizer="adam") for s in range(3)]
         >>> histories = EnsembleTrainer(nets, rules, data, configs).fit()
@@ -103,7 +104,7 @@ class EnsembleTrainer:
 
     def __init__(
         self,
-        nets: Sequence[MLP],
+        nets: Sequence[Network],
         rules: Sequence[FeedbackRule],
         data: Dataset,
         config: TrainConfig | Sequence[TrainConfig],
@@ -154,7 +155,7 @@ class EnsembleTrainer:
         self.plan = first.rule.plan
         self.errors: dict[int, DivergenceError] = {}
         self.fused = all(_plain_sgd_group(member.optimizer) is not None for member in members)
-        self.stacks = isinstance(first.net, MLP)
+        self.stacks = first.net.is_chain_of_linear
         if not self.fused and len({m.config.lr for m in members}) > 1:
             raise ValueError(
                 "stacked members with optimizer "
@@ -214,7 +215,7 @@ class EnsembleTrainer:
         """The active members' networks, rules and optimizer state as stacked ones."""
         members = [self.members[k] for k in active]
         if self._stacked_for != tuple(active):
-            self._net = MLP.stack([member.net for member in members])
+            self._net = Network.stack([member.net for member in members])
             self._rule = FeedbackRule.stack([member.rule for member in members])
             self._stacked_for = tuple(active)
         else:
@@ -411,9 +412,12 @@ def _check_config(where: str, config: TrainConfig, first: TrainConfig) -> None:
 
 
 def _check_network(where: str, net, first) -> None:
-    if type(net) is not type(first):
-        raise ValueError(f"{where}: a {type(net).__name__}, member 0 a {type(first).__name__}")
-    if isinstance(net, MLP):
+    if net.is_chain_of_linear != first.is_chain_of_linear:
+        kinds = {True: "an MLP", False: "a model of blocks"}
+        raise ValueError(
+            f"{where}: {kinds[net.is_chain_of_linear]}, member 0 {kinds[first.is_chain_of_linear]}"
+        )
+    if net.is_chain_of_linear:
         mine = (net.sizes, net.activation.name, net.objective.name)
         theirs = (first.sizes, first.activation.name, first.objective.name)
         if mine != theirs:

@@ -4,7 +4,7 @@ A block is a parametrised linear part, an element-wise activation and a paramete
 
     a^i = phi_i(h^{i-1}; theta_i),    h^i = tau_i(f_i(a^i)),    logits = a^L.
 
-``BlockNet`` holds such a sequence. Its ``forward`` is plain PyTorch, differentiable by autograd
+``Network`` holds such a sequence. Its ``forward`` is plain PyTorch, differentiable by autograd
 (the reference every rule is tested against); ``forward_cache`` keeps every ``a^i``, ``h^i`` and
 each tail's linearisation state for the rules. A model is written as data, a table per block:
 
@@ -23,7 +23,7 @@ each tail's linearisation state for the rules. A model is written as data, a tab
     linear = 10                      # the last block is the output (no activation, no tail)
 
 ``MODELS`` has the built-ins (``lenet5``, ``lenet5-cifar``), ``from_modules`` turns a user's
-``nn.Sequential`` (or list of modules) into a ``BlockNet``.
+``nn.Sequential`` (or list of modules) into a ``Network``.
 
     >>> net = build("lenet5", seed=0)
     >>> net(torch.zeros(2, 1, 32, 32)).shape
@@ -42,16 +42,7 @@ import torch
 from torch import nn
 
 from gfalign.blocks import Block, Tail, check_dropout_rate
-from gfalign.network import (
-    ACTIVATIONS,
-    IDENTITY,
-    OBJECTIVES,
-    Activation,
-    DropoutState,
-    ForwardCache,
-    StepMasks,
-    apply_mask,
-)
+from gfalign.network import ACTIVATIONS, IDENTITY, Network, activation_named, initialise
 from gfalign.rules import ConfigError
 
 __all__ = [
@@ -60,22 +51,11 @@ __all__ = [
     "Block",
     "BlockNet",
     "ModelSpec",
+    "Network",
     "build",
     "from_modules",
     "model_spec",
 ]
-
-
-def activation_named(name: str, where: str = "activation") -> Activation:
-    """``identity`` or one of ``ACTIVATIONS``, else a ``ConfigError`` naming the known ones."""
-    if name in ("identity", "none"):
-        return IDENTITY
-    if name not in ACTIVATIONS:
-        raise ConfigError(
-            f"{where}: unknown activation {name!r}{_close(name, [*ACTIVATIONS, 'identity'])}; "
-            f"known: {', '.join([*ACTIVATIONS, 'identity'])}"
-        )
-    return ACTIVATIONS[name]
 
 
 def _refuse_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
@@ -93,152 +73,8 @@ def _close(word: str, known: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-class BlockNet(DropoutState):
-    """A network of blocks; the last block's linear part gives the logits.
-
-    Args:
-        blocks: the blocks in order; the last has no tail, and its activation is the
-            objective's output (softmax or sigmoid). Each block's ``dropout`` rate drops units
-            of its activation ``f(a^i)`` in training mode, before its tail.
-        objective: ``"classification"`` or ``"autoencoder"``.
-        input_shape: the shape of one example the first block receives, e.g. ``(1, 32, 32)``.
-        dropout_input: the rate at which input units are dropped in training mode.
-        seed: seeds the dropout masks (``gfalign.network.DropoutState``).
-
-    Attributes:
-        pre_shapes, post_shapes: the shape of one example's ``a^i`` and ``h^i`` (i = 1..L;
-            ``post_shapes[0]`` is the input's).
-    """
-
-    def __init__(
-        self,
-        blocks: Sequence[Block],
-        objective: str = "classification",
-        *,
-        input_shape: Sequence[int],
-        dropout_input: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        blocks = tuple(blocks)
-        if not blocks:
-            raise ConfigError("a model needs at least one block")
-        if blocks[-1].tail.modules:
-            raise ConfigError(
-                f"block {len(blocks)} is the output block: it has no tail, its output is the logits"
-            )
-        if blocks[-1].dropout:
-            raise ConfigError(
-                f"block {len(blocks)} is the output block: its logits are never dropped; "
-                "allowed: dropout = 0 there"
-            )
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
-        self.objective = OBJECTIVES[objective]
-        self.parts = nn.ModuleList(block.linear for block in blocks)
-        self.tails = nn.ModuleList(nn.Sequential(*block.tail.modules) for block in blocks)
-        self.activations = tuple(block.activation for block in blocks)
-        self._tails = tuple(block.tail for block in blocks)
-        self.input_shape = tuple(int(n) for n in input_shape)
-        self.stack_size = 0  # block models train one after the other, never stacked
-        self._setup_dropout(dropout_input, [block.dropout for block in blocks], int(seed))
-        self.pre_shapes, self.post_shapes = self._shapes()
-
-    @property
-    def blocks(self) -> tuple[Block, ...]:
-        return tuple(
-            Block(part, activation, tail, dropout)
-            for part, activation, tail, dropout in zip(
-                self.parts, self.activations, self._tails, self.dropout_rates, strict=True
-            )
-        )
-
-    @property
-    def depth(self) -> int:
-        """``L``, the number of blocks."""
-        return len(self.parts)
-
-    def _shapes(self) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
-        parameter = next(self.parameters(), None)
-        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
-        try:
-            cache = self._cache(torch.zeros(1, *self.input_shape, dtype=dtype), None)
-        except RuntimeError as problem:
-            raise ConfigError(
-                f"the blocks do not fit an input of shape {list(self.input_shape)}: "
-                f"{str(problem).splitlines()[0]}"
-            ) from None
-        return (
-            tuple(tuple(a.shape[1:]) for a in cache.pre),
-            tuple(tuple(h.shape[1:]) for h in cache.post),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits ``a^L``; differentiable by autograd. In training mode with dropout it
-        applies the masks ``forward_cache`` would draw at this step, and advances the step
-        counter as it does."""
-        return self._logits(x, self._step_masks())
-
-    def _logits(self, x: torch.Tensor, masks: StepMasks | None) -> torch.Tensor:
-        h = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
-        last = self.depth - 1
-        for index, (part, activation, tail, rate) in enumerate(
-            zip(self.parts, self.activations, self.tails, self.dropout_rates, strict=True)
-        ):
-            a = part(h)
-            if index == last:
-                return a
-            z = activation.function(a)
-            if masks is not None:
-                z = apply_mask(z, masks.draw(rate, z))
-            h = tail(z)
-        raise AssertionError("unreachable")
-
-    def forward_cache(self, x: torch.Tensor) -> ForwardCache:
-        """Every ``a^i``, ``h^i`` and tail state of a forward pass, without an autograd graph.
-
-        In training mode with dropout, ``activated`` and ``post`` hold the dropped values and
-        ``masks`` the masks (see ``ForwardCache``); the step counter advances by one.
-        """
-        with torch.no_grad():
-            return self._cache(x, self._step_masks())
-
-    def _cache(self, x: torch.Tensor, masks: StepMasks | None) -> ForwardCache:
-        pre: list[torch.Tensor] = []
-        drawn: list[torch.Tensor | None] = []
-        x = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
-        post, activated = [x], [x]
-        states = []
-        last = self.depth - 1
-        with torch.no_grad():
-            for index, (part, activation, tail) in enumerate(
-                zip(self.parts, self.activations, self._tails, strict=True)
-            ):
-                a = part(post[-1])
-                pre.append(a)
-                if index < last:
-                    z = activation.function(a)
-                    if masks is not None:
-                        drawn.append(masks.draw(self.dropout_rates[index], z))
-                        z = apply_mask(z, drawn[-1])
-                    activated.append(z)
-                    h, state = tail.forward(z)
-                    post.append(h)
-                    states.append(state)
-        masked = (*drawn, None) if any(mask is not None for mask in drawn) else ()
-        return ForwardCache(pre, post, tuple(states), tuple(activated), masked)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """``g(a^L)``, never dropped (in either mode; the step counter stays as it is)."""
-        with torch.no_grad():
-            return self.objective.output(self._logits(x, None))
-
-    def extra_repr(self) -> str:
-        dropout = ""
-        if self.dropout_active:
-            rates = ", ".join(f"{rate:g}" for rate in self.dropout_rates[:-1])
-            dropout = f", dropout_input={self.dropout_input:g}, dropout=[{rates}]"
-        return f"input_shape={list(self.input_shape)}, objective={self.objective.name}{dropout}"
+BlockNet = Network
+"""The model class's name in earlier releases (``gfalign.network.Network``)."""
 
 
 # --------------------------------------------------------------------------- models as data
@@ -515,8 +351,8 @@ def build(
     dropout_hidden: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-) -> BlockNet:
-    """The ``BlockNet`` a spec describes, its parameters drawn from ``seed`` (in float64, then
+) -> Network:
+    """The ``Network`` a spec describes, its parameters drawn from ``seed`` (in float64, then
     cast, so float32 and float64 models share their values).
 
     ``dropout_input`` is the input's dropout rate and ``dropout_hidden`` every hidden block's,
@@ -562,7 +398,7 @@ def build(
                 bias=bool(table.get("bias", True)),
                 dtype=torch.float64,
             )
-        _initialise(part, spec.weight_init, spec.bias_init, generator)
+        initialise(part, spec.weight_init, spec.bias_init, generator)
         last = number == count
         default = spec.activation
         activation = IDENTITY if last else activation_named(table.get("activation", default), where)
@@ -582,42 +418,14 @@ def build(
         shape = tuple(probe.shape[1:])
         dropout = 0.0 if last else table.get("dropout", dropout_hidden)
         blocks.append(Block(part, activation, Tail(tuple(tail)), dropout))
-    net = BlockNet(
-        blocks, objective, input_shape=spec.input, dropout_input=dropout_input, seed=seed
-    )
+    net = Network(blocks, objective, input_shape=spec.input, dropout_input=dropout_input, seed=seed)
     net.spec = spec
     return net.to(device=device, dtype=dtype)
 
 
-def _initialise(
-    part: nn.Module, weight_init: str, bias_init: str, generator: torch.Generator
-) -> None:
-    weight, bias = part.weight, part.bias
-    receptive = math.prod(weight.shape[2:])
-    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
-    with torch.no_grad():
-        if weight_init == "default":  # PyTorch's: kaiming_uniform(a=sqrt 5) = U(+-1/sqrt fan_in)
-            limit = 1.0 / math.sqrt(fan_in)
-            weight.uniform_(-limit, limit, generator=generator)
-        else:
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            if weight_init == "xavier_uniform":
-                weight.uniform_(-bound, bound, generator=generator)
-            else:
-                weight.normal_(0.0, bound / math.sqrt(3.0), generator=generator)
-        if bias is not None:
-            if bias_init == "default":
-                limit = 1.0 / math.sqrt(fan_in)
-                bias.uniform_(-limit, limit, generator=generator)
-            elif bias_init == "zeros":
-                bias.zero_()
-            else:
-                bias.normal_(0.0, 1.0, generator=generator)
-
-
 # -------------------------------------------------------------------------- user modules
 
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_ACTIVATION_MODULES = {activation.module: activation for activation in ACTIVATIONS.values()}
 _DROPOUT_MODULES = (
     nn.Dropout,
     nn.Dropout1d,
@@ -638,8 +446,8 @@ def from_modules(
     input_shape: Sequence[int],
     objective: str = "classification",
     seed: int = 0,
-) -> BlockNet:
-    """A ``BlockNet`` from a user's modules, in order, sharing their parameters.
+) -> Network:
+    """A ``Network`` from a user's modules, in order, sharing their parameters.
 
     Each module with parameters starts a block as its linear part; a ``ReLU``, ``Tanh`` or
     ``Sigmoid`` right after it is the block's activation (none: identity), and an
@@ -677,7 +485,7 @@ def from_modules(
         activation = IDENTITY
         last = number == len(groups)
         if rest and type(rest[0]) in _ACTIVATION_MODULES and not last:
-            activation = ACTIVATIONS[_ACTIVATION_MODULES[type(rest.pop(0))]]
+            activation = _ACTIVATION_MODULES[type(rest.pop(0))]
         dropout = 0.0
         if rest and type(rest[0]) is nn.Dropout and not last:
             dropout = rest.pop(0).p
@@ -694,6 +502,6 @@ def from_modules(
                     "f(a^i), as a feedback rule needs)"
                 )
         blocks.append(Block(part, activation, Tail(tuple(rest)), dropout))
-    return BlockNet(
+    return Network(
         blocks, objective, input_shape=input_shape, dropout_input=dropout_input, seed=seed
     )

@@ -22,6 +22,7 @@ resumed run draws the masks it would have drawn.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,6 +36,11 @@ from gfalign.blocks import Block, check_dropout_rate
 
 __all__ = [
     "ACTIVATIONS",
+    "MLP",
+    "Network",
+    "activation_named",
+    "initialise",
+    "mlp",
     "BIAS_INITS",
     "IDENTITY",
     "OBJECTIVES",
@@ -42,7 +48,6 @@ __all__ = [
     "Activation",
     "DropoutState",
     "ForwardCache",
-    "MLP",
     "Objective",
     "dropout_generator",
     "dropout_mask",
@@ -61,6 +66,7 @@ class Activation:
     name: str
     function: Callable[[torch.Tensor], torch.Tensor]
     derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    module: type[nn.Module] = nn.Identity
 
 
 def tanh(a: torch.Tensor) -> torch.Tensor:
@@ -83,17 +89,39 @@ def _ones_like(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(a)
 
 
-IDENTITY = Activation("identity", lambda a: a, _ones_like)
+IDENTITY = Activation("identity", lambda a: a, _ones_like, nn.Identity)
 """No nonlinearity (f(a) = a): a block whose linear part feeds the next directly."""
 
 ACTIVATIONS: dict[str, Activation] = {
     activation.name: activation
     for activation in (
-        Activation("tanh", tanh, lambda a, h: 1.0 - h * h),
-        Activation("sigmoid", torch.sigmoid, lambda a, h: h * (1.0 - h)),
-        Activation("relu", torch.relu, lambda a, h: (a > 0).to(a.dtype)),
+        Activation("tanh", tanh, lambda a, h: 1.0 - h * h, nn.Tanh),
+        Activation("sigmoid", torch.sigmoid, lambda a, h: h * (1.0 - h), nn.Sigmoid),
+        Activation("relu", torch.relu, lambda a, h: (a > 0).to(a.dtype), nn.ReLU),
     )
 }
+"""The hidden nonlinearities by name, each with its derivative and its ``torch.nn`` module (a
+user's ``nn.Tanh`` after a linear part is read as this table's ``tanh``)."""
+
+
+def activation_named(name: str, where: str = "activation") -> Activation:
+    """``identity`` (or ``none``) or one of ``ACTIVATIONS``, else a ``ConfigError`` naming the
+    known ones.
+
+    Example:
+        >>> activation_named("tanh").module
+        <class 'torch.nn.modules.activation.Tanh'>
+    """
+    from gfalign.rules import ConfigError
+
+    if name in ("identity", "none"):
+        return IDENTITY
+    if name not in ACTIVATIONS:
+        known = [*ACTIVATIONS, "identity"]
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: unknown activation {name!r}{hint}; known: {', '.join(known)}")
+    return ACTIVATIONS[name]
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +177,13 @@ class Objective:
     error: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     uses_labels: bool
 
+    def target(self, x: torch.Tensor, labels: torch.Tensor, *, stacked: bool = False):
+        """What ``error`` compares the logits with: the labels, or (an autoencoder) the input
+        itself, one flat row per example (stacked members: (K, N, n))."""
+        if self.uses_labels:
+            return labels
+        return x.flatten(2 if stacked else 1)
+
 
 OBJECTIVES: dict[str, Objective] = {
     "classification": Objective(
@@ -184,9 +219,15 @@ class ForwardCache:
     tails: tuple = ()
     activated: tuple = ()
     masks: tuple = ()
+    inputs: tuple = ()
 
     def a(self, layer: int) -> torch.Tensor:
         return self.pre[layer - 1]
+
+    def input(self, block: int) -> torch.Tensor:
+        """``x^i``, what block ``i``'s part read: ``h^{i-1}`` on a chain, its edge's value on a
+        graph (``inputs[i - 1]``, see ``Edge``)."""
+        return self.inputs[block - 1] if self.inputs else self.post[block - 1]
 
     def h(self, layer: int) -> torch.Tensor:
         return self.post[layer]
@@ -331,7 +372,7 @@ class DropoutState(nn.Module):
         for all or one per member.
 
         Example:
-            >>> net = MLP([4, 3, 2], dropout_hidden=0.5, seed=0)
+            >>> net = mlp([4, 3, 2], dropout_hidden=0.5, seed=0)
             >>> x = torch.rand(5, 4)
             >>> with net.dropout_at(3):
             ...     first, again = net.forward_cache(x), net.forward_cache(x)
@@ -390,233 +431,274 @@ def _stacked_affine(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
 
 
-class MLP(DropoutState):
-    """A fully connected network ``sizes[0] -> ... -> sizes[-1]`` of any depth.
+@dataclass(frozen=True)
+class Edge:
+    """How a block of a model graph reads its input (DESIGN.md section 12).
 
-    Weights are ordinary ``nn.Linear`` parameters, so any ``torch.optim`` optimizer trains them
-    and ``forward`` is differentiable by autograd (the reference the rules are tested against).
+    ``x^c = function(h^{p_1}, ..., h^{p_m})`` for ``producers = (p_1, ..., p_m)`` (0 is the
+    network's input), ``function`` a parameter-free module (a traced piece of the user's
+    model: a residual ``+``, a ``torch.cat``, a relu after an addition); ``None`` reads
+    ``h^{p_1}`` itself.
+    """
+
+    producers: tuple[int, ...]
+    function: nn.Module | None = None
+
+
+class Network(DropoutState):
+    """A network of blocks (DESIGN.md section 9); the last block's linear part gives the logits.
+
+    Block ``i`` is a linear part ``phi_i`` (any module with parameters), an element-wise
+    activation ``f_i`` and a parameter-free tail ``tau_i``:
+
+        a^i = phi_i(h^{i-1}; theta_i),    h^i = tau_i(f_i(a^i)),    logits = a^L.
+
+    An MLP is the chain of ``nn.Linear`` blocks with identity tails (``mlp``); a conv net or a
+    user's ``nn.Sequential`` is built by ``gfalign.models``. ``forward`` is plain PyTorch,
+    differentiable by autograd (the reference every rule is tested against);
+    ``forward_cache`` keeps every ``a^i``, ``h^i`` and each tail's linearisation state for the
+    rules.
 
     Args:
-        sizes: layer widths ``[n_0, n_1, ..., n_L]``, at least two entries.
-        activation: hidden nonlinearity, one of ``ACTIVATIONS`` (tanh, relu, sigmoid).
-        objective: ``"classification"`` (softmax output, cross-entropy) or ``"autoencoder"``
-            (sigmoid output, squared reconstruction error).
-        weight_init: ``"xavier_uniform"`` (Glorot, the paper's), ``"xavier_normal"`` or
-            ``"default"`` (PyTorch's ``nn.Linear`` initialisation).
-        bias_init: ``"normal"`` (N(0, 1), as the paper writes), ``"zeros"`` or ``"default"``.
-        seed: seeds the initialisation and the dropout masks; the same seed gives the same
-            weights on any run.
-        dropout_input, dropout_hidden: the probability p in [0, 1) of dropping an input unit
-            and a hidden unit in training mode (see the module docstring); 0 (the default)
-            computes exactly what a network without dropout computes.
+        blocks: the blocks in order; the last has no tail, and its activation is the
+            objective's output (softmax or sigmoid). Each block's ``dropout`` rate drops units
+            of its activation ``f(a^i)`` in training mode, before its tail.
+        objective: ``"classification"`` or ``"autoencoder"``.
+        input_shape: the shape of one example the first block receives, e.g. ``(1, 32, 32)``.
+        dropout_input: the rate at which input units are dropped in training mode.
+        seed: seeds the dropout masks (``DropoutState``).
+        edges: for a model graph, how each block reads its input (``Edge``, one per block);
+            ``None``, a chain: block ``i`` reads ``h^{i-1}``.
+
+    Attributes:
+        pre_shapes, post_shapes: the shape of one example's ``a^i`` and ``h^i`` (i = 1..L;
+            ``post_shapes[0]`` is the input's).
+        stack_size: K for a network of K stacked members (``Network.stack``), else 0.
 
     Example:
-        >>> net = MLP([784, 800, 800, 10], activation="tanh", seed=0)
-        >>> net(torch.zeros(2, 784)).shape
-        torch.Size([2, 10])
-        >>> noisy = MLP([4, 3, 2], dropout_hidden=0.5, seed=0)
-        >>> noisy.forward_cache(torch.ones(6, 4)).masks[0].shape  # m^1, in a^1's shape
-        torch.Size([6, 3])
+        >>> from gfalign.blocks import Block
+        >>> net = Network([Block(nn.Linear(4, 3), ACTIVATIONS["tanh"]), Block(nn.Linear(3, 2),
+        ...                IDENTITY)], input_shape=(4,))
+        >>> net(torch.zeros(5, 4)).shape, net.sizes
+        (torch.Size([5, 2]), (4, 3, 2))
     """
 
     def __init__(
         self,
-        sizes: Sequence[int],
-        activation: str = "tanh",
+        blocks: Sequence[Block],
         objective: str = "classification",
         *,
-        weight_init: str = "xavier_uniform",
-        bias_init: str = "normal",
-        seed: int = 0,
+        input_shape: Sequence[int],
         dropout_input: float = 0.0,
-        dropout_hidden: float = 0.0,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
+        seed: int | tuple[int, ...] = 0,
+        edges: Sequence[Edge] | None = None,
     ) -> None:
+        from gfalign.rules import ConfigError
+
         super().__init__()
-        sizes = list(widths(sizes))
-        if len(sizes) < 2:
-            raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
-        if weight_init not in WEIGHT_INITS:
-            raise ValueError(
-                f"unknown weight_init {weight_init!r}; known: {', '.join(WEIGHT_INITS)}"
+        self.edges = None if edges is None else tuple(edges)
+        if self.edges is not None:
+            if len(self.edges) != len(blocks):
+                raise ConfigError(
+                    f"{len(self.edges)} edges for {len(blocks)} blocks: give one each"
+                )
+            for c, edge in enumerate(self.edges, start=1):
+                if not edge.producers or not all(0 <= p < c for p in edge.producers):
+                    raise ConfigError(
+                        f"block {c} reads blocks {list(edge.producers)}; allowed: earlier blocks "
+                        f"(0 to {c - 1}, 0 the input), in topological order"
+                    )
+            self.edge_functions = nn.ModuleList(
+                edge.function for edge in self.edges if edge.function is not None
             )
-        if bias_init not in BIAS_INITS:
-            raise ValueError(f"unknown bias_init {bias_init!r}; known: {', '.join(BIAS_INITS)}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.sizes = tuple(sizes)
-        self.activation = _lookup(ACTIVATIONS, activation, "activation")
-        self.objective = _lookup(OBJECTIVES, objective, "objective")
-        if self.objective.name == "autoencoder" and sizes[0] != sizes[-1]:
-            raise ValueError(f"an autoencoder needs sizes[0] == sizes[-1], got {sizes}")
-        self.weight_init, self.bias_init, self.seed = weight_init, bias_init, seed
-        self.stack_size = 0  # K for a network of K stacked members (MLP.stack)
-        hidden_rate = check_dropout_rate(dropout_hidden, "dropout_hidden")
-        self._setup_dropout(dropout_input, [hidden_rate] * (len(sizes) - 2) + [0.0], int(seed))
-
-        generator = torch.Generator().manual_seed(seed)
-        self.layers = nn.ModuleList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-            layer = nn.Linear(fan_in, fan_out, dtype=torch.float64)
-            with torch.no_grad():
-                if weight_init != "default":
-                    bound = math.sqrt(6.0 / (fan_in + fan_out))
-                    if weight_init == "xavier_uniform":
-                        layer.weight.uniform_(-bound, bound, generator=generator)
-                    else:
-                        layer.weight.normal_(0.0, bound / math.sqrt(3.0), generator=generator)
-                else:
-                    limit = 1.0 / math.sqrt(fan_in)
-                    layer.weight.uniform_(-limit, limit, generator=generator)
-                if bias_init == "normal":
-                    layer.bias.normal_(0.0, 1.0, generator=generator)
-                elif bias_init == "zeros":
-                    layer.bias.zero_()
-                else:
-                    limit = 1.0 / math.sqrt(fan_in)
-                    layer.bias.uniform_(-limit, limit, generator=generator)
-            self.layers.append(layer)
-        # Drawn in float64 and then cast, so float32 and float64 networks share their values.
-        self.to(device=device, dtype=dtype)
-
-    @property
-    def depth(self) -> int:
-        """``L``, the number of weight layers (hidden layers are 1..L-1)."""
-        return len(self.layers)
-
-    @property
-    def dropout_hidden(self) -> float:
-        """The hidden layers' dropout rate."""
-        return self.dropout_rates[0] if len(self.dropout_rates) > 1 else 0.0
+        blocks = tuple(blocks)
+        if not blocks:
+            raise ConfigError("a model needs at least one block")
+        if blocks[-1].tail.modules:
+            raise ConfigError(
+                f"block {len(blocks)} is the output block: it has no tail, its output is the logits"
+            )
+        if blocks[-1].dropout:
+            raise ConfigError(
+                f"block {len(blocks)} is the output block: its logits are never dropped; "
+                "allowed: dropout = 0 there"
+            )
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+        self.objective = OBJECTIVES[objective]
+        self.layers = nn.ModuleList(block.linear for block in blocks)
+        self.tails = nn.ModuleList(nn.Sequential(*block.tail.modules) for block in blocks)
+        self.activations = tuple(block.activation for block in blocks)
+        self._tails = tuple(block.tail for block in blocks)
+        self.input_shape = tuple(int(n) for n in input_shape)
+        self.seed = seed
+        self.stack_size = len(seed) if isinstance(seed, tuple) else 0
+        self._setup_dropout(dropout_input, [block.dropout for block in blocks], seed)
+        self.pre_shapes, self.post_shapes = self._shapes()
+        self._register_load_state_dict_pre_hook(_renamed_parts)
 
     @property
     def blocks(self) -> tuple[Block, ...]:
-        """The layers as blocks (DESIGN.md section 9): ``nn.Linear`` parts, identity tails."""
-        last = len(self.layers) - 1
         return tuple(
-            Block(layer, self.activation if i < last else IDENTITY, dropout=rate)
-            for i, (layer, rate) in enumerate(zip(self.layers, self.dropout_rates, strict=True))
+            Block(part, activation, tail, dropout)
+            for part, activation, tail, dropout in zip(
+                self.layers, self.activations, self._tails, self.dropout_rates, strict=True
+            )
         )
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (self.sizes[0],)
+    def depth(self) -> int:
+        """``L``, the number of blocks (weight layers; hidden blocks are 1..L-1)."""
+        return len(self.layers)
 
     @property
-    def pre_shapes(self) -> tuple[tuple[int, ...], ...]:
-        """One example's ``a^i`` shape, i = 1..L."""
-        return tuple((n,) for n in self.sizes[1:])
+    def is_graph(self) -> bool:
+        """Some block reads other than the block before it (``Edge``): a model graph."""
+        return self.edges is not None and any(
+            edge.producers != (c - 1,) or edge.function is not None
+            for c, edge in enumerate(self.edges, start=1)
+        )
 
     @property
-    def post_shapes(self) -> tuple[tuple[int, ...], ...]:
-        """One example's ``h^i`` shape, i = 0..L-1."""
-        return tuple((n,) for n in self.sizes[:-1])
+    def is_chain_of_linear(self) -> bool:
+        """Every block is an ``nn.Linear`` part with an identity tail, in a chain (an MLP):
+        the case that stacks (``Network.stack``) and has ``sizes``."""
+        return (
+            not self.is_graph
+            and all(type(part) is nn.Linear for part in self.layers)
+            and not any(tail.modules for tail in self._tails)
+        )
+
+    def block_input(self, block: int, post: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``x^c`` from the outputs ``post[i] = h^i`` so far: the edge's value on a graph."""
+        if self.edges is None:
+            return post[block - 1]
+        edge = self.edges[block - 1]
+        if edge.function is None:
+            return post[edge.producers[0]]
+        return edge.function(*(post[p] for p in edge.producers))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """An MLP's widths ``(n_0, n_1, ..., n_L)``; a ``ValueError`` for other models."""
+        if not self.is_chain_of_linear or len(self.input_shape) != 1:
+            raise ValueError("only a chain of Linear blocks (an MLP) has sizes")
+        return (self.input_shape[0], *(shape[0] for shape in self.pre_shapes))
+
+    @property
+    def activation(self) -> Activation:
+        """The hidden blocks' activation, where they share one (identity without hidden
+        blocks); a ``ValueError`` where they differ."""
+        hidden = set(self.activations[:-1])
+        if len(hidden) > 1:
+            raise ValueError("the hidden blocks have different activations; see .activations")
+        return next(iter(hidden), IDENTITY)
+
+    @property
+    def dropout_hidden(self) -> float:
+        """The first hidden block's dropout rate (every hidden block's, in an MLP)."""
+        return self.dropout_rates[0] if len(self.dropout_rates) > 1 else 0.0
 
     def weight(self, layer: int) -> torch.Tensor:
-        """``W^i`` for the 1-based layer number ``i``; shape (n_i, n_{i-1})."""
+        """``W^i`` for the 1-based layer number ``i``; shape (n_i, n_{i-1}) in an MLP."""
         return self.layers[layer - 1].weight
 
     def bias(self, layer: int) -> torch.Tensor:
         return self.layers[layer - 1].bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output logits ``a^L`` (shape (N, n_L); stacked: (K, N, n_L)); differentiable.
+    def _shapes(self) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+        from gfalign.rules import ConfigError
 
-        In training mode with dropout it applies the masks ``forward_cache`` would draw at this
-        step, and advances the step counter as it does.
-        """
+        parameter = next(self.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+        device = parameter.device if parameter is not None else None
+        lead = (self.stack_size, 1) if self.stack_size else (1,)
+        # A probe of one example in evaluation mode: no normalisation statistic moves.
+        modes = {module: module.training for module in self.modules()}
+        try:
+            self.eval()
+            x = torch.zeros(*lead, *self.input_shape, dtype=dtype, device=device)
+            cache = self._cache(x, None)
+        except RuntimeError as problem:
+            raise ConfigError(
+                f"the blocks do not fit an input of shape {list(self.input_shape)}: "
+                f"{str(problem).splitlines()[0]}"
+            ) from None
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        start = len(lead)
+        return (
+            tuple(tuple(a.shape[start:]) for a in cache.pre),
+            tuple(tuple(h.shape[start:]) for h in cache.post),
+        )
+
+    def _affine(self, part: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return _stacked_affine(part, h) if self.stack_size else part(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits ``a^L`` (stacked: (K, N, n_L)); differentiable by autograd. In training
+        mode with dropout it applies the masks ``forward_cache`` would draw at this step, and
+        advances the step counter as it does."""
         return self._logits(x, self._step_masks())
 
     def _logits(self, x: torch.Tensor, masks: StepMasks | None) -> torch.Tensor:
-        h = x
-        if masks is not None:
-            h = apply_mask(h, masks.draw(self.dropout_input, h))
-        if self.stack_size:
-            for layer, rate in zip(self.layers[:-1], self.dropout_rates[:-1], strict=True):
-                h = self.activation.function(_stacked_affine(layer, h))
-                if masks is not None:
-                    h = apply_mask(h, masks.draw(rate, h))
-            return _stacked_affine(self.layers[-1], h)
-        for layer, rate in zip(self.layers[:-1], self.dropout_rates[:-1], strict=True):
-            h = self.activation.function(layer(h))
+        h = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
+        last = self.depth - 1
+        outputs = [h]
+        for index, (part, activation, tail, rate) in enumerate(
+            zip(self.layers, self.activations, self.tails, self.dropout_rates, strict=True)
+        ):
+            a = self._affine(
+                part, h if self.edges is None else self.block_input(index + 1, outputs)
+            )
+            if index == last:
+                return a
+            z = activation.function(a)
             if masks is not None:
-                h = apply_mask(h, masks.draw(rate, h))
-        return self.layers[-1](h)
+                z = apply_mask(z, masks.draw(rate, z))
+            h = tail(z)
+            if self.edges is not None:
+                outputs.append(h)
+        raise AssertionError("unreachable")
 
     def forward_cache(self, x: torch.Tensor) -> ForwardCache:
-        """Every ``a^i`` and ``h^i`` of a forward pass, computed without an autograd graph.
+        """Every ``a^i``, ``h^i`` and tail state of a forward pass, without an autograd graph.
 
-        In training mode with dropout, ``h^i`` are the dropped values and ``masks`` the masks
-        (see ``ForwardCache``); the step counter advances by one.
+        In training mode with dropout, ``activated`` and ``post`` hold the dropped values and
+        ``masks`` the masks (see ``ForwardCache``); the step counter advances by one.
         """
+        with torch.no_grad():
+            return self._cache(x, self._step_masks())
+
+    def _cache(self, x: torch.Tensor, masks: StepMasks | None) -> ForwardCache:
         pre: list[torch.Tensor] = []
+        drawn: list[torch.Tensor | None] = []
+        x = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
+        post, activated = [x], [x]
+        states, inputs = [], []
+        last = self.depth - 1
         with torch.no_grad():
-            masks = self._step_masks()
-            drawn: list[torch.Tensor | None] = []
-            post = [x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))]
-            for index, layer in enumerate(self.layers):
-                if self.stack_size:
-                    a = _stacked_affine(layer, post[-1])
+            for index, (part, activation, tail) in enumerate(
+                zip(self.layers, self.activations, self._tails, strict=True)
+            ):
+                if self.edges is None:
+                    a = self._affine(part, post[-1])
                 else:
-                    a = torch.addmm(layer.bias, post[-1], layer.weight.t())
+                    inputs.append(self.block_input(index + 1, post))
+                    a = part(inputs[-1])
                 pre.append(a)
-                if index < len(self.layers) - 1:
-                    h = self.activation.function(a)
+                if index < last:
+                    z = activation.function(a)
                     if masks is not None:
-                        drawn.append(masks.draw(self.dropout_rates[index], h))
-                        h = apply_mask(h, drawn[-1])
+                        drawn.append(masks.draw(self.dropout_rates[index], z))
+                        z = apply_mask(z, drawn[-1])
+                    activated.append(z)
+                    h, state = tail.forward(z)
                     post.append(h)
-        if any(mask is not None for mask in drawn):
-            return ForwardCache(pre, post, masks=(*drawn, None))
-        return ForwardCache(pre, post)
-
-    @classmethod
-    def stack(cls, nets: Sequence[MLP]) -> MLP:
-        """K networks of one shape as one network of stacked parameters, copied: ``W^i`` of
-        shape (K, n_i, n_{i-1}), ``b^i`` (K, n_i), inputs (K, N, n_0). The rule engine trains it
-        as K members at once (``gfalign.ensemble``); ``stack_size`` is K.
-
-        Example:
-            >>> nets = [MLP([4, 3, 2], seed=s) for s in range(5)]
-            >>> MLP.stack(nets).weight(1).shape
-            torch.Size([5, 3, 4])
-        """
-        first = nets[0]
-        stacked = cls.__new__(cls)
-        nn.Module.__init__(stacked)
-        stacked.sizes, stacked.activation, stacked.objective = (
-            first.sizes,
-            first.activation,
-            first.objective,
-        )
-        stacked.weight_init, stacked.bias_init, stacked.seed = (
-            first.weight_init,
-            first.bias_init,
-            None,
-        )
-        stacked.stack_size = len(nets)
-        for k, net in enumerate(nets):
-            if (net.dropout_input, net.dropout_rates) != (first.dropout_input, first.dropout_rates):
-                raise ValueError(
-                    f"stacked member {k} has dropout rates {net.dropout_input:g} (input) and "
-                    f"{net.dropout_hidden:g} (hidden), member 0 {first.dropout_input:g} and "
-                    f"{first.dropout_hidden:g}; stacked members share their rates"
-                )
-        # Each member draws its masks from its own seed and step, as it would alone.
-        stacked._setup_dropout(
-            first.dropout_input, first.dropout_rates, tuple(net.dropout_seed for net in nets)
-        )
-        with torch.no_grad():
-            torch.stack([net.dropout_step for net in nets], out=stacked.dropout_step)
-        stacked.layers = nn.ModuleList()
-        with torch.no_grad():
-            for i in range(1, first.depth + 1):
-                layer = nn.Linear(1, 1, device="meta")
-                layer.weight = nn.Parameter(torch.stack([net.weight(i) for net in nets]))
-                layer.bias = nn.Parameter(torch.stack([net.bias(i) for net in nets]))
-                stacked.layers.append(layer)
-        return stacked
+                    states.append(state)
+        masked = (*drawn, None) if any(mask is not None for mask in drawn) else ()
+        return ForwardCache(pre, post, tuple(states), tuple(activated), masked, tuple(inputs))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """``g(a^L)``: class probabilities or the reconstruction, never dropped (in either
@@ -624,13 +706,180 @@ class MLP(DropoutState):
         with torch.no_grad():
             return self.objective.output(self._logits(x, None))
 
+    @classmethod
+    def stack(cls, nets: Sequence[Network]) -> Network:
+        """K MLPs of one shape as one network of stacked parameters, copied: ``W^i`` of shape
+        (K, n_i, n_{i-1}), ``b^i`` (K, n_i), inputs (K, N, n_0). The rule engine trains it as K
+        members at once (``gfalign.ensemble``); ``stack_size`` is K.
+
+        Example:
+            >>> nets = [mlp([4, 3, 2], seed=s) for s in range(5)]
+            >>> Network.stack(nets).weight(1).shape
+            torch.Size([5, 3, 4])
+        """
+        first = nets[0]
+        for k, net in enumerate(nets):
+            if not net.is_chain_of_linear or net.stack_size:
+                raise ValueError(
+                    f"network {k} is not an MLP: only chains of Linear blocks stack; train "
+                    "other models one after the other"
+                )
+            if (net.dropout_input, net.dropout_rates) != (first.dropout_input, first.dropout_rates):
+                raise ValueError(
+                    f"stacked member {k} has dropout rates {net.dropout_input:g} (input) and "
+                    f"{net.dropout_hidden:g} (hidden), member 0 {first.dropout_input:g} and "
+                    f"{first.dropout_hidden:g}; stacked members share their rates"
+                )
+            if (net.sizes, net.activations, net.objective) != (
+                first.sizes,
+                first.activations,
+                first.objective,
+            ):
+                raise ValueError(
+                    f"stacked member {k} is another network than member 0; stacked members "
+                    "share their sizes, activation and objective"
+                )
+        parts = []
+        with torch.no_grad():
+            for i in range(1, first.depth + 1):
+                layer = nn.Linear(1, 1, device="meta")
+                layer.weight = nn.Parameter(torch.stack([net.weight(i) for net in nets]))
+                layer.bias = nn.Parameter(torch.stack([net.bias(i) for net in nets]))
+                parts.append(layer)
+        blocks = [
+            Block(part, block.activation, block.tail, block.dropout)
+            for part, block in zip(parts, first.blocks, strict=True)
+        ]
+        # Each member draws its masks from its own seed and step, as it would alone.
+        stacked = cls(
+            blocks,
+            first.objective.name,
+            input_shape=first.input_shape,
+            dropout_input=first.dropout_input,
+            seed=tuple(net.dropout_seed for net in nets),
+        )
+        with torch.no_grad():
+            torch.stack([net.dropout_step for net in nets], out=stacked.dropout_step)
+        return stacked
+
     def extra_repr(self) -> str:
-        dropout = (
-            f", dropout_input={self.dropout_input:g}, dropout_hidden={self.dropout_hidden:g}"
-            if self.dropout_active
-            else ""
-        )
+        dropout = ""
+        if self.dropout_active:
+            rates = ", ".join(f"{rate:g}" for rate in self.dropout_rates[:-1])
+            dropout = f", dropout_input={self.dropout_input:g}, dropout=[{rates}]"
+        stacked = f", stack_size={self.stack_size}" if self.stack_size else ""
         return (
-            f"sizes={list(self.sizes)}, activation={self.activation.name}, "
-            f"objective={self.objective.name}{dropout}"
+            f"input_shape={list(self.input_shape)}, objective={self.objective.name}"
+            f"{dropout}{stacked}"
         )
+
+
+def _renamed_parts(module, state_dict, prefix, *args) -> None:
+    """Checkpoints of block models named the linear parts ``parts.i``; they are ``layers.i``."""
+    for key in [k for k in state_dict if k.startswith(prefix + "parts.")]:
+        state_dict[prefix + "layers." + key[len(prefix + "parts.") :]] = state_dict.pop(key)
+
+
+def initialise(
+    part: nn.Module, weight_init: str, bias_init: str, generator: torch.Generator
+) -> None:
+    """Draw a Linear or Conv2d part's weight and bias from ``generator``, in that order.
+
+    ``weight_init``: ``xavier_uniform`` (Glorot's U(+-sqrt(6 / (fan_in + fan_out)))),
+    ``xavier_normal`` (the same variance, normal) or ``default`` (PyTorch's
+    U(+-1/sqrt(fan_in))); ``bias_init``: ``normal`` (N(0, 1), as the paper writes), ``zeros`` or
+    ``default`` (U(+-1/sqrt(fan_in))). Fans count a kernel's receptive field.
+    """
+    weight, bias = part.weight, part.bias
+    receptive = math.prod(weight.shape[2:])
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    with torch.no_grad():
+        if weight_init == "default":
+            limit = 1.0 / math.sqrt(fan_in)
+            weight.uniform_(-limit, limit, generator=generator)
+        else:
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            if weight_init == "xavier_uniform":
+                weight.uniform_(-bound, bound, generator=generator)
+            else:
+                weight.normal_(0.0, bound / math.sqrt(3.0), generator=generator)
+        if bias is not None:
+            if bias_init == "default":
+                limit = 1.0 / math.sqrt(fan_in)
+                bias.uniform_(-limit, limit, generator=generator)
+            elif bias_init == "zeros":
+                bias.zero_()
+            else:
+                bias.normal_(0.0, 1.0, generator=generator)
+
+
+def mlp(
+    sizes: Sequence[int],
+    activation: str = "tanh",
+    objective: str = "classification",
+    *,
+    weight_init: str = "xavier_uniform",
+    bias_init: str = "normal",
+    seed: int = 0,
+    dropout_input: float = 0.0,
+    dropout_hidden: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Network:
+    """A fully connected network ``sizes[0] -> ... -> sizes[-1]`` of any depth: the chain of
+    ``nn.Linear`` blocks with identity tails.
+
+    Args:
+        sizes: layer widths ``[n_0, n_1, ..., n_L]``, at least two entries.
+        activation: hidden nonlinearity, one of ``ACTIVATIONS`` (tanh, relu, sigmoid).
+        objective: ``"classification"`` (softmax output, cross-entropy) or ``"autoencoder"``
+            (sigmoid output, squared reconstruction error).
+        weight_init, bias_init: see ``initialise``; the paper's are the defaults (Glorot
+            uniform weights, N(0, 1) biases).
+        seed: seeds the initialisation and the dropout masks; the same seed gives the same
+            weights on any run (drawn in float64, then cast, so float32 and float64 networks
+            share their values).
+        dropout_input, dropout_hidden: the probability p in [0, 1) of dropping an input unit
+            and a hidden unit in training mode (see the module docstring); 0 (the default)
+            computes exactly what a network without dropout computes.
+
+    Example:
+        >>> net = mlp([784, 800, 800, 10], activation="tanh", seed=0)
+        >>> net(torch.zeros(2, 784)).shape
+        torch.Size([2, 10])
+        >>> noisy = mlp([4, 3, 2], dropout_hidden=0.5, seed=0)
+        >>> noisy.forward_cache(torch.ones(6, 4)).masks[0].shape  # m^1, in a^1's shape
+        torch.Size([6, 3])
+    """
+    sizes = list(widths(sizes))
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"unknown weight_init {weight_init!r}; known: {', '.join(WEIGHT_INITS)}")
+    if bias_init not in BIAS_INITS:
+        raise ValueError(f"unknown bias_init {bias_init!r}; known: {', '.join(BIAS_INITS)}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    hidden = _lookup(ACTIVATIONS, activation, "activation")
+    _lookup(OBJECTIVES, objective, "objective")
+    if objective == "autoencoder" and sizes[0] != sizes[-1]:
+        raise ValueError(f"an autoencoder needs sizes[0] == sizes[-1], got {sizes}")
+    hidden_rate = check_dropout_rate(dropout_hidden, "dropout_hidden")
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layer = nn.Linear(fan_in, fan_out, dtype=torch.float64)
+        initialise(layer, weight_init, bias_init, generator)
+        last = index == len(sizes) - 2
+        blocks.append(
+            Block(layer, IDENTITY if last else hidden, dropout=0.0 if last else hidden_rate)
+        )
+    net = Network(
+        blocks, objective, input_shape=(sizes[0],), dropout_input=dropout_input, seed=int(seed)
+    )
+    net.weight_init, net.bias_init = weight_init, bias_init
+    return net.to(device=device, dtype=dtype)
+
+
+MLP = mlp
+"""The name ``mlp`` had in earlier releases, kept for code written against them."""

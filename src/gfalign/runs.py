@@ -62,7 +62,7 @@ from torch import nn
 from gfalign.claims import RunBusyError, claim
 from gfalign.config import RunConfig, _dataset_facts, resolve_device
 from gfalign.engine import FeedbackRule
-from gfalign.network import MLP
+from gfalign.network import mlp
 from gfalign.rules import ConfigError, render
 from gfalign.train import DivergenceError, Trainer, evaluate, stacking_problem
 
@@ -162,7 +162,7 @@ def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Mod
             dropout_hidden=config.dropout_hidden,
         )
     else:
-        net = MLP(
+        net = mlp(
             config.sizes,
             config.activation,
             config.objective,

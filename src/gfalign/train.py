@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gfalign.data.errors import DataError
-from gfalign.engine import FeedbackRule, _parts
-from gfalign.network import MLP
+from gfalign.engine import FeedbackRule
+from gfalign.network import Network
 from gfalign.rules import ConfigError, Limit, check_fields, render
 
 if TYPE_CHECKING:
@@ -509,7 +509,7 @@ def _plain_sgd_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     return group
 
 
-def evaluate(net: MLP, split: Split, batch_size: int = 10_000) -> tuple[float, float]:
+def evaluate(net: Network, split: Split, batch_size: int = 10_000) -> tuple[float, float]:
     """``(loss, error)`` of ``net`` on a split, in evaluation mode (``net.eval()``; the mode
     it was in is restored).
 
@@ -533,7 +533,7 @@ def evaluate(net: MLP, split: Split, batch_size: int = 10_000) -> tuple[float, f
                 x = split.x[start : start + batch_size]
                 y = split.y[start : start + batch_size]
                 logits = net(x)
-                target = y if net.objective.uses_labels else x
+                target = net.objective.target(x, y)
                 loss, _ = net.objective.error(logits, target)
                 total_loss += loss.double() * len(x)
                 if net.objective.uses_labels:
@@ -619,7 +619,8 @@ class Trainer:
 
     Example:
         >>> from gfalign.data import synthetic
-        >>> data, net = synthetic(200, 50), MLP([784, 32, 10], seed=0)
+        >>> from gfalign.network import mlp
+        >>> data, net = synthetic(200, 50), mlp([784, 32, 10], seed=0)
         >>> trainer = Trainer(net, FeedbackRule("s1", net), data, TrainConfig(epochs=2))
         >>> history = trainer.fit()
         >>> len(history), sorted(history[-1])[:3]
@@ -627,7 +628,7 @@ class Trainer:
 
         Early stopping and the best epoch watch the validation split:
 
-        >>> data, net = synthetic(240, 50, validation=40), MLP([784, 32, 10], seed=0)
+        >>> data, net = synthetic(240, 50, validation=40), mlp([784, 32, 10], seed=0)
         >>> config = TrainConfig(epochs=3, lr=0.01, schedule="cosine", early_stopping=2)
         >>> history = Trainer(net, FeedbackRule("dfa", net), data, config).fit()
         >>> sorted(k for k in history[-1] if "validation" in k or "best" in k)
@@ -636,7 +637,7 @@ class Trainer:
 
     def __init__(
         self,
-        net: MLP,
+        net: Network,
         rule: FeedbackRule,
         data: Dataset,
         config: TrainConfig = TrainConfig(),
@@ -731,7 +732,7 @@ class Trainer:
         x_all, y_all = train.x, train.y
         self.net.train()
         if config.record_norms:
-            self._epoch_start = [_weight(part).detach().clone() for part in _parts(self.net)]
+            self._epoch_start = [_weight(part).detach().clone() for part in self.net.layers]
             self._delta_norms, self._steps = {}, 0
         # Losses stay on the device: no host round trip per step, checked once per epoch.
         step_losses: list[torch.Tensor] = []
@@ -782,7 +783,7 @@ class Trainer:
         """``weight_norm_i``, ``update_norm_i`` and ``delta_norm_i`` of the epoch just run."""
         record: dict[str, float] = {}
         with torch.no_grad():
-            weights = [_weight(part) for part in _parts(self.net)]
+            weights = [_weight(part) for part in self.net.layers]
             for i, weight in enumerate(weights, 1):
                 record[f"weight_norm_{i}"] = float(torch.linalg.vector_norm(weight))
             starts = self._epoch_start
@@ -865,7 +866,7 @@ class Trainer:
 
 
 def train(
-    net: MLP,
+    net: Network,
     rule: FeedbackRule,
     data: Dataset,
     config: TrainConfig | None = None,
