@@ -30,6 +30,7 @@ transports none.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from collections.abc import Callable, Mapping
@@ -136,19 +137,26 @@ CONV2D = LinearProducts(
 )
 
 
-def _with_buffers(module: nn.Module, params: Parameters) -> dict[str, torch.Tensor]:
-    """``params`` and copies of the module's buffers: a normalisation layer in training mode
-    updates its running statistics in place, and a product must not move them (only the
+@contextlib.contextmanager
+def _statistics_kept(module: nn.Module):
+    """Within the block, a normalisation layer in training mode normalises by the batch's
+    statistics without updating its running ones: a product must not move them (only the
     forward pass does, once a step; DESIGN.md section 12)."""
-    values = dict(params)
-    for name, buffer in module.named_buffers():
-        values[name] = buffer.clone()
-    return values
+    switched = [
+        m for m in module.modules() if m.training and getattr(m, "track_running_stats", False)
+    ]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
 
 
 def _generic_input_vjp(module, params, x, g):
-    values = _with_buffers(module, params)
-    _, pullback = vjp(lambda inputs: functional_call(module, values, (inputs,)), x)
+    with _statistics_kept(module):
+        _, pullback = vjp(lambda inputs: functional_call(module, dict(params), (inputs,)), x)
     return pullback(g)[0]
 
 
@@ -167,14 +175,14 @@ def _forward_mode(function: Callable, x: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def _generic_input_jvp(module, params, x, v):
-    values = _with_buffers(module, params)
-    return _forward_mode(lambda inputs: functional_call(module, values, (inputs,)), x, v)
+    with _statistics_kept(module):
+        return _forward_mode(lambda inputs: functional_call(module, dict(params), (inputs,)), x, v)
 
 
 def _generic_param_vjp(module, x, d):
     own = {name: p.detach() for name, p in module.named_parameters()}
-    buffers = _with_buffers(module, {})
-    _, pullback = vjp(lambda values: functional_call(module, {**values, **buffers}, (x,)), own)
+    with _statistics_kept(module):
+        _, pullback = vjp(lambda values: functional_call(module, values, (x,)), own)
     return dict(pullback(d)[0])
 
 

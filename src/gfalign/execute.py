@@ -100,8 +100,8 @@ class Through:
         output, through the edge's linearisation at the forward point (summed where the edge
         reads ``h^i`` more than once)."""
         shape = self.structure[c - 1]
-        if shape.plain_input:
-            return g
+        if shape.plain_input or self.edges[c - 1].function is None:
+            return g  # it reads h^i itself
         if c not in self._pullbacks:
             edge = self.edges[c - 1]
             primals = [self.cache.post[p] for p in edge.producers]
@@ -117,7 +117,7 @@ class Through:
         """``J_{G_c}`` applied to every producer's signal at once (zero for the input): the
         signal at block ``c``'s input."""
         shape = self.structure[c - 1]
-        if shape.plain_input:
+        if shape.plain_input or self.edges[c - 1].function is None:
             return tangents[shape.producers[0]]
         edge = self.edges[c - 1]
         primals = tuple(self.cache.post[p] for p in edge.producers)
