@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional
 
@@ -142,6 +142,42 @@ def test_dfa_aux_is_each_blocks_local_loss_gradient(name):
         torch.testing.assert_close(deltas[i], expected, rtol=0, atol=1e-12, msg=f"block {i}")
 
 
+def _conv_and_norm(part):
+    """A composite part's Conv2d and the BatchNorm after it (the parts of a ResNet)."""
+    (conv,) = [m for m in part.modules() if isinstance(m, nn.Conv2d)]
+    (norm,) = [m for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
+    return conv, norm
+
+
+def _part_vjp(part, params, point, g):
+    """``J^T g`` of a block's part with ``params`` for its own at ``point``; for a conv and its
+    BatchNorm, the norm's backward at the forward pass's values, then the transposed
+    convolution with the feedback kernel (DESIGN.md section 12)."""
+    if not isinstance(part, fx.GraphModule) or set(params) == set(dict(part.named_parameters())):
+        x = point.clone().requires_grad_(True)
+        return torch.autograd.grad(functional_call(part, params, (x,)), x, g)[0]
+    conv, norm = _conv_and_norm(part)
+    (weight,) = params.values()
+    u = conv(point).detach().requires_grad_(True)
+    (at_conv,) = torch.autograd.grad(norm(u), u, g)
+    return torch.nn.grad.conv2d_input(
+        point.shape, weight, at_conv, stride=conv.stride, padding=conv.padding
+    )
+
+
+def _part_jvp(part, params, point, v):
+    """``J v``, as ``_part_vjp`` reads a composite part."""
+    if not isinstance(part, fx.GraphModule) or set(params) == set(dict(part.named_parameters())):
+        return torch.autograd.functional.jvp(
+            lambda x: functional_call(part, params, (x,)), point, v
+        )[1]
+    conv, norm = _conv_and_norm(part)
+    (weight,) = params.values()
+    u = conv(point).detach()
+    t = functional.conv2d(v, weight, None, stride=conv.stride, padding=conv.padding)
+    return torch.autograd.functional.jvp(norm, u, t)[1]
+
+
 def _copied(values):
     """Feedback values as they are now (sign-concordant ones are remade in place each call)."""
     return {name: value.clone() for name, value in values.items()}
@@ -187,25 +223,20 @@ def transcription(net, rule, x, y) -> dict[int, torch.Tensor]:
         total = 0
         for c in consumers(i):
             point = post[i].clone().requires_grad_(True)
-            out = functional_call(blocks[c - 1].linear, params_of(c), (edge_in(c, {i: point}),))
-            total = total + torch.autograd.grad(out, point, signal_of(c))[0]
+            back = _part_vjp(blocks[c - 1].linear, params_of(c), inputs[c - 1], signal_of(c))
+            total = total + torch.autograd.grad(edge_in(c, {i: point}), point, back)[0]
         return tail_vjp(i, total)
 
     def below(i, params, signal_of):
         producers = [p for p in edges[i - 1].producers if p > 0]
-        carried = {p: tail_jvp(p, signal_of(p)) for p in producers}
+        carried = tuple(tail_jvp(p, signal_of(p)) for p in producers)
         points = tuple(post[p] for p in producers)
 
-        def through(*values):
-            return functional_call(
-                blocks[i - 1].linear,
-                params,
-                (edge_in(i, dict(zip(producers, values, strict=True))),),
-            )
+        def edge_of(*values):
+            return edge_in(i, dict(zip(producers, values, strict=True)))
 
-        return torch.autograd.functional.jvp(through, points, tuple(carried[p] for p in producers))[
-            1
-        ]
+        signal = torch.autograd.functional.jvp(edge_of, points, carried)[1]
+        return _part_jvp(blocks[i - 1].linear, params, inputs[i - 1], signal)
 
     deltas = {L: e}
 
@@ -326,3 +357,96 @@ def test_a_model_with_dropout_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
     with pytest.raises(ConfigError, match="takes no dropout"):
         convert(model, torch.zeros(2, 3))
+
+
+def _biotorch(relative: str):
+    """A file of the installed biotorch package, loaded alone (its ``biotorch.models`` package
+    imports torchvision, which this environment lacks)."""
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("biotorch")
+    if found is None or not found.submodule_search_locations:
+        pytest.skip("biotorch is not installed (pip install --no-deps biotorch)")
+    path = Path(found.submodule_search_locations[0]) / relative
+    spec = importlib.util.spec_from_file_location(f"_biotorch_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _replaced(model: nn.Module, mode: str) -> dict[str, nn.Module]:
+    """biotorch's own layer replacement: every Conv2d and Linear of ``model`` becomes its
+    feedback layer of type ``mode``, with the same weights; the new layers by name."""
+    import biotorch.layers.fa_constructor as layers
+
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Conv2d:
+                new = layers.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    bias=child.bias is not None,
+                    layer_config={"type": mode},
+                )
+            elif type(child) is nn.Linear:
+                new = layers.Linear(
+                    child.in_features, child.out_features, layer_config={"type": mode}
+                )
+            else:
+                continue
+            new = new.to(DTYPE)
+            with torch.no_grad():
+                new.weight.copy_(child.weight)
+                if child.bias is not None:
+                    new.bias.copy_(child.bias)
+            setattr(module, child_name, new)
+            replaced[f"{name}.{child_name}" if name else child_name] = new
+    return replaced
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fa", "usf"])
+def test_one_step_on_resnet20_equals_biotorchs_from_the_same_weights_and_kernels(mode):
+    """biotorch's ResNet-20 (its small_resnet.py) with its own fa or uSF layers against our
+    rule on the graph of the same module: every parameter's gradient, float64."""
+    import copy
+
+    torch.manual_seed(4)
+    plain = _biotorch("models/small_resnet.py").resnet20().to(DTYPE)
+    x = torch.rand(4, 3, 32, 32, dtype=DTYPE)
+    y = torch.arange(4) % 10
+    theirs = copy.deepcopy(plain)
+    layers = _replaced(theirs, mode)
+    net = convert(plain, x)
+    rule = FeedbackRule(mode, net, dtype=DTYPE)
+    if mode == "fa":  # one kernel per layer, as biotorch keeps: ours set to theirs
+        names = {id(block.linear): number for number, block in enumerate(net.blocks, start=1)}
+        del names
+        for key, slot in rule.slots.items():
+            layer, index, consumer = key
+            part = net.blocks[consumer - 1].linear
+            values = {}
+            for name, _ in slot.buffers:
+                qualified = name[: -len(".weight")] if name != "weight" else None
+                if qualified is None:  # the part is the layer itself
+                    qualified = next(q for q, m in plain.named_modules() if m is part)
+                values[name] = layers[qualified].weight_backward.detach()
+            rule.set_feedback(layer, index, values, consumer=consumer)
+    theirs.train()
+    net.train()
+    functional.cross_entropy(theirs(x), y).backward()
+    rule.backward(net, x, y)
+    expected = {
+        name: p.grad
+        for name, p in theirs.named_parameters()
+        if not name.endswith("_backward") and p.grad is not None
+    }
+    ours = dict(plain.named_parameters())
+    assert set(expected) == set(ours)
+    for name, grad in expected.items():
+        torch.testing.assert_close(ours[name].grad, grad, rtol=0, atol=1e-12, msg=name)

@@ -212,3 +212,24 @@ def test_lenet5_forward_equals_biotorchs_lenet_mnist_from_the_same_weights():
     # Without the relu after fc1 the two would differ: the test can tell.
     theirs.relu4 = nn.Identity()
     assert not torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+
+def test_an_mlp_is_the_chain_of_its_linear_blocks_bit_for_bit():
+    """mlp() and the same Linear layers read as blocks by from_modules are one model: every
+    rule gives them the same deltas and the same updates, to the bit."""
+    from gfalign.engine import FeedbackRule
+    from gfalign.network import mlp
+
+    for preset in ("bp", "fa", "s2", "dfa-aux", "kp"):
+        net = mlp([6, 5, 4, 3], activation="tanh", seed=2, dtype=torch.float64)
+        layers = [nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)]
+        chain = from_modules(nn.Sequential(*layers).double(), input_shape=(6,))
+        chain.load_state_dict(net.state_dict())
+        x, y = torch.rand(7, 6, dtype=torch.float64), torch.arange(7) % 3
+        steps = []
+        for model in (net, chain):
+            rule = FeedbackRule(preset, model, seed=1, dtype=torch.float64)
+            step = rule.sgd_step(model, x, y, lr=0.1)
+            steps.append([*step.deltas.values(), *model.parameters()])
+        for ours, theirs in zip(*steps, strict=True):
+            assert torch.equal(ours, theirs), preset

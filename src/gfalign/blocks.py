@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call, jvp, vjp
 from torch.nn import functional
 
@@ -154,9 +154,59 @@ def _statistics_kept(module: nn.Module):
             m.track_running_stats = True
 
 
+def _feedback_call(module: nn.Module, params: Parameters) -> Callable:
+    """``x -> phi(x)`` whose derivative is the part's with ``params`` in place of its own.
+
+    A part of one module runs with ``params`` (its Jacobian at ``x``). A composite part (a
+    traced piece of a model graph: a conv and its BatchNorm, say) is linearised at the forward
+    pass's point: each submodule whose parameters ``params`` replaces computes its own output
+    (so the modules after it, a normalisation, see the forward's values and statistics), with
+    the derivative of the same submodule run with the replacing parameters,
+    ``own(z).detach() + (c - c.detach())``, ``c`` its output with them (DESIGN.md section
+    12)."""
+    if not isinstance(module, fx.GraphModule) or not params:
+        return lambda inputs: functional_call(module, dict(params), (inputs,))
+    owners: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in params.items():
+        owner, _, own = name.rpartition(".")
+        owners.setdefault(owner, {})[own] = value
+
+    def call(inputs: torch.Tensor) -> torch.Tensor:
+        with contextlib.ExitStack() as stack:
+            for owner, replacing in owners.items():
+                stack.enter_context(_surrogate(module.get_submodule(owner), replacing))
+            return module(inputs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _surrogate(module: nn.Module, replacing: Parameters):
+    """Within the block, ``module`` returns its own output with the derivative it has with
+    ``replacing`` as its parameters."""
+    original = module.forward
+    inside = []
+
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        if inside:  # functional_call's own call of the module, below
+            return original(z)
+        inside.append(True)
+        try:
+            c = functional_call(module, dict(replacing), (z,))
+        finally:
+            inside.pop()
+        return original(z).detach() + (c - c.detach())
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward  # the class's forward again
+
+
 def _generic_input_vjp(module, params, x, g):
     with _statistics_kept(module):
-        _, pullback = vjp(lambda inputs: functional_call(module, dict(params), (inputs,)), x)
+        _, pullback = vjp(_feedback_call(module, params), x)
     return pullback(g)[0]
 
 
@@ -176,7 +226,7 @@ def _forward_mode(function: Callable, x: torch.Tensor, v: torch.Tensor) -> torch
 
 def _generic_input_jvp(module, params, x, v):
     with _statistics_kept(module):
-        return _forward_mode(lambda inputs: functional_call(module, dict(params), (inputs,)), x, v)
+        return _forward_mode(_feedback_call(module, params), x, v)
 
 
 def _generic_param_vjp(module, x, d):

@@ -206,6 +206,8 @@ class RunConfig:
                 f"model {spec.name!r}: its output block has {spec.outputs} units, the "
                 f"{self.objective} of {self.dataset} needs {outputs}"
             )
+        if self.dataset == "synthetic":
+            return  # made in the model's input shape (gfalign.runs.load_data)
         channels = image[0]
         wanted = (channels, spec.resize, spec.resize) if spec.resize else None
         if (wanted is None and spec.input not in ((width,), image)) or (
@@ -234,7 +236,7 @@ class RunConfig:
         """The resolved ``RuleConfig`` for this network's depth."""
         feedback = feedback_spec(self.feedback, f"feedback = {render(self.feedback)}: ")
         spec = self.model_spec()
-        hidden = len(self.hidden) if spec is None else len(spec.blocks) - 1
+        hidden = len(self.hidden) if spec is None else spec.depth - 1
         return resolve(self.rule, hidden, feedback)
 
     @property

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gfalign import architectures
 from gfalign.blocks import Block, Tail, check_dropout_rate
 from gfalign.network import ACTIVATIONS, IDENTITY, Network, activation_named, initialise
 from gfalign.rules import ConfigError
@@ -89,6 +90,8 @@ _MODEL_KEYS = {
     "weight_init",
     "bias_init",
     "blocks",
+    "graph",
+    "classes",
 }
 _BLOCK_KEYS = {
     "conv",
@@ -128,6 +131,8 @@ class ModelSpec:
     weight_init: str = "default"
     bias_init: str = "default"
     description: str = ""
+    graph: str | None = None
+    classes: int = 0
 
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -144,12 +149,20 @@ class ModelSpec:
             data["resize"] = self.resize
         if self.normalize is not None:
             data["normalize"] = list(self.normalize)
+        if self.graph is not None:
+            data.update(graph=self.graph, classes=self.classes)
+            del data["blocks"]
         return data
+
+    @property
+    def depth(self) -> int:
+        """The number of blocks ``L``."""
+        return ARCHITECTURES[self.graph][1] if self.graph is not None else len(self.blocks)
 
     @property
     def outputs(self) -> int:
         """The output block's width."""
-        return int(self.blocks[-1]["linear"])
+        return self.classes if self.graph is not None else int(self.blocks[-1]["linear"])
 
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -184,6 +197,23 @@ MODELS: dict[str, dict[str, Any]] = {
             {"linear": 256},
             {"linear": 10},
         ],
+    },
+    "resnet20": {
+        "name": "resnet20",
+        "description": "ResNet-20 for CIFAR-10 (He et al. 2016, option A shortcuts), as "
+        "biotorch's resnet20: 3x32x32 inputs, three stages of three basic blocks with BatchNorm, "
+        "a model graph",
+        "input": [3, 32, 32],
+        "graph": "resnet20",
+        "classes": 10,
+    },
+    "resnet56": {
+        "name": "resnet56",
+        "description": "ResNet-56 for CIFAR-10 (He et al. 2016, option A shortcuts), as biotorch's "
+        "resnet56: three stages of nine basic blocks, a model graph",
+        "input": [3, 32, 32],
+        "graph": "resnet56",
+        "classes": 10,
     },
 }
 """The built-in models, by name, as data."""
@@ -231,6 +261,8 @@ def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:
     if not isinstance(data, Mapping):
         raise ConfigError(f"model: expected a table or a name, got {type(data).__name__}")
     _refuse_unknown(data, _MODEL_KEYS, "model")
+    if "graph" in data:
+        return _graph_spec(data)
     blocks = data.get("blocks")
     if not isinstance(blocks, Sequence) or isinstance(blocks, str) or not blocks:
         raise ConfigError("model: 'blocks' must be a non-empty list of block tables")
@@ -282,6 +314,56 @@ def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:
         bias_init=bias_init,
         description=str(data.get("description", "")),
     )
+
+
+ARCHITECTURES: dict[str, tuple[Any, int]] = {
+    "resnet20": (lambda classes, channels: architectures.resnet(20, classes, channels), 20),
+    "resnet56": (lambda classes, channels: architectures.resnet(56, classes, channels), 56),
+}
+"""The built-in model graphs (``gfalign.architectures``), by the name a model's ``graph`` key
+gives: ``(classes, channels) -> nn.Module``, and the number of blocks its graph has."""
+
+
+def _graph_spec(data: Mapping[str, Any]) -> ModelSpec:
+    """A model graph's spec: a built-in architecture, its input and its classes."""
+    graph = data["graph"]
+    if graph not in ARCHITECTURES:
+        raise ConfigError(
+            f"model: unknown graph {graph!r}{_close(str(graph), list(ARCHITECTURES))}; known: "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    extra = set(data) - {"name", "description", "input", "graph", "classes"}
+    if extra:
+        raise ConfigError(f"model: a graph takes no {', '.join(sorted(extra))}")
+    shape, classes = data.get("input"), data.get("classes")
+    if not isinstance(shape, Sequence) or len(shape) != 3 or not all(map(_positive_int, shape)):
+        raise ConfigError(f"model: a graph's 'input' must be [C, H, W], got {shape!r}")
+    if not _positive_int(classes):
+        raise ConfigError(f"model: 'classes' must be a positive integer, got {classes!r}")
+    return ModelSpec(
+        name=str(data.get("name", graph)),
+        input=tuple(int(n) for n in shape),
+        blocks=(),
+        description=str(data.get("description", "")),
+        graph=str(graph),
+        classes=int(classes),
+    )
+
+
+def _build_graph(spec: ModelSpec, objective: str, seed: int, dropout: tuple[float, float]):
+    """A built-in graph's module, initialised by PyTorch's defaults from ``seed`` (the global
+    generator is left as it was), converted to a ``Network``."""
+    from gfalign.graph import convert
+
+    if any(dropout):
+        raise ConfigError(f"model {spec.name!r} is a graph, which takes no dropout")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = ARCHITECTURES[spec.graph][0](spec.classes, spec.input[0])
+    module = module.to(torch.float64)
+    net = convert(module, torch.zeros(2, *spec.input, dtype=torch.float64), objective=objective)
+    net.module = module  # the traced module, whose parameters the blocks share
+    return net
 
 
 _WEIGHT_INITS = ("default", "xavier_uniform", "xavier_normal")
@@ -367,6 +449,10 @@ def build(
         (0.5, 0.5, 0.5, 0.5, 0.0)
     """
     spec = spec if isinstance(spec, ModelSpec) else model_spec(spec)
+    if spec.graph is not None:
+        net = _build_graph(spec, objective, seed, (dropout_input, dropout_hidden))
+        net.spec = spec
+        return net.to(device=device, dtype=dtype)
     dropout_hidden = check_dropout_rate(dropout_hidden, "dropout_hidden")
     generator = torch.Generator().manual_seed(seed)
     shape = spec.input

@@ -121,8 +121,11 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
     """The dataset a configuration names, on ``device``, cut to its subsets."""
     from gfalign import data as datasets
 
+    spec = config.model_spec()
     if config.dataset == "synthetic":
-        dataset = datasets.synthetic(seed=0, validation=config.validation)
+        # MNIST's shape, or the model's own where its images have other channels (CIFAR's)
+        features = 784 if spec is None or spec.input[0] == 1 else math.prod(spec.input)
+        dataset = datasets.synthetic(seed=0, validation=config.validation, features=features)
     else:
         dataset = datasets.load(
             config.dataset, root=data_dir, validation=config.validation, quiet=quiet
@@ -135,8 +138,9 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
             dataset.validation,
         )
     dataset = dataset.to(device=device, dtype=config.torch_dtype)
-    spec = config.model_spec()
     image = _dataset_facts(config.dataset)[0]  # (C, H, W) of one example
+    if config.dataset == "synthetic" and features != 784:
+        image = spec.input
     if spec is not None:
         if tuple(dataset.train.x.shape[1:]) != tuple(spec.input):
             # Images for a model that wants them, resized once here if it asks.
