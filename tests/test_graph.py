@@ -425,8 +425,6 @@ def test_one_step_on_resnet20_equals_biotorchs_from_the_same_weights_and_kernels
     net = convert(plain, x)
     rule = FeedbackRule(mode, net, dtype=DTYPE)
     if mode == "fa":  # one kernel per layer, as biotorch keeps: ours set to theirs
-        names = {id(block.linear): number for number, block in enumerate(net.blocks, start=1)}
-        del names
         for key, slot in rule.slots.items():
             layer, index, consumer = key
             part = net.blocks[consumer - 1].linear
@@ -449,4 +447,4 @@ def test_one_step_on_resnet20_equals_biotorchs_from_the_same_weights_and_kernels
     ours = dict(plain.named_parameters())
     assert set(expected) == set(ours)
     for name, grad in expected.items():
-        torch.testing.assert_close(ours[name].grad, grad, rtol=0, atol=1e-12, msg=name)
+        torch.testing.assert_close(ours[name].grad, grad, rtol=1e-10, atol=1e-12, msg=name)

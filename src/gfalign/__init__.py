@@ -6,6 +6,7 @@ the general feedback alignment rule, all as configurations of one exact rule eng
 
 from gfalign.engine import FeedbackRule, Step
 from gfalign.feedback import FAMILIES, FeedbackSpec
+from gfalign.graph import convert
 from gfalign.network import MLP, Network, mlp
 from gfalign.rules import PRESETS, ConfigError, LayerRule, RuleConfig, Term, preset, resolve
 from gfalign.train import DivergenceError, TrainConfig, Trainer, evaluate
@@ -27,6 +28,7 @@ __all__ = [
     "Term",
     "TrainConfig",
     "Trainer",
+    "convert",
     "evaluate",
     "mlp",
     "preset",
