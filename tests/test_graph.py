@@ -448,3 +448,18 @@ def test_one_step_on_resnet20_equals_biotorchs_from_the_same_weights_and_kernels
     assert set(expected) == set(ours)
     for name, grad in expected.items():
         torch.testing.assert_close(ours[name].grad, grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_alignment_on_a_graph_reads_bp_as_the_true_gradient():
+    """The alignment probe's autograd reference follows the graph's edges: bp's updates are at
+    0 degrees from it, fa's random feedback away from it."""
+    from gfalign.alignment import measure
+
+    model, x = _residual()
+    net = convert(model, x)
+    y = _labels(len(x))
+    bp = measure(net, FeedbackRule("bp", net, dtype=DTYPE), x, y)
+    fa = measure(net, FeedbackRule("fa", net, dtype=DTYPE), x, y)
+    for i in (1, 2, 3):
+        assert bp[f"update_angle_{i}"] == pytest.approx(0.0, abs=1e-5)
+    assert max(fa[f"update_angle_{i}"] for i in (1, 2, 3)) > 1.0

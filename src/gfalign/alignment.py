@@ -217,14 +217,15 @@ def backprop_reference(net: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
             for block in blocks
         ]
         pre: list[torch.Tensor] = []
-        h = x.detach()
+        outputs = [x.detach()]  # h^0, h^1, ...: a graph's blocks read them through edges
         for i, (block, params) in enumerate(zip(blocks, theta, strict=True), start=1):
-            a = functional_call(block.linear, params, (h,))
+            a = functional_call(block.linear, params, (net.block_input(i, outputs),))
             pre.append(a)
             if i < last:
                 h = block.activation.function(a)
                 for module in block.tail.modules:
                     h = module(h)
+                outputs.append(h)
         _, e = net.objective.error(pre[-1].detach(), target)
         parameters = [p for params in theta for p in params.values()]
         grads = torch.autograd.grad(

@@ -166,10 +166,12 @@ def _feedback_call(module: nn.Module, params: Parameters) -> Callable:
     12)."""
     if not isinstance(module, fx.GraphModule) or not params:
         return lambda inputs: functional_call(module, dict(params), (inputs,))
+    mine = dict(module.named_parameters())
     owners: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in params.items():
-        owner, _, own = name.rpartition(".")
-        owners.setdefault(owner, {})[own] = value
+        if value is not mine.get(name):  # the forward's own parameters need no stand-in
+            owner, _, own = name.rpartition(".")
+            owners.setdefault(owner, {})[own] = value
 
     def call(inputs: torch.Tensor) -> torch.Tensor:
         with contextlib.ExitStack() as stack:

@@ -82,6 +82,7 @@ class Through:
         self.buffers, self.slots = buffers, slots
         self.edges = net.edges
         self._pullbacks: dict[int, Callable] = {}
+        self._own: dict[int, torch.Tensor] = {}  # J_phi_c(theta_c)^T d^c, shared by producers
 
     def tail_back(self, i: int, g: torch.Tensor) -> torch.Tensor:
         """``J_tau_i^T g``: from ``h^i``'s shape to ``a^i``'s."""
@@ -139,9 +140,14 @@ class Through:
     def graph_above(self, layer: int, op: GraphAbove, sources) -> torch.Tensor:
         total = None
         for (c, names), s in zip(op.consumers, sources, strict=True):
-            params = self.parameters_for(layer, op.index, c, names)
-            run = self.structure[c - 1].products.input_vjp
-            g = self._guarded(layer, op, c, run, params, self.cache.input(c), s)
+            if not names and c in self._own:  # the forward parameters': one product a step
+                g = self._own[c]
+            else:
+                params = self.parameters_for(layer, op.index, c, names)
+                run = self.structure[c - 1].products.input_vjp
+                g = self._guarded(layer, op, c, run, params, self.cache.input(c), s)
+                if not names:
+                    self._own[c] = g
             g = self.edge_back(c, layer, g)
             total = g if total is None else total + g
         return self.tail_back(layer, total)
