@@ -17,6 +17,7 @@ import click
 
 from gfalign.cli.train import USER_ERRORS, error_text
 from gfalign.report import render_report, summarize
+from gfalign.train import EPOCHS_MAX
 
 __all__ = ["render_report", "report", "reproduce", "runs", "summarize"]
 
@@ -72,7 +73,11 @@ _data_dir_option = click.option(
 @click.command("reproduce")
 @click.argument("experiment", type=_experiment_choice())
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds per cell  [default: 5]")
-@click.option("--epochs", type=click.IntRange(min=1), help="Replace the protocol's 100 epochs.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(1, EPOCHS_MAX),
+    help=f"Replace the protocol's 100 epochs (at most {EPOCHS_MAX}).",
+)
 @click.option("--quick", is_flag=True, help="512 train / 256 test examples, 1 epoch (smoke run).")
 @click.option(
     "--only",
