@@ -469,6 +469,7 @@ def test_a_store_that_fills_during_an_import_takes_nothing(tmp_path, monkeypatch
         invoke("runs", "import", tmp_path / "all.jsonl", "--store", target),
         f"cannot write the results store {target}",
         "database or disk is full",
+        f"nothing from {tmp_path / 'all.jsonl'} was imported",
     )
     assert "Traceback" not in line
     monkeypatch.setattr(sqlite3, "connect", real)
@@ -688,3 +689,45 @@ def test_the_committed_export_reads_back_with_its_retired_models(tmp_path):
     assert invoke("runs", "export", out, "--store", target).exit_code == 0
     with gzip.open(COMMITTED, "rt") as a, gzip.open(out, "rt") as b:
         assert sum(1 for line in a if line.strip()) == sum(1 for line in b if line.strip())
+
+
+# ---------------------------------------------------------------------------- 9. full disks
+
+
+def test_a_full_disk_names_the_path_and_leaves_nothing_half_made(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "runs.sqlite"
+    _fill(path, count=3)
+    out = tmp_path / "report"
+    real = Path.write_text
+
+    def full(self, text, *args, **options):
+        if self.name.startswith(".exp1.md") and self.name.endswith(".tmp"):
+            real(self, text[:10])  # part of it reached the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", full)
+        refused(
+            invoke("report", "exp1", "--store", path, "-o", out),
+            f"disk full writing {out / 'exp1.md'}",
+            "free some space and run this again",
+        )
+    assert not (out / "exp1.md").exists()
+    assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []
+
+    # a store that a sweep or an import would create on a full disk is not left behind
+    real_connect = sqlite3.connect
+
+    def small(database, *args, **options):
+        db = real_connect(database, *args, **options)
+        db.execute("PRAGMA max_page_count = 1")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", small)
+    new = tmp_path / "new.sqlite"
+    quick = ["reproduce", "exp1", "--quick", "--seeds", "1", "--runs-dir", tmp_path / "r"]
+    refused(invoke(*quick, "--store", new), f"cannot write the results store {new}", "free some")
+    assert not new.exists() and not list(tmp_path.glob("new.sqlite*"))

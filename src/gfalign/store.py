@@ -487,14 +487,17 @@ class Store:
         path = Path(path)
         rows = _checked_rows(path)
         imported = skipped = 0
-        with self._transaction():
-            for row in rows:
-                present = self.get(row["key"])
-                if present and not replace and present["epochs_done"] >= row["epochs_done"]:
-                    skipped += 1
-                    continue
-                self._insert(**row)
-                imported += 1
+        try:
+            with self._transaction():
+                for row in rows:
+                    present = self.get(row["key"])
+                    if present and not replace and present["epochs_done"] >= row["epochs_done"]:
+                        skipped += 1
+                        continue
+                    self._insert(**row)
+                    imported += 1
+        except StoreError as error:
+            raise StoreError(f"{error}; nothing from {path} was imported") from None
         return imported, skipped
 
 
