@@ -4,25 +4,26 @@ Only the coordinating process of a sweep writes; workers return their results to
 holds the configuration, the status, the epochs done, the final metrics, the per-epoch history,
 the seconds spent and the versions the run used, so a report needs nothing but this file.
 
-A store is opened for writing (``Store(path)``: created with its directory where no file is)
-or for reading (``Store(path, readonly=True)``: SQLite's ``mode=ro``, which works on read-only
-media and never changes the file). A store carries a marker, ``PRAGMA application_id`` (the
-bytes ``gfal``) and ``PRAGMA user_version`` (its schema), so an SQLite file of another
-application is refused before anything is written into it; a store made before the marker
-existed is recognised by its ``runs`` table and stamped when it is next opened for writing.
-Opening checks the file (``PRAGMA quick_check``, milliseconds for the committed store) and
-refuses a damaged one or a file that is not SQLite; nothing is ever repaired silently: the
-way back is the committed export, ``gfalign runs import results/runs.jsonl.gz --store
-NEW.sqlite``. Every SQLite failure (damage, a full disk, a read-only file, a lock held too
-long) is raised as a one-line ``StoreError`` naming the file. Every read checks each row's
-key against the hash of its configuration, so a row changed after it was written (a flipped
-bit, an edit) is refused with its key and the store's name.
+A store is opened for writing (``Store(path)``: created with its directory where no file is, or
+an empty one) or for reading (``Store(path, readonly=True)``: SQLite's ``mode=ro``, which works
+on read-only media and never changes the file). A store carries a marker,
+``PRAGMA application_id`` (the bytes ``gfal``) and ``PRAGMA user_version`` (its schema), so an
+SQLite file of another application is refused before anything is written into it; a store made
+before the marker existed is recognised by its ``runs`` table and stamped when it is next opened
+for writing. Opening checks the file (``PRAGMA quick_check``, milliseconds for the committed
+store) and refuses a damaged one or a file that is not SQLite; nothing is ever repaired
+silently: the way back is the committed export,
+``gfalign runs import results/runs.jsonl.gz --store NEW.sqlite``. Every SQLite failure (damage,
+a full disk, a read-only file, a lock held too long) is raised as a one-line ``StoreError``
+naming the file. Every read checks each row's key against the hash of its configuration, so a
+row changed after it was written (a flipped bit, an edit) is refused with its key and the
+store's name.
 
 ``import_file`` is one transaction: every row of the file is checked first (types, ranges,
-finite numbers, the key against its configuration, lines of at most 16 MiB), and either all
-rows go in or none do; a file of blank lines only is refused as holding no run.
-An export is written to a temporary file and renamed, so a failed export never leaves half a
-file and never touches the store.
+finite numbers, the key against its configuration, lines of at most 16 MiB), and either all rows
+go in or none do; a file of blank lines only is refused as holding no run. An export is written
+to a temporary file and renamed, so a failed export never leaves half a file and never touches
+the store.
 """
 
 from __future__ import annotations
