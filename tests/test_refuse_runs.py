@@ -379,3 +379,80 @@ def test_empty_splits_are_refused_clearly():
         Trainer(net, rule, Dataset("synthetic", dataset.train, empty), config.train)
     with pytest.raises(DataError, match="the training split is empty"):
         Trainer(net, rule, Dataset("synthetic", empty, dataset.test), config.train)
+
+
+# --------------------------------------------------------------------------- signals, resumes
+
+
+def test_sigterm_during_train_marks_the_run_interrupted(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--hidden", "128,128", "--epochs", "200", "-q"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gfalign", "train", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            path = out / "metrics.jsonl"
+            if path.exists() and path.read_text().strip():
+                break
+            time.sleep(0.02)
+        if process.poll() is not None:
+            pytest.skip("the run ended before it could be stopped")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert summary(out)["status"] == "interrupted"
+    assert epochs(out) == list(range(1, len(epochs(out)) + 1))
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path):
+    # A torch whose import is interrupted, as a Ctrl-C in the first second would be.
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    source = Path(__file__).resolve().parents[1] / "src"
+    result = subprocess.run(
+        [sys.executable, "-m", "gfalign", "train", "--dataset", "synthetic", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{fake.parent}:{source}"},
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == ["Error: interrupted"], result.stderr
+
+
+def test_a_checkpoint_of_another_network_is_refused_naming_the_tensor(tmp_path, whole):
+    import hashlib
+
+    cut = cut_run(whole, tmp_path / "cut")
+    other = RunConfig.from_toml(whole / "config.toml").override(hidden=[24, 16])
+    state = runs.load_checkpoint(cut / "checkpoint.pt")
+    net, rule = runs.build(other)
+    state["net"], state["rule"] = net.state_dict(), rule.state_dict()
+    torch.save(state, cut / "checkpoint.pt")  # config and SHA-256 made to match
+    digest = hashlib.sha256((cut / "checkpoint.pt").read_bytes()).hexdigest()
+    (cut / "checkpoint.pt.sha256").write_text(f"{digest}  checkpoint.pt\n")
+    result = invoke("train", "--resume", cut)
+    failed(result, "does not fit the network of", "has shape [24, ", "the network's has [16, ")
+    assert f"gfalign train --resume {cut} --restart" in result.output
+    assert epochs(cut) == [1, 2]
+
+
+def test_a_checkpoint_of_another_configuration_names_the_keys(tmp_path, whole):
+    cut = cut_run(whole, tmp_path / "cut")
+    text = (cut / "config.toml").read_text()
+    (cut / "config.toml").write_text(text.replace("lr = 0.001", "lr = 0.002"))
+    result = invoke("train", "--resume", cut)
+    failed(result, "belongs to another configuration", "differ in train.lr", "--restart")
+    assert invoke("train", "--resume", cut, "--restart", "-q").exit_code == 0
+    assert epochs(cut) == [1, 2, 3]

@@ -469,6 +469,7 @@ def test_a_store_that_fills_during_an_import_takes_nothing(tmp_path, monkeypatch
         invoke("runs", "import", tmp_path / "all.jsonl", "--store", target),
         f"cannot write the results store {target}",
         "database or disk is full",
+        f"nothing from {tmp_path / 'all.jsonl'} was imported",
     )
     assert "Traceback" not in line
     monkeypatch.setattr(sqlite3, "connect", real)
@@ -532,3 +533,201 @@ def test_a_full_store_during_a_sweep_loses_no_run(tmp_path, monkeypatch):
         rows = s.list()
     assert {r["key"] for r in rows} == {c.key() for c in configs}
     assert all(r["status"] == "finished" and len(r["history"]) == 1 for r in rows)
+
+
+# ---------------------------------------------------------------------------- 7. foreign files
+
+
+def _foreign(path: Path) -> str:
+    """An SQLite file of another application; returns its digest."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    db.execute("INSERT INTO notes (text) VALUES ('mine')")
+    db.commit()
+    db.close()
+    return digest(path)
+
+
+def test_an_sqlite_file_of_another_application_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "other.sqlite"
+    before = _foreign(path)
+    export = tmp_path / "all.jsonl"
+    _export_lines(tmp_path, count=2)
+    for command in [
+        ["runs", "import", export],
+        ["reproduce", "exp1", "--quick", "--seeds", "1", "--runs-dir", tmp_path / "r"],
+        ["runs", "list"],
+        ["runs", "export", tmp_path / "out.jsonl"],
+    ]:
+        refused(
+            invoke(*command, "--store", path),
+            f"{path} is an SQLite file but not a results store (tables notes)",
+            "nothing was written",
+        )
+        assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("other")) == [
+        "other.sqlite"
+    ]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_new_store_carries_the_marker_and_an_old_one_is_stamped(tmp_path):
+    new = tmp_path / "new.sqlite"
+    Store(new).close()
+    db = sqlite3.connect(new)
+    marker = [
+        db.execute(f"PRAGMA {name}").fetchone()[0] for name in ("application_id", "user_version")
+    ]
+    db.close()
+    assert marker == [store.APPLICATION_ID, store.SCHEMA_VERSION]
+    # A store made before the marker: the same table, no application id.
+    old = tmp_path / "old.sqlite"
+    keys = _fill(old, count=2)
+    db = sqlite3.connect(old)
+    db.execute("PRAGMA application_id = 0")
+    db.execute("PRAGMA user_version = 0")
+    db.commit()
+    db.close()
+    result = invoke("runs", "list", "--store", old)
+    assert result.exit_code == 0 and all(k in result.output for k in keys), result.output
+    Store(old).close()
+    db = sqlite3.connect(old)
+    assert db.execute("PRAGMA application_id").fetchone()[0] == store.APPLICATION_ID
+    db.close()
+    assert [r["key"] for r in Store(old, readonly=True).list()] == keys
+
+
+def test_a_refused_import_leaves_no_store_behind(tmp_path):
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"key": "x"}\n')
+    target = tmp_path / "new" / "deeper" / "runs.sqlite"
+    refused(invoke("runs", "import", source, "--store", target), "1 bad row, nothing imported")
+    assert not (tmp_path / "new").exists()
+    # and a store that fills while the import creates it
+    rows = _export_lines(tmp_path, count=3)
+    assert rows
+    real = sqlite3.connect
+
+    def small(database, *args, **options):
+        db = real(database, *args, **options)
+        db.execute("PRAGMA max_page_count = 2")
+        return db
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite3, "connect", small)
+        refused(
+            invoke("runs", "import", tmp_path / "all.jsonl", "--store", target),
+            f"cannot write the results store {target}",
+            "free some space",
+        )
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_long_line_or_an_import_of_nothing_is_refused(tmp_path):
+    long = tmp_path / "long.jsonl.gz"
+    with gzip.open(long, "wt") as handle:
+        for _ in range(17):
+            handle.write(" " * 2**20)
+        handle.write("\n")
+    assert long.stat().st_size < 2**20
+    target = tmp_path / "runs.sqlite"
+    refused(
+        invoke("runs", "import", long, "--store", target),
+        f"{long}: line 1 is longer than 16 MiB",
+        "nothing imported",
+    )
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n   \n\n")
+    refused(invoke("runs", "import", blank, "--store", target), f"{blank}: holds no stored run")
+    assert not target.exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert invoke("runs", "import", empty, "--store", target).exit_code == 0
+
+
+# ---------------------------------------------------------------------------- 8. read checks
+
+
+def _flip(path: Path, key: str) -> None:
+    """Change one character inside the stored configuration of run ``key``."""
+    db = sqlite3.connect(path)
+    (text,) = db.execute("SELECT config_json FROM runs WHERE key = ?", (key,)).fetchone()
+    flipped = text.replace('"lr": 0.001', '"lr": 0.003', 1)
+    assert flipped != text
+    db.execute("UPDATE runs SET config_json = ? WHERE key = ?", (flipped, key))
+    db.commit()
+    db.close()
+
+
+def test_every_read_checks_a_rows_key_against_its_configuration(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    keys = _fill(path, count=3)
+    _flip(path, keys[1])
+    for command in [
+        ["runs", "list"],
+        ["runs", "show", keys[1][:8]],
+        ["runs", "export", tmp_path / "out.jsonl"],
+        ["report", "exp1"],
+    ]:
+        refused(
+            invoke(*command, "--store", path),
+            f"results store {path}: row {keys[1]}",
+            "was changed after it was stored",
+            "not to its key",
+        )
+    assert not (tmp_path / "out.jsonl").exists()
+    assert invoke("runs", "show", keys[0][:8], "--store", path).exit_code == 0
+
+
+@pytest.mark.skipif(not COMMITTED.exists(), reason="needs the committed export")
+def test_the_committed_export_reads_back_with_its_retired_models(tmp_path):
+    target = tmp_path / "x.sqlite"
+    assert invoke("runs", "import", COMMITTED, "--store", target).exit_code == 0
+    listed = invoke("runs", "list", "--store", target)
+    assert listed.exit_code == 0, listed.output
+    out = tmp_path / "again.jsonl.gz"
+    assert invoke("runs", "export", out, "--store", target).exit_code == 0
+    with gzip.open(COMMITTED, "rt") as a, gzip.open(out, "rt") as b:
+        assert sum(1 for line in a if line.strip()) == sum(1 for line in b if line.strip())
+
+
+# ---------------------------------------------------------------------------- 9. full disks
+
+
+def test_a_full_disk_names_the_path_and_leaves_nothing_half_made(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "runs.sqlite"
+    _fill(path, count=3)
+    out = tmp_path / "report"
+    real = Path.write_text
+
+    def full(self, text, *args, **options):
+        if self.name.startswith(".exp1.md") and self.name.endswith(".tmp"):
+            real(self, text[:10])  # part of it reached the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", full)
+        refused(
+            invoke("report", "exp1", "--store", path, "-o", out),
+            f"disk full writing {out / 'exp1.md'}",
+            "free some space and run this again",
+        )
+    assert not (out / "exp1.md").exists()
+    assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []
+
+    # a store that a sweep or an import would create on a full disk is not left behind
+    real_connect = sqlite3.connect
+
+    def small(database, *args, **options):
+        db = real_connect(database, *args, **options)
+        db.execute("PRAGMA max_page_count = 1")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", small)
+    new = tmp_path / "new.sqlite"
+    quick = ["reproduce", "exp1", "--quick", "--seeds", "1", "--runs-dir", tmp_path / "r"]
+    refused(invoke(*quick, "--store", new), f"cannot write the results store {new}", "free some")
+    assert not new.exists() and not list(tmp_path.glob("new.sqlite*"))

@@ -2,16 +2,19 @@
 
 What is checked: a study file is read and refused clearly; trials report their validation
 error per epoch and a pruner stops them; the test set is never evaluated during a study; a
-stopped study continues where it was and replaces a killed trial; the same seed gives the same
-study; ``--final`` trains the best trial on several seeds, measures the test set once per run
-and records the runs in the results store.
+stopped study continues where it was and tries a killed trial's values again, ending with the
+best of a study never killed; the same seed gives the same study; ``--final`` trains the best
+trial on several seeds, measures the test set once per run and records the runs in the results
+store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+import socket
 import sqlite3
 import warnings
 from pathlib import Path
@@ -210,7 +213,7 @@ def test_the_median_pruner_stops_a_trial_worse_than_the_median(tmp_path):
     assert second.intermediate_values[1] > first.intermediate_values[1]
 
 
-def test_a_stopped_study_continues_and_replaces_a_killed_trial(tmp_path, monkeypatch):
+def test_a_stopped_study_continues_and_tries_a_stopped_trial_again(tmp_path, monkeypatch):
     study = _study(tmp_path)
     first = tune.run(study, trials=2)
     before = [(t.params, t.value) for t in first.trials]
@@ -236,7 +239,76 @@ def test_a_stopped_study_continues_and_replaces_a_killed_trial(tmp_path, monkeyp
     assert [(t.params, t.value) for t in trials[:2]] == before
     states = optuna.trial.TrialState
     assert [t.state for t in trials[2:]] == [states.RUNNING, states.FAIL, states.COMPLETE]
-    assert trials[-1].params != trials[0].params  # the continued sampler draws anew
+    # the stopped trial's values are tried again, not replaced by new ones
+    assert trials[-1].params == trials[3].params != trials[0].params
+    assert tune.retries(resumed) == {3: 4}
+
+
+def _killed_trial(study: tune.Study) -> int:
+    """A trial as a search draws it, left running by a process that has since died (its lock
+    in the study's directory is free); returns its number."""
+    opened = tune.open_study(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: a heartbeat is meant for Study.optimize
+        trial = opened.ask()
+    lock = study.directory / tune.OWNERS / "gone.lock"
+    trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": 1, "lock": str(lock)})
+    for dimension in study.space:
+        dimension.suggest(trial)
+    return trial.number
+
+
+def test_a_killed_search_continued_finds_the_best_of_one_never_killed(tmp_path):
+    text = STUDY.replace("seed = 3\n", 'seed = 3\nsampler = "random"\n')
+    text = text.replace("trials = 3", "trials = 4")
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    whole = tune.run(_study(tmp_path / "whole", text))
+    study = _study(tmp_path / "killed", text)
+    tune.run(study, trials=1)
+    lost = _killed_trial(study)
+    notes: list[str] = []
+    resumed = tune.run(study, on_note=notes.append)
+    states = optuna.trial.TrialState
+    assert resumed.trials[lost].state == states.FAIL
+    assert "died" in resumed.trials[lost].user_attrs["lost"]
+    assert tune.retries(resumed) == {lost: lost + 1}
+    assert resumed.trials[lost + 1].params == resumed.trials[lost].params
+    assert notes == [
+        f"trial {lost} was lost (its process died or was stopped): its values are "
+        f"tried again as trial {lost + 1}"
+    ]
+
+    def completed(opened):
+        return sorted(
+            (t.value, sorted(t.params.items())) for t in opened.trials if t.state == states.COMPLETE
+        )
+
+    assert completed(resumed) == completed(whole)
+    assert (resumed.best_value, resumed.best_params) == (whole.best_value, whole.best_params)
+    summary = tune.summarize(study, resumed)
+    assert summary["retried"] == [{"trial": lost, "as": lost + 1}]
+    assert summary["best"]["validation_error"] == whole.best_value
+    result = CliRunner().invoke(
+        main, ["tune", str(tmp_path / "killed" / "study.toml"), "--summary"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        f"trial {lost} was lost (its process died or was stopped) and tried again" in result.output
+    )
+
+
+def test_a_running_trial_of_a_live_process_is_left_to_it(tmp_path):
+    study = _study(tmp_path)
+    tune.run(study, trials=1)
+    with tune._ownership(study) as owner:
+        opened = tune.open_study(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trial = opened.ask()
+        trial.set_user_attr("owner", owner)
+        summary = tune.summarize(study, tune.open_study(study))
+    assert summary["states"] == {"complete": 1, "running": 1} and summary["retried"] == []
 
 
 def test_a_summary_marks_a_trial_whose_heartbeat_stopped_as_failed(tmp_path):
@@ -679,3 +751,50 @@ def test_every_shipped_study_loads_and_a_datasets_studies_differ_only_in_the_rul
             )
             assert study.space == first.space and settings == first.settings
             assert dataclasses.replace(study.base, rule=first.base.rule) == first.base
+
+
+def test_a_search_killed_by_sigkill_tries_the_killed_trials_values_again(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    text = STUDY.replace("epochs = 2\n", "epochs = 400\n").replace("trials = 3", "trials = 2")
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    study = tune.load(path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gfalign", "tune", str(path), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    database, running = study.directory / "study.db", None
+    try:
+        deadline = time.monotonic() + 180
+        while process.poll() is None and time.monotonic() < deadline and running is None:
+            time.sleep(0.2)
+            if not database.exists():
+                continue
+            with contextlib.suppress(sqlite3.Error):
+                db = sqlite3.connect(database)
+                try:
+                    running = db.execute(
+                        "SELECT t.number FROM trials t JOIN trial_user_attributes a ON "
+                        "a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'owner'"
+                    ).fetchone()
+                finally:
+                    db.close()
+        if running is None:
+            pytest.skip("the search ended or never started a trial in time")
+        process.kill()
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    opened = tune.open_study(study)
+    (number,) = running
+    killed = opened.trials[number]
+    assert killed.state == optuna.trial.TrialState.RUNNING  # as the kill left it
+    summary = tune.summarize(study, opened, trials=0)
+    assert summary["trials"][number]["state"] == "fail"  # found dead at once, by its lock
+    assert tune._retry_lost(opened, 1) == [(number, number + 1)]
+    assert opened.trials[number + 1].params == killed.params

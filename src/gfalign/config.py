@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -43,10 +44,36 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["DTYPES", "RunConfig", "load_toml", "resolve_device"]
+__all__ = [
+    "DTYPES",
+    "SEED_MAX",
+    "RunConfig",
+    "check_memory",
+    "load_toml",
+    "machine_memory",
+    "resolve_device",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SYNTHETIC_IMAGE = (1, 28, 28)  # gfalign.data.synthetic: MNIST's shape, 10 classes
+SEED_MAX = 2**63 - 1
+"""The largest seed: torch's generators take up to 2^64 - 1, a results store (SQLite's
+integers, the 64-bit checks of an import) holds up to 2^63 - 1."""
+
+
+def check_seed(seed: int, where: str = "") -> None:
+    """Refuse a seed beyond ``SEED_MAX`` in one line (``check_fields`` has checked its type).
+
+    Example:
+        >>> check_seed(2**64)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        gfalign.rules.ConfigError: seed = 18446744073709551616: out of range; allowed: ...
+    """
+    if seed > SEED_MAX:
+        raise ConfigError(
+            f"{where}seed = {seed}: out of range; allowed: an integer from 0 to 2^63 - 1 = "
+            f"{SEED_MAX}"
+        )
 
 
 def _datasets() -> list[str]:
@@ -153,6 +180,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Every field's type and range, so nothing wrong reaches the data or the network.
         check_fields(self, _LIMITS)
+        check_seed(self.seed)
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"device must be cpu, cuda or auto, got {self.device!r}; allowed: cpu, auto, "
@@ -218,6 +246,34 @@ class RunConfig:
                 f"gives images of shape {list(image)} (or [{width}] flat); allowed: input = "
                 f"{list(image)}, [{width}], or [{channels}, R, R] with resize = R"
             )
+
+    def parameters(self) -> int:
+        """The number of weights and biases of the network this configuration builds, counted
+        from its widths without building it.
+
+        Example:
+            >>> RunConfig(hidden=(800, 800)).parameters()  # 784-800-800-10
+            1276810
+        """
+        spec = self.model_spec()
+        if spec is None:
+            return sum((a + 1) * b for a, b in zip(self.sizes[:-1], self.sizes[1:], strict=True))
+        return _block_parameters(spec)
+
+    def check_fits(self) -> None:
+        """Refuse, before anything is allocated, a network whose weights cannot fit in the
+        memory of the machine (or of the GPU) it would train on.
+
+        Raises:
+            ConfigError: naming the parameter count, the memory needed and what there is.
+        """
+        model = "the MLP " + "-".join(map(str, self.sizes)) if self.model is None else None
+        check_memory(
+            model or f"model {self.model_spec().name!r}",
+            self.parameters(),
+            self.torch_dtype,
+            self.device,
+        )
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -351,6 +407,95 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _block_parameters(spec) -> int:
+    """The weights and biases of a ``gfalign.models.ModelSpec``, from its blocks' tables
+    (convolution and pooling output sizes as ``torch.nn`` computes them)."""
+    shape = tuple(spec.input)
+    total = 0
+    for block in spec.blocks:
+        bias = bool(block.get("bias", True))
+        if "conv" in block:
+            channels, kernel = int(block["conv"]), int(block["kernel"])
+            stride, padding = int(block.get("stride", 1)), int(block.get("padding", 0))
+            total += channels * (shape[0] * kernel * kernel + bias)
+            sides = [(side + 2 * padding - kernel) // stride + 1 for side in shape[1:]]
+            if "pool" in block:
+                sizes = [int(p) for p in str(block["pool"]).split(":")[1:]]
+                sides = [(side - sizes[0]) // sizes[-1] + 1 for side in sides]
+            shape = (channels, *(max(side, 1) for side in sides))
+        else:
+            width = int(block["linear"])
+            total += width * (math.prod(shape) + bias)
+            shape = (width,)
+    return total
+
+
+def machine_memory(device: str = "cpu") -> tuple[int, str] | None:
+    """The bytes of memory a run on ``device`` has, and where they are: the GPU's own for
+    CUDA, else this machine's (``MemTotal`` of ``/proc/meminfo``, or ``os.sysconf``); None
+    where neither can be read.
+
+    Example:
+        >>> total, where = machine_memory()
+        >>> total > 0 and where == "this machine"
+        True
+    """
+    if device != "cpu" and torch.cuda.is_available():
+        index = torch.device("cuda" if device == "auto" else device).index or 0
+        if index < torch.cuda.device_count():
+            properties = torch.cuda.get_device_properties(index)
+            return int(properties.total_memory), f"GPU {index} ({properties.name})"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024, "this machine"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(count: float) -> str:
+    """``12.5 GB``: a size in decimal units."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if count < 1000 or unit == "EB":
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def check_memory(
+    what: str, count: int, dtype: torch.dtype, device: str = "cpu", copies: int = 2
+) -> None:
+    """Refuse ``count`` numbers of ``dtype`` that cannot fit ``copies`` times (the weights and
+    their updates, at the least) in the memory ``machine_memory(device)`` finds.
+
+    Raises:
+        ConfigError: ``{what} has N parameters, needing at least M of memory ..., more than
+            {where} has (T)``.
+
+    Example:
+        >>> check_memory("an MLP", 795 * 10**12, torch.float32)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        gfalign.rules.ConfigError: an MLP has 795,000,000,000,000 parameters, needing at least ...
+    """
+    found = machine_memory(device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = count * itemsize * copies
+    if found is None or needed <= found[0]:
+        return
+    total, where = found
+    name = str(dtype).removeprefix("torch.")
+    raise ConfigError(
+        f"{what} has {count:,} parameters, needing at least {_bytes(needed)} of memory "
+        f"({copies} copies in {name}: the weights and their updates), more than {where} has "
+        f"({_bytes(total)}); allowed: a network of at most about "
+        f"{total // (itemsize * copies):,} parameters here"
+    )
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

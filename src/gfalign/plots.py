@@ -489,6 +489,8 @@ def _write(figure, path: str | Path) -> Path:
     try:
         figure.savefig(temporary, dpi=120, format=path.suffix[1:].lower() or "png")
         os.replace(temporary, path)
+    except OSError as error:  # a write names no file: name the figure
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()

@@ -153,6 +153,7 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
 def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, FeedbackRule]:
     """The network (an ``MLP``, or the configuration's model of blocks) and the rule it
     describes, freshly initialised."""
+    config.check_fits()
     if config.model is not None:
         from gfalign.models import build as build_model
 
@@ -522,6 +523,69 @@ def _resume_checkpoint(directory: Path, from_previous: bool) -> tuple[dict | Non
         ) from None
 
 
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """The dotted keys at which two plain configurations differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        found: list[str] = []
+        for name in sorted(set(a) | set(b), key=str):
+            found += _differences(a.get(name), b.get(name), f"{where}{name}.")
+        return found
+    return [] if a == b else [where.rstrip(".")]
+
+
+def _load_into(
+    trainer: Trainer, state: Mapping[str, Any], config: RunConfig, directory: Path, previous: bool
+) -> None:
+    """Load a checkpoint's state into ``trainer``, once it is known to be the state of this
+    run: its configuration the run's, every tensor the shape the run's network gives it.
+
+    Raises:
+        RunError: naming the keys that differ, or the tensor and both shapes; the way forward
+            is ``--restart``.
+    """
+    path = directory / (PREVIOUS_CHECKPOINT if previous else CHECKPOINT)
+    restart = f"start the run over with `gfalign train --resume {directory} --restart`"
+    try:
+        recorded = RunConfig.from_data(state["config"])
+    except (ConfigError, KeyError, TypeError) as problem:
+        raise RunError(
+            f"{path} holds no configuration this gfalign reads ({problem}); {restart}"
+        ) from None
+    if recorded.key() != config.key():
+        keys = _differences(recorded.to_data(), config.to_data()) or ["the resolved rule"]
+        shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise RunError(
+            f"{path} belongs to another configuration than {directory / CONFIG}: they differ in "
+            f"{shown}; {restart}, or resume the directory that checkpoint was made in"
+        )
+    for part, module in (("net", trainer.net), ("rule", trainer.rule)):
+        expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+        stored = state.get(part)
+        if not isinstance(stored, Mapping):
+            raise RunError(f"{path} holds no {part} state; {restart}")
+        for name, tensor in stored.items():
+            shape = tuple(getattr(tensor, "shape", ()))
+            if name not in expected:
+                raise RunError(
+                    f"{path} holds {part} tensor {name!r} of shape {list(shape)}, which the "
+                    f"network of {directory / CONFIG} has not; {restart}"
+                )
+            if shape != expected[name]:
+                raise RunError(
+                    f"{path} does not fit the network of {directory / CONFIG}: its {part} "
+                    f"tensor {name!r} has shape {list(shape)}, the network's has "
+                    f"{list(expected[name])}; {restart}"
+                )
+        missing = sorted(set(expected) - set(stored))
+        if missing:
+            raise RunError(f"{path} lacks the {part} tensor {missing[0]!r}; {restart}")
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as problem:
+        text = " ".join(str(problem).split())[:200]
+        raise RunError(f"{path} does not fit the run of {directory}: {text}; {restart}") from None
+
+
 def _describe_run(directory: Path) -> str:
     """``finished, 3 epochs`` or the like, for a directory that holds a run."""
     try:
@@ -635,6 +699,7 @@ class _OpenRun:
                 "validation error, but validation = 0 holds no examples out; allowed: "
                 "validation = N (training examples held out as a validation split)"
             )
+        config.check_fits()  # before the data or the network take any memory
         device = resolve_device(config.device)
         if dataset is None:
             dataset = load_data(config, device, data_dir=data_dir, quiet=quiet)
@@ -648,9 +713,7 @@ class _OpenRun:
             probes.append(alignment_metric(dataset, size=config.alignment_probe))
         trainer = Trainer(net, rule, dataset, config.train, metrics=probes)
         if checkpoint is not None:
-            if RunConfig.from_data(checkpoint["config"]).key() != config.key():
-                raise RunError(f"{directory / CHECKPOINT} belongs to another configuration")
-            trainer.load_state_dict(checkpoint)
+            _load_into(trainer, checkpoint, config, directory, from_previous)
         self.config, self.directory, self.trainer, self.device = config, directory, trainer, device
         self.checkpointed = self.recorded = trainer.epoch
         self.summary: dict[str, Any] = {

@@ -4,25 +4,35 @@ Only the coordinating process of a sweep writes; workers return their results to
 holds the configuration, the status, the epochs done, the final metrics, the per-epoch history,
 the seconds spent and the versions the run used, so a report needs nothing but this file.
 
-A store is opened for writing (``Store(path)``: created with its directory) or for reading
-(``Store(path, readonly=True)``: SQLite's ``mode=ro``, which works on read-only media and
-never changes the file). Opening checks the file (``PRAGMA quick_check``, milliseconds for the
-committed store) and refuses a damaged one or a file that is not SQLite; nothing is ever
-repaired silently: the way back is the committed export, ``gfalign runs import
-results/runs.jsonl.gz --store NEW.sqlite``. Every SQLite failure (damage, a full disk, a
-read-only file, a lock held too long) is raised as a one-line ``StoreError`` naming the file.
+A store is opened for writing (``Store(path)``: created with its directory where no file is, or
+an empty one) or for reading (``Store(path, readonly=True)``: SQLite's ``mode=ro``, which works
+on read-only media and never changes the file). A store carries a marker,
+``PRAGMA application_id`` (the bytes ``gfal``) and ``PRAGMA user_version`` (its schema), so an
+SQLite file of another application is refused before anything is written into it; a store made
+before the marker existed is recognised by its ``runs`` table and stamped when it is next opened
+for writing. Opening checks the file (``PRAGMA quick_check``, milliseconds for the committed
+store) and refuses a damaged one or a file that is not SQLite; nothing is ever repaired
+silently: the way back is the committed export,
+``gfalign runs import results/runs.jsonl.gz --store NEW.sqlite``. Every SQLite failure (damage,
+a full disk, a read-only file, a lock held too long) is raised as a one-line ``StoreError``
+naming the file. Every read checks each row's key against the hash of its configuration, so a
+row changed after it was written (a flipped bit, an edit) is refused with its key and the
+store's name.
 
 ``import_file`` is one transaction: every row of the file is checked first (types, ranges,
-finite numbers, the key against its configuration), and either all rows go in or none do.
-An export is written to a temporary file and renamed, so a failed export never leaves half a
-file and never touches the store.
+finite numbers, the key against its configuration, lines of at most 16 MiB), and either all rows
+go in or none do; a file of blank lines only is refused as holding no run. An export is written
+to a temporary file and renamed, so a failed export never leaves half a file and never touches
+the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gzip
+import itertools
 import json
 import math
 import os
@@ -44,14 +54,19 @@ CHECK_LIMIT = 256 * 2**20
 _INT64 = 2**63 - 1
 # Bad rows named in an import's refusal; the rest are counted.
 _NAMED = 10
+# The marker of a results store: ``PRAGMA application_id`` (b"gfal") and the schema version.
+APPLICATION_ID = int.from_bytes(b"gfal", "big")
+SCHEMA_VERSION = 1
+# The longest line an import reads: a stored run of 1000 epochs of history is about 1 MiB.
+LINE_LIMIT = 16 * 2**20
 
 
 class StoreError(ValueError):
     """The store or a file for it cannot be used: damaged, unwritable, or a bad import row."""
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY,
     experiment TEXT,
     label TEXT,
@@ -63,9 +78,25 @@ CREATE TABLE IF NOT EXISTS runs (
     seconds REAL,
     versions_json TEXT,
     updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_experiment ON runs (experiment);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS runs_experiment ON runs (experiment)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+# The columns of the runs table, by which a store made before the marker is recognised.
+_RUN_COLUMNS = (
+    "key",
+    "experiment",
+    "label",
+    "config_json",
+    "status",
+    "epochs_done",
+    "final_json",
+    "history_json",
+    "seconds",
+    "versions_json",
+    "updated",
+)
 
 _JSON = ("config", "final", "history", "versions")
 COLUMNS = (
@@ -99,7 +130,12 @@ def _describe(path: Path, error: sqlite3.Error) -> str:
     if not isinstance(error, sqlite3.OperationalError) or "malformed" in text:
         return _damaged(path, error)
     if "full" in text:
-        return f"cannot write the results store {path}: {text}; free some space"
+        return f"cannot write the results store {path}: {text}; free some space and run this again"
+    if "disk i/o error" in text.lower():
+        return (
+            f"cannot write the results store {path}: {text} (a full or failing disk); free "
+            "some space or check the disk, then run this again"
+        )
     if "readonly" in text or "read-only" in text:
         return f"cannot write the results store {path}: it is read-only ({text})"
     if "locked" in text or "busy" in text:
@@ -130,12 +166,18 @@ class Store:
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path, self.readonly = Path(path), readonly
+        # The outermost path this opening created (the file or a directory above it), which a
+        # failed opening, or ``discard``, removes again; None when the file was there.
+        self.created: Path | None = None
         if readonly and not self.path.is_file():
             raise StoreError(
                 f"results store {self.path} does not exist; run `gfalign reproduce` first, "
                 f"or rebuild it from the committed export: {REBUILD}"
             )
         if not readonly:
+            if self.path.is_dir():
+                raise StoreError(f"results store {self.path} is a directory, not a file")
+            created = _first_missing(self.path)
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
@@ -143,23 +185,43 @@ class Store:
                     f"cannot create the results store {self.path}: {self.path.parent} cannot be "
                     f"a directory ({error.strerror}); choose a writable --store path"
                 ) from None
-            if self.path.is_dir():
-                raise StoreError(f"results store {self.path} is a directory, not a file")
+            self.created = created
         self._db: sqlite3.Connection | None = None
         try:
             with self._errors():
                 self._db = self._connect()
                 self._check()
-                if readonly:
-                    self._require_schema()
-                else:
+                marked = self._recognise()
+                if not readonly:
+                    if not marked:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        for statement in _SCHEMA:
+                            self._db.execute(statement)
+                        self._db.commit()
                     self._db.execute("PRAGMA journal_mode=WAL")
-                    self._db.executescript(_SCHEMA)
-                    self._db.commit()
         except BaseException:
             if self._db is not None:
                 self._db.close()
+            self.discard()
             raise
+
+    def discard(self) -> None:
+        """Remove what opening this store created (the file, its journals and the directories
+        made for it); nothing when the file was there before. For a write that failed."""
+        if self.created is None:
+            return
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                Path(f"{self.path}{suffix}").unlink()
+        for directory in self.path.parents:
+            if not str(directory).startswith(str(self.created)):
+                break
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self.created = None
 
     def _connect(self) -> sqlite3.Connection:
         if not self.readonly:
@@ -189,15 +251,42 @@ class Store:
         if problems != ["ok"]:
             raise StoreError(_damaged(self.path, " / ".join(problems).replace("\n", " ")))
 
-    def _require_schema(self) -> None:
-        found = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'"
-        ).fetchone()
-        if found is None:
-            raise StoreError(
-                f"{self.path} is a SQLite file but not a results store (it has no runs table); "
-                "check the --store path"
+    def _recognise(self) -> bool:
+        """Whether the file carries the store's marker; a store made before the marker is
+        recognised by its runs table, an SQLite file with no tables at all is a store to make,
+        and any other is refused before anything is written.
+
+        Raises:
+            StoreError: the file belongs to another application, or to a newer gfalign.
+        """
+        application = self._db.execute("PRAGMA application_id").fetchone()[0]
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if application == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"results store {self.path} has schema {version}, written by a newer "
+                    f"gfalign (this one reads schema {SCHEMA_VERSION}); upgrade gfalign"
+                )
+            return True
+        tables = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
             )
+        ]
+        if application == 0 and version == 0:
+            if not tables and not self.readonly:
+                return False
+            columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(runs)"))
+            if "runs" in tables and sorted(columns) == sorted(_RUN_COLUMNS):
+                return False
+        what = f"application id {application:#x}, " if application else ""
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        holds = f"tables {shown}" if tables else "no tables"
+        raise StoreError(
+            f"{self.path} is an SQLite file but not a results store ({what}{holds}); nothing "
+            "was written to it: check the --store path, or choose a new file for the store"
+        )
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -299,8 +388,26 @@ class Store:
         )
 
     def _rows(self, sql: str, *parameters: Any) -> list[dict[str, Any]]:
+        """The rows ``sql`` selects, decoded, each checked against its key."""
         with self._errors():
-            return [_decode(r) for r in self._db.execute(sql, parameters)]
+            return [self._verified(r) for r in self._db.execute(sql, parameters)]
+
+    def _verified(self, raw: sqlite3.Row) -> dict[str, Any]:
+        """One stored row, decoded, once its key is the hash of its configuration (or of a
+        former definition of its built-in model, ``_retired``)."""
+        key = raw["key"]
+        try:
+            row = _decode(raw)
+            problem = _mismatch(key, raw["config_json"])
+        except json.JSONDecodeError as error:
+            problem = f"a column is not JSON ({error})"
+        if problem is not None:
+            raise StoreError(
+                f"results store {self.path}: row {key} ({raw['label'] or 'no label'}) was "
+                f"changed after it was stored: {problem}; nothing was read: rebuild the store "
+                f"from the committed export: {REBUILD}, or remove the row"
+            )
+        return row
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The row of run ``key`` (JSON columns decoded, ``*_json`` names shortened), or None."""
@@ -381,14 +488,17 @@ class Store:
         path = Path(path)
         rows = _checked_rows(path)
         imported = skipped = 0
-        with self._transaction():
-            for row in rows:
-                present = self.get(row["key"])
-                if present and not replace and present["epochs_done"] >= row["epochs_done"]:
-                    skipped += 1
-                    continue
-                self._insert(**row)
-                imported += 1
+        try:
+            with self._transaction():
+                for row in rows:
+                    present = self.get(row["key"])
+                    if present and not replace and present["epochs_done"] >= row["epochs_done"]:
+                        skipped += 1
+                        continue
+                    self._insert(**row)
+                    imported += 1
+        except StoreError as error:
+            raise StoreError(f"{error}; nothing from {path} was imported") from None
         return imported, skipped
 
 
@@ -512,6 +622,32 @@ def _retired(config: dict[str, Any], key: str) -> dict[str, Any] | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _mismatch(key: str, config_json: str) -> str | None:
+    """Why a stored row's ``key`` is not the hash of its configuration, None when it is."""
+    from gfalign.config import RunConfig
+    from gfalign.rules import ConfigError
+
+    try:
+        config = json.loads(config_json)
+        hashed = RunConfig.from_data(config).key()
+        if hashed == key or _retired(config, key) is not None:
+            return None
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as error:
+        return f"its configuration is no valid run ({' '.join(str(error).split())[:160]})"
+    return f"its configuration hashes to {hashed}, not to its key"
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (None: it exists)."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
 def _checked(row: Mapping[str, Any]) -> dict[str, Any]:
     """One export row, checked by type and range, in the shape ``Store._insert`` takes."""
     from gfalign.config import RunConfig
@@ -575,11 +711,34 @@ def _checked(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _lines(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
-    """(line number, raw row or the problem with that line) of an export file."""
+class _TooLong(Exception):
+    """A line of an import file longer than ``LINE_LIMIT``."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+def _bounded(handle, counted: list[int]) -> Iterator[str]:
+    """The lines of ``handle``, none read beyond ``LINE_LIMIT`` characters; ``counted[0]``
+    becomes the characters read."""
+    for line in itertools.count(1):
+        text = handle.readline(LINE_LIMIT + 1)
+        if not text:
+            return
+        counted[0] += len(text)
+        if len(text) > LINE_LIMIT:
+            raise _TooLong(line)
+        yield text
+
+
+def _lines(path: Path, counted: list[int]) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+    """(line number, raw row or the problem with that line) of an export file; ``counted[0]``
+    becomes the characters read."""
     with _open_text(path, "r") as handle:
+        lines = _bounded(handle, counted)
         if _format(path) == "jsonl":
-            for line, text in enumerate(handle, 1):
+            for line, text in enumerate(lines, 1):
                 if not text.strip():
                     continue
                 try:
@@ -592,7 +751,7 @@ def _lines(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
                     continue
                 yield line, row if isinstance(row, dict) else "not a stored run (not an object)"
             return
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(lines)
         missing = {"key", "config", "status"} - set(reader.fieldnames or [])
         if missing:
             raise StoreError(f"{path}: not a runs export (no column {', '.join(sorted(missing))})")
@@ -618,8 +777,9 @@ def _checked_rows(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     lines: dict[str, int] = {}
+    counted = [0]
     try:
-        for line, raw in _lines(path):
+        for line, raw in _lines(path, counted):
             try:
                 if isinstance(raw, str):
                     raise _Bad(raw)
@@ -631,8 +791,18 @@ def _checked_rows(path: Path) -> list[dict[str, Any]]:
                 continue
             lines[row["key"]] = line
             rows.append(row)
+    except _TooLong as long:
+        raise StoreError(
+            f"{path}: line {long.line} is longer than {LINE_LIMIT // 2**20} MiB, the most a "
+            "line of a runs export may hold; nothing imported"
+        ) from None
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
         raise StoreError(f"{path}: cannot read it ({error}); nothing imported") from None
+    if not rows and not problems and counted[0] and _format(path) == "jsonl":
+        raise StoreError(
+            f"{path}: holds no stored run ({counted[0]} characters of blank lines); nothing "
+            "imported: give an export written by `gfalign runs export`"
+        )
     if problems:
         more = len(problems) - _NAMED
         named = "; ".join(problems[:_NAMED]) + (f"; and {more} more" if more > 0 else "")

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "EPOCHS_MAX",
     "DivergenceError",
     "Schedule",
     "TrainConfig",
@@ -64,9 +65,12 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+EPOCHS_MAX = 100_000
+"""The most epochs a run may have: a run that could finish (days of the paper's networks)."""
+
 # Ranges and names beyond the types of TrainConfig's annotations (gfalign.rules.check_fields).
 _TRAIN_LIMITS = {
-    "epochs": Limit(minimum=1),
+    "epochs": Limit(minimum=1, maximum=EPOCHS_MAX),
     "batch_size": Limit(minimum=1),
     "lr": Limit(above=0),
     "optimizer": Limit(choices=lambda: OPTIMIZERS),
@@ -315,7 +319,7 @@ class TrainConfig:
     """How to train; the fields are the defaults and the documentation.
 
     Attributes:
-        epochs: passes over the training set.
+        epochs: passes over the training set, at most 100000 (a run that could finish).
         batch_size: examples per step; the last, smaller batch of an epoch is kept.
         lr: learning rate (the paper's 0.001).
         optimizer: a name in ``OPTIMIZERS`` (``sgd``, ``adam`` ...).
@@ -378,6 +382,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, _TRAIN_LIMITS, "[train] ")
+        if self.seed > 2**63 - 1:  # gfalign.config.SEED_MAX
+            raise ConfigError(
+                f"[train] seed = {self.seed}: out of range; allowed: an integer from 0 to "
+                f"2^63 - 1 = {2**63 - 1}"
+            )
         object.__setattr__(self, "optimizer_options", dict(self.optimizer_options))
         _check_optimizer_options(self)
         if self.warmup and self.warmup >= self.epochs:

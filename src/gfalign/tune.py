@@ -53,8 +53,12 @@ test set once per run, recording the runs in a results store like every other ru
 Trials live in an Optuna storage: by default an SQLite file ``study.db`` in the study's
 directory (``<study>.tune/`` beside the TOML file), so a killed study continues where it
 stopped; a database URL (``postgresql://...``) shares one study between machines. A trial
-that was killed is not counted and is replaced; stale ones are marked failed by Optuna's
-heartbeat.
+whose process died is found by its owner's lock (an operating-system file lock in the study's
+directory, released the moment its process exits, however it exits) or, from another machine,
+by Optuna's heartbeat; it is marked failed and not counted, and its values are tried again,
+once, as a new trial (as are those of a trial stopped by Ctrl-C), so a killed search ends with
+the trials and the best of one never killed. A trial is seeded by the trials drawn before it,
+retries left out, so the values drawn after a retry are those a search never killed draws.
 
 Example:
     >>> study = from_data(
@@ -68,14 +72,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
 import math
+import os
+import socket
 import statistics
 import threading
+import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,7 +92,7 @@ import numpy as np
 
 from gfalign.config import RunConfig, load_toml, resolve_device
 from gfalign.rules import ConfigError, Limit, check_fields, render
-from gfalign.train import DivergenceError, Trainer
+from gfalign.train import EPOCHS_MAX, DivergenceError, Trainer
 
 if TYPE_CHECKING:
     import optuna
@@ -101,6 +109,7 @@ __all__ = [
     "open_study",
     "plot",
     "require_search",
+    "retries",
     "run",
     "storage_url",
     "summarize",
@@ -110,6 +119,8 @@ __all__ = [
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
+OWNERS = ".owners"
+"""The folder of a study's directory where each searching process holds its lock."""
 EXPERIMENT_PREFIX = "tune:"
 """Final runs are recorded in the results store under the experiment ``tune:<study name>``."""
 
@@ -300,14 +311,14 @@ class _Settings:
 
 _SETTING_LIMITS = {
     "trials": Limit(minimum=1),
-    "epochs": Limit(minimum=1),
+    "epochs": Limit(minimum=1, maximum=EPOCHS_MAX),
     "seed": Limit(minimum=0),
     "sampler": Limit(choices=SAMPLERS),
     "pruner": Limit(choices=PRUNERS),
     "startup_trials": Limit(minimum=0),
     "warmup_epochs": Limit(minimum=0),
     "final_seeds": Limit(minimum=0, example="5 or [0, 1, 2, 3, 4]"),
-    "final_epochs": Limit(minimum=1, absent="the study's epochs"),
+    "final_epochs": Limit(minimum=1, maximum=EPOCHS_MAX, absent="the study's epochs"),
 }
 
 
@@ -553,18 +564,35 @@ def storage_url(study: Study, storage: str | None = None) -> str:
     return storage or f"sqlite:///{(study.directory / 'study.db').resolve()}"
 
 
-def _storage(url: str):
+def _retry():
+    """Optuna's callback that enqueues a failed trial's values again, once."""
+    optuna = _optuna()
+    kind = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return (kind or optuna.storages.RetryFailedTrialCallback)(max_retry=1)
+
+
+def _storage(url: str, *, retry: bool = False):
     optuna = _optuna()
     engine: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         engine["connect_args"] = {"timeout": 60}  # parallel trials wait for the file's lock
+    options: dict[str, Any] = {}
+    if retry:  # a search: a trial found stale while it runs is tried again
+        key = (
+            "heartbeat_stale_trial_callback"
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+            else "failed_trial_callback"
+        )
+        options[key] = _retry()
     try:
         with warnings.catch_warnings():
-            # The heartbeat marks trials whose process died as failed, so they are replaced;
+            # The heartbeat marks trials whose process died as failed, so they are tried again;
             # Optuna calls the argument experimental.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180
+                url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180, **options
             )
     except Exception as problem:  # noqa: BLE001 - any driver or URL error, named in one line
         text = " ".join(str(problem).split())[:200]
@@ -589,6 +617,8 @@ def _sampler(study: Study):
     shared study at once, and Optuna reseeds it at random under ``n_jobs > 1``; a trial's
     number is unique in its storage, so seeding from it keeps parallel trials apart and the
     study reproducible: trial k of a given history draws the same values however it is run.
+    The retries of lost trials (``_retry_lost``) draw nothing and are left out of the count,
+    so the trials after a retry draw what they would have drawn without the loss.
     """
     optuna = _optuna()
     settings = study.settings
@@ -604,26 +634,31 @@ def _sampler(study: Study):
             self._samplers: dict[int, Any] = {}
             self._lock = threading.Lock()
 
-        def _of(self, trial):
+        def _of(self, opened, trial):
             with self._lock:
                 if trial.number not in self._samplers:
-                    self._samplers[trial.number] = make(trial.number)
+                    retries = sum(
+                        1
+                        for other in opened.get_trials(deepcopy=False)
+                        if other.number < trial.number and "failed_trial" in other.system_attrs
+                    )
+                    self._samplers[trial.number] = make(trial.number - retries)
                 return self._samplers[trial.number]
 
         def infer_relative_search_space(self, opened, trial):
-            return self._of(trial).infer_relative_search_space(opened, trial)
+            return self._of(opened, trial).infer_relative_search_space(opened, trial)
 
         def sample_relative(self, opened, trial, search_space):
-            return self._of(trial).sample_relative(opened, trial, search_space)
+            return self._of(opened, trial).sample_relative(opened, trial, search_space)
 
         def sample_independent(self, opened, trial, name, distribution):
-            return self._of(trial).sample_independent(opened, trial, name, distribution)
+            return self._of(opened, trial).sample_independent(opened, trial, name, distribution)
 
         def before_trial(self, opened, trial):
-            self._of(trial).before_trial(opened, trial)
+            self._of(opened, trial).before_trial(opened, trial)
 
         def after_trial(self, opened, trial, state, values):
-            self._of(trial).after_trial(opened, trial, state, values)
+            self._of(opened, trial).after_trial(opened, trial, state, values)
             with self._lock:
                 self._samplers.pop(trial.number, None)
 
@@ -659,12 +694,18 @@ def require_search(study: Study) -> None:
 
 
 def open_study(
-    study: Study, storage: str | None = None, *, pruner=None, create: bool = True
+    study: Study,
+    storage: str | None = None,
+    *,
+    pruner=None,
+    create: bool = True,
+    retry: bool = False,
 ) -> optuna.Study:
     """The study's Optuna study in its storage, created the first time (unless ``create`` is
     false: then a study the storage does not hold is an error, and nothing is written).
 
-    ``pruner`` replaces the study's own (an ``optuna.pruners.BasePruner``).
+    ``pruner`` replaces the study's own (an ``optuna.pruners.BasePruner``); with ``retry``, a
+    trial Optuna's heartbeat finds stale is tried again once (a search opens it so).
 
     Raises:
         ConfigError: the storage cannot be opened, or its study was made from another base
@@ -685,7 +726,7 @@ def open_study(
     if storage is None:
         study.directory.mkdir(parents=True, exist_ok=True)
     opened = optuna.create_study(
-        storage=_storage(url),
+        storage=_storage(url, retry=retry),
         study_name=study.name,
         direction="minimize",
         load_if_exists=True,
@@ -706,9 +747,125 @@ def open_study(
     return opened
 
 
+@contextlib.contextmanager
+def _ownership(study: Study) -> Iterator[dict[str, Any]]:
+    """Hold this process's lock in the study's directory while the block runs; yields the
+    owner record its trials carry (``owner``), by which another process sees it alive."""
+    from filelock import FileLock
+
+    owners = study.directory / OWNERS
+    owners.mkdir(parents=True, exist_ok=True)
+    host, pid = socket.gethostname(), os.getpid()
+    path = owners / f"{host}-{pid}-{time.time_ns()}.lock"
+    lock = FileLock(path, timeout=0)
+    lock.acquire()
+    try:
+        yield {"host": host, "pid": pid, "lock": str(path)}
+    finally:
+        lock.release()
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _dead(owner: Any) -> bool:
+    """Whether the process an ``owner`` record names is gone: on this host, its lock is free.
+    (On other hosts only the heartbeat can tell.)"""
+    from filelock import FileLock, Timeout
+
+    if not isinstance(owner, Mapping) or owner.get("host") != socket.gethostname():
+        return False
+    path = Path(str(owner.get("lock", "")))
+    if not path.name:
+        return False
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return False
+    except OSError:
+        return True  # its directory is gone, and the process with it
+    lock.release()
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return True
+
+
+def _fail_dead(opened: optuna.Study) -> list[int]:
+    """Mark failed the running trials whose owner died (``_dead``); returns their numbers."""
+    optuna = _optuna()
+    storage, found = opened._storage, []
+    for trial in opened.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner")
+        if not _dead(owner):
+            continue
+        try:
+            storage.set_trial_user_attr(
+                trial._trial_id, "lost", f"process {owner['pid']} on {owner['host']} died"
+            )
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process found it first
+        found.append(trial.number)
+    return found
+
+
+def retries(opened: optuna.Study) -> dict[int, int]:
+    """Lost trial -> the trial that tries its values again: a trial whose process died or was
+    stopped is tried again once by the next search (``run``), not replaced by new values."""
+    again: dict[int, int] = {}
+    for trial in opened.get_trials(deepcopy=False):
+        history = trial.system_attrs.get("retry_history") or []
+        if history:
+            again[int(history[-1])] = trial.number
+    return again
+
+
+def _fail_lost(opened: optuna.Study) -> None:
+    """Mark failed the running trials whose process died: its lock is free (``_fail_dead``)
+    or its heartbeat stopped longer ago than the grace period."""
+    optuna = _optuna()
+    _fail_dead(opened)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(opened)
+
+
+def _retry_lost(opened: optuna.Study, most: int) -> list[tuple[int, int]]:
+    """Enqueue the values of up to ``most`` lost trials again, once each, oldest first.
+
+    Lost: failed without diverging, because its process died (``_fail_lost``) or was stopped
+    (Ctrl-C), or its trial raised. A retry that is lost in turn is not tried again.
+
+    Returns:
+        (lost trial, the new trial that tries its values again) for each one enqueued now.
+    """
+    optuna = _optuna()
+    done = retries(opened)
+    enqueued: list[tuple[int, int]] = []
+    for trial in opened.get_trials(deepcopy=True, states=(optuna.trial.TrialState.FAIL,)):
+        if len(enqueued) >= most:
+            break
+        history = list(trial.system_attrs.get("retry_history") or [])
+        if "diverged" in trial.user_attrs or trial.number in done or history:
+            continue
+        # As Optuna's retry callback enqueues a trial (its system attributes included), but
+        # without the lost trial's own attributes: the retry records its own.
+        opened.add_trial(
+            optuna.create_trial(
+                state=optuna.trial.TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                system_attrs={"failed_trial": trial.number, "retry_history": [trial.number]},
+            )
+        )
+        enqueued.append((trial.number, retries(opened)[trial.number]))
+    return enqueued
+
+
 def counted(opened: optuna.Study) -> int:
     """Trials that count towards a study's ``trials``: completed, pruned, or diverged (a
-    failed trial whose training diverged). Killed or broken trials are replaced."""
+    failed trial whose training diverged). Killed or broken trials are not counted: their
+    values are tried again once (``retries``)."""
     optuna = _optuna()
     states = optuna.trial.TrialState
     return sum(
@@ -725,8 +882,10 @@ def counted(opened: optuna.Study) -> int:
 class _Objective:
     """Trains one trial's configuration and returns its validation error."""
 
-    def __init__(self, study: Study, data_dir: str | Path | None) -> None:
-        self.study, self.data_dir = study, data_dir
+    def __init__(
+        self, study: Study, data_dir: str | Path | None, owner: Mapping[str, Any] | None = None
+    ) -> None:
+        self.study, self.data_dir, self.owner = study, data_dir, owner
         self._data: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -758,6 +917,8 @@ class _Objective:
         optuna = _optuna()
         from gfalign.runs import build
 
+        if self.owner is not None:
+            trial.set_user_attr("owner", dict(self.owner))
         params = {dimension.path: dimension.suggest(trial) for dimension in self.study.space}
         config = self.study.config_for(params)
         trial.set_user_attr("key", config.key())
@@ -797,9 +958,13 @@ def run(
     data_dir: str | Path | None = None,
     pruner=None,
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> optuna.Study:
     """Run the study until ``trials`` (default: the study's) count (``counted``), continuing
     the trials its storage already holds; returns the Optuna study.
+
+    First, every trial lost by a search before (its process killed or stopped) is marked
+    failed and its values are enqueued again, once: they are the next trials trained.
 
     Args:
         study: the study.
@@ -810,30 +975,39 @@ def run(
         data_dir: where the dataset's files are.
         pruner: replaces the study's pruner (an ``optuna.pruners.BasePruner``).
         on_trial: called with every trial this process finishes.
+        on_note: receives one line for each lost trial tried again.
 
     Raises:
         ConfigError: as for ``open_study``, or a trial's values make no valid run.
         DataError: the data.
     """
-    opened = open_study(study, storage, pruner=pruner)
+    opened = open_study(study, storage, pruner=pruner, retry=True)
     target = study.trials if trials is None else trials
-    left = target - counted(opened)
-    if left <= 0:
-        return opened
+    with _ownership(study) as owner:
+        _fail_lost(opened)
+        left = target - counted(opened)
+        if left <= 0:
+            return opened
+        for lost, again in _retry_lost(opened, left):
+            if on_note is not None:
+                on_note(
+                    f"trial {lost} was lost (its process died or was stopped): its values are "
+                    f"tried again as trial {again}"
+                )
 
-    def finished(current: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if on_trial is not None:
-            on_trial(trial)
-        if counted(current) >= target:
-            current.stop()
+        def finished(current: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if on_trial is not None:
+                on_trial(trial)
+            if counted(current) >= target:
+                current.stop()
 
-    opened.optimize(
-        _Objective(study, data_dir),
-        n_trials=left,
-        n_jobs=jobs,
-        catch=(DivergenceError,),
-        callbacks=[finished],
-    )
+        opened.optimize(
+            _Objective(study, data_dir, owner),
+            n_trials=left,
+            n_jobs=jobs,
+            catch=(DivergenceError,),
+            callbacks=[finished],
+        )
     return opened
 
 
@@ -868,13 +1042,13 @@ def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> 
 
     Importances (PED-ANOVA, ``optuna.importance``) need enough completed trials; before,
     they are ``{}`` and ``importances_note`` says why. ``trials`` is the target the search
-    ran to (default: the study's). Trials whose process died (their heartbeat stopped longer
-    ago than the grace period) are marked failed first, as the next search would.
+    ran to (default: the study's). Trials whose process died (their owner's lock is free, or
+    their heartbeat stopped longer ago than the grace period) are marked failed first, as the
+    next search would; ``retried`` lists each lost trial with the trial that tried its values
+    again.
     """
     optuna = _optuna()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(opened)
+    _fail_lost(opened)
     states = optuna.trial.TrialState
     every = opened.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
@@ -912,6 +1086,9 @@ def summarize(study: Study, opened: optuna.Study, trials: int | None = None) -> 
         "best": best,
         "importances": importances,
         "importances_note": note,
+        "retried": [
+            {"trial": lost, "as": again} for lost, again in sorted(retries(opened).items())
+        ],
         "trials": [
             {
                 "number": t.number,

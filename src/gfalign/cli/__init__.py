@@ -6,15 +6,22 @@ starts fast and a subcommand's dependencies stay its own.
 An error the user can cause (a bad configuration, damaged data, a busy or damaged run directory,
 a damaged store, a path that cannot be written, a full disk) ends the command with one line,
 ``Error: ...``, and exit status 1; ``gfalign --debug COMMAND`` (or ``GFALIGN_DEBUG=1``) shows its
-traceback instead. Anything else is a bug and keeps its traceback.
+traceback instead. Anything else is a bug and keeps its traceback. A Ctrl-C while a command
+loads (PyTorch takes a second or two to import) ends it with one line and exit status 130, and
+a command that records what it has done (``train``) treats SIGTERM as it treats Ctrl-C
+(``terminate_as_interrupt``), ending with status 143.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import signal
 import sqlite3
+import threading
 import traceback
+from collections.abc import Iterator
 
 import click
 
@@ -57,14 +64,48 @@ def describe(error: BaseException) -> str | None:
     if isinstance(error, OSError):
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or str(error)
-        if error.errno == errno.ENOSPC:
-            return f"disk full writing{where}: {reason}; free some space and run this again"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"disk full writing{where}: {reason}; files are written whole or not at all, so "
+                "what was there is kept: free some space and run this again"
+            )
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"cannot write{where}: {reason}; choose a writable location"
         return f"{where.strip() or 'file system'}: {reason}"
     if isinstance(error, sqlite3.DatabaseError):
         return f"results store: {error}"
     return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that what is done for an
+    interrupted command (a run marked ``interrupted``, its epochs kept) is done for it too."""
+
+    status = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main
+    thread; the previous handler comes back after it. Elsewhere than the main thread, nothing
+    changes (only it can receive signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(number: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit_interrupted(error: KeyboardInterrupt) -> SystemExit:
+    """The exit of a command stopped by Ctrl-C (status 130) or SIGTERM (143)."""
+    return SystemExit(error.status if isinstance(error, Terminated) else 130)
 
 
 class LazyGroup(click.Group):
@@ -75,6 +116,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt as stop:
+            # Ctrl-C while a command loads or before it handles interruptions itself.
+            click.echo("Error: interrupted", err=True)
+            raise exit_interrupted(stop) from None
         except click.ClickException as error:
             cause = error.__cause__ or error.__context__
             if ctx.params.get("debug") and cause is not None:

@@ -15,6 +15,7 @@ import torch
 
 from gfalign import feedback as families
 from gfalign.alignment import ERROR_SPACES, FeedbackDiagnostics, diagnose
+from gfalign.config import SEED_MAX, check_memory
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -59,7 +60,13 @@ def list_families(as_json: bool) -> None:
     help="ROWSxCOLS in the row convention (s @ B): rows receive the signal, cols are the "
     "layer's units; a direct matrix is n_out x n_hidden.",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, SEED_MAX),
+    help="Seed of the draw, from 0 to 2^63 - 1.",
+)
 @click.option(
     "--error",
     "error_space",
@@ -74,9 +81,12 @@ def show(family: str, shape: str, seed: int, error_space: str, as_json: bool) ->
 
     Rank, condition number, whether B B+ = I (no signal is lost: the condition Nokland writes
     as B+ B = I in his column convention) and B+ B = I, and how much of the possible output
-    errors the matrix carries.
+    errors the matrix carries. A shape whose matrices cannot fit in this machine's memory is
+    refused before anything is drawn.
     """
     rows, cols = parse_shape(shape)
+    # The draw, its SVD and pseudo-inverse hold several matrices of rows x cols float64s.
+    check_memory(f"a {rows}x{cols} feedback matrix", rows * cols, torch.float64, copies=4)
     try:
         spec = families.FeedbackSpec.parse(family)
         matrix = families.draw(spec, (rows, cols), torch.Generator().manual_seed(seed))

@@ -17,6 +17,7 @@ import click
 
 from gfalign.cli.train import USER_ERRORS, error_text
 from gfalign.report import render_report, summarize
+from gfalign.train import EPOCHS_MAX
 
 __all__ = ["render_report", "report", "reproduce", "runs", "summarize"]
 
@@ -72,7 +73,11 @@ _data_dir_option = click.option(
 @click.command("reproduce")
 @click.argument("experiment", type=_experiment_choice())
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds per cell  [default: 5]")
-@click.option("--epochs", type=click.IntRange(min=1), help="Replace the protocol's 100 epochs.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(1, EPOCHS_MAX),
+    help=f"Replace the protocol's 100 epochs (at most {EPOCHS_MAX}).",
+)
 @click.option("--quick", is_flag=True, help="512 train / 256 test examples, 1 epoch (smoke run).")
 @click.option(
     "--only",
@@ -287,12 +292,20 @@ def runs_import(source: Path, store_path: Path, replace: bool) -> None:
     """Add the runs of an export (CSV or JSON lines) to the store (created if missing), e.g. to
     rebuild it from the committed results/runs.jsonl.gz. Runs the store already has are kept
     unless the file has more epochs of them (or --replace); `reproduce` then skips the
-    finished ones. Every row is checked first and all go in, in one transaction, or none."""
+    finished ones. Every row is checked first and all go in, in one transaction, or none; a
+    refused import leaves no store it created. A file holding no run (only blank lines) and a
+    line longer than 16 MiB are refused."""
     from gfalign.store import Store, StoreError
 
     try:
-        with Store(store_path) as store:
+        store = Store(store_path)
+        try:
             imported, skipped = store.import_file(source, replace=replace)
+        except BaseException:
+            store.discard()  # a store this import created goes again with it
+            raise
+        finally:
+            store.close()
     except StoreError as error:
         raise click.ClickException(str(error)) from error
     click.echo(

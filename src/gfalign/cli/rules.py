@@ -6,6 +6,9 @@ import click
 
 from gfalign.rules import PRESETS, ConfigError, resolve
 
+# The deepest network `rules show` resolves a rule for: a rule's table grows with the depth.
+MAX_DEPTH = 1000
+
 
 @click.group("rules", invoke_without_command=True)
 @click.pass_context
@@ -22,10 +25,10 @@ def rules(ctx: click.Context) -> None:
 @click.argument("name")
 @click.option(
     "--depth",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_DEPTH),
     default=2,
     show_default=True,
-    help="Hidden layers of the network to resolve the rule for.",
+    help=f"Hidden layers of the network to resolve the rule for, at most {MAX_DEPTH}.",
 )
 @click.option("--feedback", default=None, help="Feedback family, e.g. B6:density=0.2")
 def show(name: str, depth: int, feedback: str | None) -> None:

@@ -4,6 +4,8 @@
 ``--overwrite``; ``--resume DIR`` continues one from its checkpoint, ``--resume DIR
 --from-previous`` from the checkpoint before it (when the last one is refused as corrupted,
 truncated or missing), and ``--resume DIR --restart`` starts its recorded configuration over.
+Ctrl-C or SIGTERM marks the run ``interrupted`` in its ``summary.json``, the finished epochs
+kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import click
 
 from gfalign.claims import RunBusyError
+from gfalign.cli import exit_interrupted, terminate_as_interrupt
 from gfalign.config import RunConfig, load_toml
 from gfalign.data import DataError
 from gfalign.rules import ConfigError
@@ -363,7 +366,7 @@ def _run(
             f"{verb} {config.label()} on {config.dataset} -> {directory}", highlight=False
         )
     try:
-        with progress:
+        with terminate_as_interrupt(), progress:
             return execute(
                 config,
                 directory,
@@ -375,13 +378,13 @@ def _run(
                 on_note=on_note,
                 quiet=quiet,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         console.print(
             f"interrupted; the finished epochs are kept. Continue with: "
             f"gfalign train --resume {directory}",
             highlight=False,
         )
-        raise SystemExit(130) from None
+        raise exit_interrupted(stop) from None
     finally:
         if writer is not None:
             writer.close()

@@ -142,7 +142,9 @@ def tune(
     kept in an SQLite file in the study's directory, so a stopped study continues where it
     was; --storage shares one study between machines. The summary (best trial, parameter
     importances) goes to OUT/summary.json and OUT/study.png; --summary writes it from the
-    trials stored so far, while a search runs or after it stopped.
+    trials stored so far, while a search runs or after it stopped. A trial whose process was
+    killed or stopped is found, marked failed and its values tried again once, so a killed
+    search continued finds the best a search never killed finds; the summary names each one.
 
     --final trains the best trial's configuration on several seeds, measures the test set
     once per run and records the runs in the results store (experiment "tune:NAME"). A study
@@ -212,8 +214,19 @@ def _search(study, storage, trials, jobs, data_dir, quiet) -> dict[str, Any]:
             f"{tuning.storage_url(study, storage)}",
             err=True,
         )
+
+    def on_note(note: str) -> None:
+        if not quiet:
+            click.echo(f"note: {note}", err=True)
+
     opened = tuning.run(
-        study, storage=storage, trials=trials, jobs=jobs, data_dir=data_dir, on_trial=on_trial
+        study,
+        storage=storage,
+        trials=trials,
+        jobs=jobs,
+        data_dir=data_dir,
+        on_trial=on_trial,
+        on_note=on_note,
     )
     return tuning.summarize(study, opened, trials)
 
@@ -254,6 +267,12 @@ def _echo_summary(summary: dict[str, Any], study, path: Path, figure: Path) -> N
     states = ", ".join(f"{count} {state}" for state, count in sorted(summary["states"].items()))
     counted = f"{summary['counted']}/{summary['target_trials']}"
     click.echo(f"{summary['study']}: {counted} trials ({states})", err=True)
+    for retried in summary["retried"]:
+        click.echo(
+            f"trial {retried['trial']} was lost (its process died or was stopped) and tried "
+            f"again as trial {retried['as']}",
+            err=True,
+        )
     best = summary["best"]
     if best is None:
         click.echo("no completed trial yet", err=True)

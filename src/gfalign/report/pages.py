@@ -606,6 +606,8 @@ def _write_text(path: Path, text: str) -> None:
     try:
         temporary.write_text(text)
         os.replace(temporary, path)
+    except OSError as error:  # a write names no file: name the page
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
