@@ -2,6 +2,7 @@
 SGD path it times. No timed assertions: speed is measured by benchmarks, not by tests."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -109,18 +110,27 @@ def test_replay_calls_the_recorded_products():
     assert [(p.name, p.flops) for p in again] == [(p.name, p.flops) for p in products]
 
 
-def test_product_share_is_a_fraction():
-    net = MLP(SIZES, seed=0)
-    rule = FeedbackRule("dfa", net)
-    x, y = batch(8)
+def test_product_share_tells_products_from_other_work():
+    """Steps of nothing but products spend most of their time in them; steps that mostly
+    sleep, almost none; and each product is counted once per call."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(256, 256, generator=generator)
 
-    def steps(count):
+    def products(count):
         for _ in range(count):
-            rule.sgd_step(net, x, y, lr=1e-4)
+            for _ in range(4):
+                torch.mm(a, a)
 
-    share, ops = product_share(steps, 3, torch.device("cpu"))
-    assert 0 < share <= 1
-    assert ops and all(op["ms_per_step"] >= 0 for op in ops)
+    def sleeping(count):
+        for _ in range(count):
+            time.sleep(0.02)
+            torch.mm(a[:8, :8], a[:8, :8])
+
+    busy, ops = product_share(products, 5, torch.device("cpu"))
+    idle, _ops = product_share(sleeping, 5, torch.device("cpu"))
+    assert 0.5 < busy <= 1 and idle < 0.1
+    (mm,) = (op for op in ops if op["op"] == "aten::mm")
+    assert mm["calls_per_step"] == 4 and mm["ms_per_step"] > 0
 
 
 def test_epoch_counts_the_smaller_last_batch():
@@ -219,10 +229,20 @@ def test_run_falls_back_to_random_tensors_without_mnist(tmp_path, monkeypatch):
     assert row["gemm_seconds"] is None and row["products_share"] is None
 
 
-def test_peak_memory_is_measured():
+def test_peak_memory_sees_an_allocation_and_its_reset():
     memory = PeakMemory(torch.device("cpu"))
     memory.reset()
-    assert memory.peak_bytes() > 0
+    before = memory.peak_bytes()
+    size = 64 * 2**20
+    block = torch.ones(size // 4)  # 64 MiB, every page written
+    assert memory.peak_bytes() >= before + 0.9 * size
+    peak = memory.peak_bytes()
+    del block
+    if not memory.resettable:
+        pytest.skip(f"the peak cannot be reset here ({memory.how})")
+    assert memory.current_bytes() < peak - 0.5 * size  # freed
+    memory.reset()
+    assert memory.peak_bytes() < peak - 0.5 * size  # the peak starts again from now
 
 
 # ---------------------------------------------------------------- the fused SGD path it times

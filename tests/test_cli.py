@@ -275,18 +275,66 @@ def test_tensorboard(tmp_path):
         assert any((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_plot_curves_and_alignment(tmp_path):
+def _drawn(monkeypatch) -> list:
+    """The figures ``savefig`` writes from now on, recorded as they are saved."""
+    from matplotlib.figure import Figure
+
+    saved, save = [], Figure.savefig
+
+    def record(figure, *args, **kwargs):
+        saved.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def _data_lines(ax) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """(x, y) of every line an axes draws from data (reference lines left out)."""
+    return [
+        (tuple(map(float, line.get_xdata())), tuple(map(float, line.get_ydata())))
+        for line in ax.get_lines()
+        if not line.get_label().startswith("_")
+    ]
+
+
+def _pixels_of(png: Path, colour) -> int:
+    """How many pixels of the PNG are ``colour`` exactly (a line's core; antialiased edges
+    differ)."""
+    import numpy as np
+    from matplotlib import colors
+    from matplotlib import image as mpimg
+
+    rgb = mpimg.imread(png)[..., :3]
+    return int(np.all(np.abs(rgb - np.array(colors.to_rgb(colour))) < 1 / 255, axis=-1).sum())
+
+
+def test_plot_curves_and_alignment(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert invoke("train", *TINY, "--out", a, "-q").exit_code == 0
     assert invoke("train", *TINY, "--rule", "dfa", "--alignment", "--out", b, "-q").exit_code == 0
+    histories = [runs.read_metrics(run) for run in (a, b)]
+    saved = _drawn(monkeypatch)
     png = tmp_path / "curves.png"
     result = invoke("plot", a, b, "-o", png)
     assert result.exit_code == 0, result.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = saved[-1].axes
+    expected = [
+        (tuple(float(r["epoch"]) for r in h), tuple(float(r["test_error"]) for r in h))
+        for h in histories
+    ]
+    assert _data_lines(ax) == expected  # one line per run, through its test errors
+    for line in ax.get_lines():  # and the file holds them: each line's colour, well beyond
+        assert _pixels_of(png, line.get_color()) > 150  # its legend sample's few pixels
     angles = tmp_path / "angles.png"
     result = invoke("plot", b, "--alignment", "--kind", "delta", "-o", angles)
     assert result.exit_code == 0, result.output
-    assert angles.read_bytes()[:4] == b"\x89PNG"
+    panels = saved[-1].axes
+    assert [ax.get_title() for ax in panels] == ["hidden layer 1", "hidden layer 2"]
+    for layer, ax in enumerate(panels, start=1):
+        ((epochs, values),) = _data_lines(ax)
+        assert values == tuple(float(r[f"delta_angle_{layer}"]) for r in histories[1])
+        assert _pixels_of(angles, ax.get_lines()[0].get_color()) > 150
     failed(invoke("plot", a, "--alignment", "-o", tmp_path / "x.png"), "--alignment")
     failed(invoke("plot", tmp_path), "not a run directory")
 

@@ -531,9 +531,23 @@ def test_cli_help_has_an_example():
     assert "gfalign tune dfa.toml --final --seeds 5" in result.output
 
 
+EXPECTED = {
+    "bp": "",
+    "s1": """
+[expected]
+goal = {error = 50.0, on = "the synthetic set"}
+[[expected.published]]
+value = 12.5
+source = "A 2020"
+what = "s1 on this set"
+""",
+}
+
+
 def _beyond_page(runner, store: Path, tune_dir: Path, tmp_path: Path) -> str:
     """The beyond page `gfalign report` writes from ``store`` and the studies in ``tune_dir``."""
     arguments = ["report", "exp1", "--store", str(store), "--runs-dir", str(tmp_path / "none")]
+    arguments += ["--studies", str(tmp_path)]  # the study files, for their [expected] tables
     out = tmp_path / "report"
     result = runner.invoke(main, [*arguments, "--tune-dir", str(tune_dir), "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -550,7 +564,7 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
     store = tmp_path / "runs.sqlite"
     for rule in ("bp", "s1"):
         path = tmp_path / f"{rule}.toml"
-        path.write_text(STUDY.replace('rule = "dfa"', f'rule = "{rule}"'))
+        path.write_text(STUDY.replace('rule = "dfa"', f'rule = "{rule}"') + EXPECTED[rule])
         out = tmp_path / "tune" / rule
         result = runner.invoke(main, ["tune", str(path), "--trials", "2", "--out", str(out), "-q"])
         assert result.exit_code == 0, result.output
@@ -579,6 +593,18 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
         assert row.split(" | ")[6:8] == [f"{sum(best) / len(best):.2f}", duration(spent)]
     difference, ci = welch(finals["s1"], finals["bp"])
     assert f"synthetic 1x8 tanh s1 − bp, 2 epochs: {difference:+.2f} points" in page
+    # what the study files expect, printed beside the runs: the published number, the goal
+    # named by the rule's family, and its verdict on s1's runs
+    assert (
+        "Published: the paper's value. A 2020 reports 12.50% for s1 on this set; the goal set "
+        "for the general rule is 50.00% or below." in page
+    )
+    mean = sum(finals["s1"]) / 2
+    verdict = "reached" if mean <= 50 else f"not reached ({mean - 50:+.2f} points)"
+    assert (
+        f"Goal, a general-rule network at or below 50.00% on the synthetic set: {verdict}." in page
+    )
+    assert "s1 trained 2 epochs (s1, mean best validation error" in page
     searched, trained = 0.0, 0.0
     for rule in ("bp", "s1"):
         folder = tmp_path / "tune" / rule
@@ -644,10 +670,12 @@ def test_a_study_taking_anothers_search_trains_its_best_longer_under_its_own_nam
     assert "| longer | not searched yet" not in page
 
 
-def _final(study, rule, epochs, errors, validation, search=None):
+def _final(study, rule, epochs, errors, validation, search=None, goal=None):
     from gfalign.report.beyond import Final
 
-    return Final(study, search or study, "mnist", "2x800 tanh", epochs, rule, errors, validation)
+    return Final(
+        study, search or study, "mnist", "2x800 tanh", epochs, rule, errors, validation, goal
+    )
 
 
 def test_a_rules_gap_to_bp_compares_runs_of_the_same_length():
@@ -684,15 +712,26 @@ def test_the_goal_is_judged_on_the_runs_chosen_on_validation_not_on_the_best_tes
     general rules the one validation prefers is judged."""
     from gfalign.report.beyond import _goal, _lengths
 
+    goal = tune.Goal(1.60, "MNIST")
     finals = [
-        _final("s1", "s1", 30, (1.55, 1.55), 1.70),
-        _final("s1-60", "s1", 60, (1.62, 1.62), 1.50, search="s1"),
-        _final("aux", "s1-aux", 30, (1.58, 1.58), 1.80),
+        _final("s1", "s1", 30, (1.55, 1.55), 1.70, goal=goal),
+        _final("s1-60", "s1", 60, (1.62, 1.62), 1.50, search="s1", goal=goal),
+        _final("aux", "s1-aux", 30, (1.58, 1.58), 1.80, goal=goal),
         _final("bp", "bp", 30, (1.40, 1.40), 1.30),
     ]
-    goal = _goal(finals)
-    assert goal.startswith("Goal, a general-rule network at or below 1.60% on MNIST: not reached")
-    assert "s1 trained 60 epochs (s1-60, mean best validation error 1.50): 1.62%" in goal
+    verdict = _goal(finals)
+    assert verdict.startswith(
+        "Goal, a general-rule network at or below 1.60% on MNIST: not reached (+0.02 points)"
+    )
+    assert "s1 trained 60 epochs (s1-60, mean best validation error 1.50): 1.62%" in verdict
+    # a goal is what a study file declares: without one, no verdict, whatever the rules
+    assert _goal([dataclasses.replace(f, goal=None) for f in finals]) == ""
+    # and it is judged within the family of the rules that declare it: dfa's lower validation
+    # error does not stand in for the general rule's
+    dfa = _final("dfa", "dfa", 30, (1.50, 1.50), 1.20, goal=goal)
+    assert "general-rule" in _goal([*finals, dfa]) and "a direct-rule network" in _goal(
+        [*finals, dfa]
+    )
     (line,) = _lengths(finals)
     assert line.startswith("s1 (s1): the validation error prefers 60 epochs (s1-60")
     assert "against 1.70 at 30" in line
@@ -798,3 +837,51 @@ def test_a_search_killed_by_sigkill_tries_the_killed_trials_values_again(tmp_pat
     assert summary["trials"][number]["state"] == "fail"  # found dead at once, by its lock
     assert tune._retry_lost(opened, 1) == [(number, number + 1)]
     assert opened.trials[number + 1].params == killed.params
+
+
+@pytest.mark.parametrize(
+    ("table", "fragment"),
+    [
+        ("[expected]\ngoals = 1.6\n", "[expected]: unknown key 'goals' (did you mean 'goal'?)"),
+        ("[expected]\ngoal = {error = 0}\n", "[expected.goal] error = 0: out of range"),
+        ("[expected]\ngoal = {on = 'MNIST'}\n", "[expected.goal]: no error"),
+        ("[[expected.published]]\nvalue = 1.45\n", "a table with value and source"),
+        (
+            "[[expected.published]]\nvalue = 1.45\nsource = 'N'\nwhere = 'x'\n",
+            "[[expected.published]]: unknown key 'where'",
+        ),
+    ],
+)
+def test_a_bad_expected_table_is_one_line(tmp_path, table, fragment):
+    with pytest.raises(ConfigError) as refused:
+        _study(tmp_path, STUDY + table)
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_study_file_states_its_goal_and_published_numbers_and_a_derived_one_its_own(tmp_path):
+    text = STUDY + '[expected]\ngoal = 1.6\n[[expected.published]]\nvalue = 1.45\nsource = "N"\n'
+    study = _study(tmp_path, text)
+    assert study.expected.goal == tune.Goal(1.6) and study.expected.published[0].value == 1.45
+    assert study.fingerprint() == _study(tmp_path, STUDY, name="plain").fingerprint()
+    (tmp_path / "longer.toml").write_text(LONGER + '[expected]\ngoal = {error = 1.5, on = "X"}\n')
+    longer = tune.load(tmp_path / "longer.toml")
+    assert (
+        longer.expected.goal == tune.Goal(1.5, "X") and longer.searched.expected.goal.error == 1.6
+    )
+
+
+def test_the_repositorys_study_files_declare_the_goal_and_the_published_number():
+    """The beyond page's story lives in tune/: the MNIST general-rule studies declare the goal,
+    the dfa study the published number it is set beside; every study file reads."""
+    from gfalign.report.beyond import read_expected
+
+    expected, problems = read_expected(Path(__file__).resolve().parents[1] / "tune")
+    assert problems == []
+    goals = {name for name, e in expected.items() if e.goal is not None}
+    assert goals == {
+        "mnist-2x800-s1",
+        "mnist-2x800-s1-60",
+        "mnist-2x800-s1-aux",
+        "mnist-2x800-s1-aux-warmup",
+    }
+    assert [p.source for p in expected["mnist-2x800-dfa"].published] == ["Nøkland 2016"]

@@ -780,8 +780,8 @@ class _AutogradCase(_BatchedCase):
     """Plain PyTorch on the same model: ``loss.backward()``, ``torch.optim.SGD``.
 
     The MLP is an ``nn.Sequential`` of ``nn.Linear`` layers holding the MLP's initial weights (as
-    the README's figures were measured); a block model is the ``BlockNet`` itself, whose
-    ``forward`` is plain PyTorch.
+    docs/performance.md's figures were measured); a block model is the ``BlockNet`` itself,
+    whose ``forward`` is plain PyTorch.
     """
 
     def __init__(self, data, config: BenchConfig, device, dtype):

@@ -31,12 +31,22 @@ how many trials to finish and how many epochs each trains::
     seeds = 5                   # the final runs of the best trial: seeds 0..4 (or a list)
     epochs = 60                 # and their length (default: the trials' epochs)
 
-A study file that holds ``search = "other.toml"`` (and only a name, a description and a
-[final] table besides) searches nothing: its final runs train the best trial of that study's
-search again with its own [final] epochs or seeds, recorded under its own name; that study's
-directory is found beside its own (``results/tune/s1-60`` -> ``results/tune/s1``), or by
-``--storage``. Screening short and training the chosen configuration longer is then one more
-file, not a second search.
+A study states what it is run to show beside its search, in an ``[expected]`` table written
+before it runs (the report prints it beside the runs, ``gfalign.report.beyond``)::
+
+    [expected]
+    goal = {error = 1.60, on = "MNIST"}   # the mean test error its family's best is to reach
+    [[expected.published]]                # a published number it is set beside
+    value = 1.45
+    source = "Nøkland 2016"
+    what = "DFA with dropout on this network"
+
+A study file that holds ``search = "other.toml"`` (and only a name, a description, an
+[expected] and a [final] table besides) searches nothing: its final runs train the best trial
+of that study's search again with its own [final] epochs or seeds, recorded under its own name;
+that study's directory is found beside its own (``results/tune/s1-60`` ->
+``results/tune/s1``), or by ``--storage``. Screening short and training the chosen
+configuration longer is then one more file, not a second search.
 
 A space key is a dotted path into the run's configuration as ``RunConfig.to_data`` writes it
 (``"train.lr"``, ``"activation"``, ``"feedback.density"``, ``"rule.layers.1.combine"``), so a
@@ -101,8 +111,12 @@ __all__ = [
     "PRUNERS",
     "SAMPLERS",
     "Dimension",
+    "Expected",
+    "Goal",
+    "Published",
     "Study",
     "counted",
+    "expected",
     "final",
     "from_data",
     "load",
@@ -131,9 +145,10 @@ _RESERVED = {
     "device": "the device does not change the numbers; use --device",
 }
 _TOP = ("name", "description", "trials", "epochs", "seed", "sampler", "base", "space", "search")
-# What a study taking another's search (``search = "other.toml"``) may set: its final runs.
-_DERIVED = ("name", "description", "search", "final")
-_TABLES = ("pruner", "final")
+# What a study taking another's search (``search = "other.toml"``) may set: its final runs and
+# what they are expected to show.
+_DERIVED = ("name", "description", "search", "final", "expected")
+_TABLES = ("pruner", "final", "expected")
 _SCALARS = (int, float, str, bool)
 
 
@@ -323,6 +338,108 @@ _SETTING_LIMITS = {
 
 
 @dataclass(frozen=True)
+class Goal:
+    """The mean test error (%) a study's final runs are to reach, at or below.
+
+    Attributes:
+        error: the level, in percent.
+        on: the dataset as the report names it (``"MNIST"``).
+    """
+
+    error: float
+    on: str = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"error": Limit(above=0, maximum=100)}, "[expected.goal] ")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published number a study's final runs are set beside.
+
+    Attributes:
+        value: the published test error (%).
+        source: who published it (``"Nøkland 2016"``).
+        what: what it measures (``"DFA with dropout on this network"``).
+    """
+
+    value: float
+    source: str
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"value": Limit(minimum=0, maximum=100)}, "[[expected.published]] ")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a study is run to show, written in its file before it runs (``[expected]``).
+
+    Attributes:
+        goal: the level its final runs are to reach, or None.
+        published: the published numbers its final runs are set beside.
+
+    Example:
+        >>> expected({"goal": {"error": 1.6, "on": "MNIST"}}).goal
+        Goal(error=1.6, on='MNIST')
+    """
+
+    goal: Goal | None = None
+    published: tuple[Published, ...] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.goal is not None:
+            out["goal"] = {"error": self.goal.error, "on": self.goal.on}
+        if self.published:
+            out["published"] = [
+                {"value": p.value, "source": p.source, "what": p.what} for p in self.published
+            ]
+        return out
+
+
+def expected(data: Any) -> Expected:
+    """The ``[expected]`` table of a study file.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, named.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected = {render(data)}: allowed: a table [expected]")
+    _known(data, ("goal", "published"), "[expected]")
+    goal = data.get("goal")
+    if goal is not None:
+        if not isinstance(goal, Mapping):
+            goal = {"error": goal}
+        _known(goal, ("error", "on"), "[expected.goal]")
+        if "error" not in goal:
+            raise ConfigError("[expected.goal]: no error; allowed: goal = {error = 1.60}")
+        goal = Goal(**goal)
+    published = data.get("published", [])
+    if isinstance(published, Mapping):
+        published = [published]
+    if not isinstance(published, list):
+        raise ConfigError(f"[expected] published = {render(published)}: allowed: a list of tables")
+    entries = []
+    for entry in published:
+        if not isinstance(entry, Mapping) or not {"value", "source"} <= set(entry):
+            raise ConfigError(
+                f"[[expected.published]] {render(entry)}: allowed: a table with value and source"
+            )
+        _known(entry, ("value", "source", "what"), "[[expected.published]]")
+        entries.append(Published(**entry))
+    return Expected(goal, tuple(entries))
+
+
+def _known(data: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; known: {', '.join(known)}")
+
+
+@dataclass(frozen=True)
 class Study:
     """A hyperparameter search: the base run, the space, and how the search goes.
 
@@ -336,6 +453,7 @@ class Study:
         searched: the study whose trials choose this one's best configuration, when this one
             only trains that configuration again (``search = "other.toml"``: other final
             epochs or seeds); None when it searches itself.
+        expected: what its final runs are to show (its own, never the searched study's).
     """
 
     name: str
@@ -345,6 +463,7 @@ class Study:
     directory: Path = Path("study.tune")
     description: str = ""
     searched: Study | None = None
+    expected: Expected = field(default_factory=Expected)
 
     @property
     def trials_from(self) -> Study:
@@ -428,7 +547,15 @@ def from_data(
         )
     space = tuple(Dimension.parse(str(path), value) for path, value in space_data.items())
     settings = _settings(data)
-    study = Study(name, base, space, settings, directory, str(data.get("description", "")))
+    study = Study(
+        name,
+        base,
+        space,
+        settings,
+        directory,
+        str(data.get("description", "")),
+        expected=expected(data.get("expected", {})),
+    )
     for dimension in space:  # every bound and every choice must make a run
         for value in dimension.extremes():
             try:
@@ -484,6 +611,7 @@ def _derived(data: Mapping[str, Any], *, name: str, root: Path, directory: Path)
         directory,
         str(data.get("description", "")),
         searched,
+        expected(data.get("expected", {})),
     )
 
 

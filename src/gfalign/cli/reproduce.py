@@ -353,6 +353,15 @@ def _open(store_path: Path):
     help="Where the `gfalign tune` studies' folders are (each with summary.json and "
     "final.json); with --output their searches and final runs make DIR/beyond.md.",
 )
+@click.option(
+    "--studies",
+    "study_files",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("tune"),
+    show_default=True,
+    help="Where the study TOML files are: their [expected] tables give DIR/beyond.md's goals "
+    "and published numbers.",
+)
 def report(
     experiment: str,
     store_path: Path,
@@ -360,6 +369,7 @@ def report(
     data_dir: Path | None,
     output: Path | None,
     tune_dir: Path,
+    study_files: Path,
 ) -> None:
     """EXPERIMENT's tables (ours mean ± std beside the paper's values), figures and HTML page.
 
@@ -388,7 +398,13 @@ def report(
                 click.echo("# gfalign: ours beside the paper\n\n" + "\n".join(sections), nl=False)
                 return
             written = write_report(
-                names, store, output, runs_dir=runs_dir, data_dir=data_dir, tune_dir=tune_dir
+                names,
+                store,
+                output,
+                runs_dir=runs_dir,
+                data_dir=data_dir,
+                tune_dir=tune_dir,
+                study_files=study_files,
             )
     except (*USER_ERRORS, StoreError) as error:
         raise click.ClickException(str(error)) from error

@@ -177,10 +177,10 @@ def load(
     if not dtype.is_floating_point:
         raise DataError(f"inputs need a floating dtype, not {dtype}")
     tensors, attempts = None, []
-    # The README's order: the user's directory (verified on every load), the cache (the fast
-    # tensor file, else the IDX files), the sources. The fast file records the pinned checksums
-    # of the files it was parsed from, so once the user's files verify against the same
-    # checksums it holds their content, and parsing them again is skipped.
+    # The order of docs/reference/data.md: the user's directory (verified on every load), the
+    # cache (the fast tensor file, else the IDX files), the sources. The fast file records the
+    # pinned checksums of the files it was parsed from, so once the user's files verify against
+    # the same checksums it holds their content, and parsing them again is skipped.
     with progress_bar(quiet) as progress:
         directory = named_directory(spec, root, progress, attempts)
         tensors = read_tensors(spec)

@@ -8,15 +8,17 @@ store holds under the experiment ``tune:<study>``. The page gives
 - the searches: trials by state, compute, the best validation error and its values;
 - the final runs: test error mean ± std over seeds with a t-interval, beside the same network
   and rule under the paper's protocol (our runs of exp1, exp2, baselines or fashion) and the
-  published references (the paper's value where it has one, Nøkland 2016's 1.45% with DFA);
+  published references (the paper's value where it has one, and the numbers each study file's
+  ``[expected]`` table sets beside its runs);
 - each tuned rule's gap to tuned bp on the same dataset, with a Welch 95% interval;
 - where one search's best was trained for several lengths, the length the validation error
-  prefers; the goal's verdict is read from the general-rule runs chosen on validation, never
-  from the best test error;
+  prefers; a goal a study file declares is judged on the runs of its rule's family
+  (``gfalign.rule_families``) chosen on validation, never on the best test error;
 - the final runs' validation error per epoch.
 
 Nothing is typed in: a study without final runs is listed as searched, one without a summary
-as not searched yet. ``welch`` (the gap's interval) lives in ``gfalign.report.tables``.
+as not searched yet, and the goals and published numbers are read from the study files
+(``read_expected``). ``welch`` (the gap's interval) lives in ``gfalign.report.tables``.
 """
 
 from __future__ import annotations
@@ -35,15 +37,13 @@ from gfalign.report.provenance import duration, total_seconds
 from gfalign.report.render import Block, Bullets, Heading, Image, Paragraph, Table
 from gfalign.report.rows import config_of, count, series
 from gfalign.report.tables import best_epoch, describe, welch
+from gfalign.rule_families import rule_family
+from gfalign.tune import Expected, Goal
 
-__all__ = ["NOKLAND", "PAGE", "beyond_blocks", "read_studies", "welch"]
+__all__ = ["PAGE", "beyond_blocks", "read_expected", "read_studies", "welch"]
 
 PAGE = "beyond"
 PREFIX = "tune:"  # gfalign.tune.EXPERIMENT_PREFIX
-NOKLAND = 1.45
-"""Nøkland 2016's DFA test error (%) on MNIST 2x800 tanh with dropout (DESIGN.md section 11)."""
-GOAL = 1.60
-"""The level of well-tuned backprop MLPs the general rule is asked to reach (mean of 5 seeds)."""
 # The experiments whose runs are the paper's protocol for a tuned study's network and rule.
 _PROTOCOL_EXPERIMENTS = ("exp1", "exp2", "baselines", "fashion")
 
@@ -71,6 +71,25 @@ def read_studies(directory: str | Path) -> dict[str, dict[str, Any]]:
             found["directory"] = str(folder)
             out[str(study)] = found
     return out
+
+
+def read_expected(directory: str | Path) -> tuple[dict[str, Expected], list[str]]:
+    """Every study file's ``[expected]`` table under ``directory`` (its ``*.toml``), by study
+    name, and the files that could not be read (named, with why)."""
+    from gfalign.rules import ConfigError
+    from gfalign.tune import load
+
+    out: dict[str, Expected] = {}
+    problems = []
+    root = Path(directory)
+    for path in sorted(root.glob("*.toml")) if root.is_dir() else ():
+        try:
+            study = load(path)
+        except (ConfigError, OSError, ValueError) as error:
+            problems.append(f"{path}: {error}")
+            continue
+        out[study.name] = study.expected
+    return out, problems
 
 
 def _finished_errors(rows: Iterable[Mapping[str, Any]]) -> list[float]:
@@ -123,9 +142,14 @@ def _stats_text(values: Sequence[float]) -> tuple[str, str]:
 
 
 def beyond_blocks(
-    store, studies: Mapping[str, Mapping[str, Any]], figures: Path | None = None
+    store,
+    studies: Mapping[str, Mapping[str, Any]],
+    figures: Path | None = None,
+    expected: Mapping[str, Expected] | None = None,
 ) -> list[Block]:
-    """The page's blocks from the store's ``tune:*`` runs and the studies' summaries."""
+    """The page's blocks from the store's ``tune:*`` runs, the studies' summaries and what
+    their files expect (``read_expected``)."""
+    expected = expected or {}
     rows: dict[str, list[Mapping[str, Any]]] = {}
     for row in store.list():
         if (row.get("experiment") or "").startswith(PREFIX):
@@ -230,6 +254,7 @@ def beyond_blocks(
                     rule=config.rule_name,
                     errors=tuple(errors),
                     validation=validation,
+                    goal=expected.get(name, Expected()).goal,
                 )
             )
             curves[name] = [series(r.get("history") or (), "validation_error") for r in finished]
@@ -271,9 +296,7 @@ def beyond_blocks(
                 "protocol (100 epochs of plain SGD, lr 0.001, batch 32, "
                 "summed loss; experiments exp1, exp2, baselines, fashion). Validation: each "
                 "run's best validation error (the epoch it reports), mean over seeds. "
-                f"Published: the paper's value. Nøkland 2016 reports {NOKLAND:.2f}% for DFA "
-                f"with dropout on this network; the goal set for the general rule is "
-                f"{GOAL:.2f}% or below."
+                "Published: the paper's value." + _expectations(finals, expected)
             ),
             Table(
                 (
@@ -312,6 +335,26 @@ def beyond_blocks(
     return blocks
 
 
+def _expectations(finals: Sequence[Final], expected: Mapping[str, Expected]) -> str:
+    """What the study files of the final runs set beside them: each published number once,
+    then each goal once, as one sentence (empty when none does)."""
+    parts: list[str] = []
+    for entry in finals:
+        for published in expected.get(entry.study, Expected()).published:
+            what = f" for {published.what}" if published.what else ""
+            parts.append(f"{published.source} reports {published.value:.2f}%{what}")
+    for entry in finals:
+        if entry.goal is not None:
+            family = rule_family(entry.rule)
+            whose = f"the {family} rule" if family else entry.rule
+            parts.append(f"the goal set for {whose} is {entry.goal.error:.2f}% or below")
+    parts = list(dict.fromkeys(parts))
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    return " " + text[0].upper() + text[1:] + "."
+
+
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -319,7 +362,7 @@ def _short(value: Any) -> str:
 @dataclass(frozen=True)
 class Final:
     """One study's final runs: the search whose best they train, their cell and length, their
-    test errors and the mean of their best validation errors."""
+    test errors, the mean of their best validation errors, and the goal its file declares."""
 
     study: str
     search: str
@@ -329,6 +372,7 @@ class Final:
     rule: str
     errors: tuple[float, ...]
     validation: float | None
+    goal: Goal | None = None
 
 
 def _best_validation(rows: Iterable[Mapping[str, Any]]) -> float | None:
@@ -399,21 +443,34 @@ def _gaps(finals: Sequence[Final]) -> list[str]:
 
 
 def _goal(finals: Sequence[Final]) -> str:
-    """The goal's verdict on the general-rule network chosen on validation: of each search's
-    lengths the one validation prefers, then the lowest mean best validation error."""
-    chosen = (_pick(group) for group in _by_search(finals).values())
-    general = [e for e in chosen if e.dataset == "mnist" and e.rule not in ("bp", "fa", "dfa")]
-    if not general:
-        return ""
-    best = min(general, key=lambda e: math.inf if e.validation is None else e.validation)
-    mean = statistics.fmean(best.errors)
-    verdict = "reached" if mean <= GOAL + 1e-9 else f"not reached ({mean - GOAL:+.2f} points)"
-    on = "" if best.validation is None else f", mean best validation error {best.validation:.2f}"
-    return (
-        f"Goal, a general-rule network at or below {GOAL:.2f}% on MNIST: {verdict}. The "
-        f"general-rule runs chosen on validation are {best.rule} trained {best.epochs} epochs "
-        f"({best.study}{on}): {mean:.2f}% test error over {count(len(best.errors), 'seed')}."
-    )
+    """Each declared goal's verdict, judged on the runs of the declaring studies' rule family
+    chosen on validation: of each search's lengths the one validation prefers, then the lowest
+    mean best validation error among the family's runs that declare that goal."""
+    groups: dict[tuple[Goal, str | None, str], list[Final]] = {}
+    for entry in (_pick(group) for group in _by_search(finals).values()):
+        if entry.goal is not None:
+            key = (entry.goal, rule_family(entry.rule), entry.dataset)
+            groups.setdefault(key, []).append(entry)
+    out = []
+    for (goal, family, dataset), group in groups.items():
+        best = min(group, key=lambda e: math.inf if e.validation is None else e.validation)
+        mean = statistics.fmean(best.errors)
+        verdict = (
+            "reached"
+            if mean <= goal.error + 1e-9
+            else f"not reached ({mean - goal.error:+.2f} points)"
+        )
+        on = (
+            "" if best.validation is None else f", mean best validation error {best.validation:.2f}"
+        )
+        whose = f"{family}-rule" if family else best.rule
+        out.append(
+            f"Goal, a {whose} network at or below {goal.error:.2f}% on {goal.on or dataset}: "
+            f"{verdict}. The {whose} runs chosen on validation are {best.rule} trained "
+            f"{best.epochs} epochs ({best.study}{on}): {mean:.2f}% test error over "
+            f"{count(len(best.errors), 'seed')}."
+        )
+    return " ".join(out)
 
 
 def _curves(curves: Mapping[str, list[Any]], figures: Path) -> Image | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from gfalign.experiments import EXPERIMENTS, STUDIES, Experiment
 from gfalign.report import facts as facts_module
-from gfalign.report.beyond import PAGE, PREFIX, beyond_blocks, read_studies
+from gfalign.report.beyond import PAGE, PREFIX, beyond_blocks, read_expected, read_studies
 from gfalign.report.figures import Context, draw, figure_specs
 from gfalign.report.provenance import (
     compute,
@@ -68,6 +68,7 @@ from gfalign.report.tables import (
     summarize,
     table,
 )
+from gfalign.rules import ConfigError
 
 __all__ = ["TITLE", "collect_facts", "render_report", "section", "write_report"]
 
@@ -457,6 +458,7 @@ def write_report(
     runs_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     tune_dir: str | Path | None = None,
+    study_files: str | Path | None = None,
 ) -> list[Path]:
     """Write the index, one page per experiment and study, the HTML page and the figures;
     returns them.
@@ -474,6 +476,8 @@ def write_report(
         tune_dir: where the ``gfalign tune`` studies' folders are (``summary.json``,
             ``final.json``); with them, or with ``tune:*`` runs in the store, the page
             ``beyond.md`` (tuned configurations beside the paper's protocol) is written too.
+        study_files: where the study TOML files are (``tune/``): their ``[expected]`` tables
+            give the beyond page's goals and published numbers.
     """
     output = Path(output)
     figures = output / "figures"
@@ -539,7 +543,10 @@ def write_report(
     tuned = read_studies(tune_dir) if tune_dir is not None else {}
     beyond = None
     if tuned or any((r.get("experiment") or "").startswith(PREFIX) for r in store.list()):
-        blocks = beyond_blocks(store, tuned, figures)
+        expected, problems = read_expected(study_files) if study_files is not None else ({}, [])
+        if problems:
+            raise ConfigError("study files that cannot be read: " + "; ".join(problems))
+        blocks = beyond_blocks(store, tuned, figures, expected)
         text = render_markdown(blocks, output)
         beyond = output / f"{PAGE}.md"
         _write_text(beyond, text)
