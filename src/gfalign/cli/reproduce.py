@@ -340,6 +340,14 @@ def _open(store_path: Path):
     help="Where the `gfalign tune` studies' folders are (each with summary.json and "
     "final.json); with --output their searches and final runs make DIR/beyond.md.",
 )
+@click.option(
+    "--peers-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results/peers"),
+    show_default=True,
+    help="Where the peer libraries' runs are (benchmarks/peers writes them), for the columns "
+    "of an experiment whose preset names [peers].",
+)
 def report(
     experiment: str,
     store_path: Path,
@@ -347,6 +355,7 @@ def report(
     data_dir: Path | None,
     output: Path | None,
     tune_dir: Path,
+    peers_dir: Path,
 ) -> None:
     """EXPERIMENT's tables (ours mean ± std beside the paper's values), figures and HTML page.
 
@@ -369,13 +378,20 @@ def report(
                         load(n),
                         store.list(n),
                         None if n == "baselines" else store.list("baselines"),
+                        peers_dir=peers_dir,
                     )
                     for n in names
                 ]
                 click.echo("# gfalign: ours beside the paper\n\n" + "\n".join(sections), nl=False)
                 return
             written = write_report(
-                names, store, output, runs_dir=runs_dir, data_dir=data_dir, tune_dir=tune_dir
+                names,
+                store,
+                output,
+                runs_dir=runs_dir,
+                data_dir=data_dir,
+                tune_dir=tune_dir,
+                peers_dir=peers_dir,
             )
     except (*USER_ERRORS, StoreError) as error:
         raise click.ClickException(str(error)) from error
