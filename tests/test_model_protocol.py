@@ -111,3 +111,18 @@ def test_bp_dfa_and_s2_learn_lenet5_in_one_epoch(rule, real_mnist_dir, tmp_path)
     """The slow test's smaller variant: three rules (dfa and s2 the slowest to start), the test
     set cut to 2,000 examples."""
     _learns(rule, "lenet5", real_mnist_dir, tmp_path, 60.0, "--test-subset", "2000")
+
+
+def test_drtp_learns_lenet5_tanh(real_mnist_dir, tmp_path):
+    """DRTP in its authors' setting, tanh units (``lenet5-tanh``), under the model's default
+    protocol: one epoch of 10,000 examples leaves chance far behind."""
+    flags = ("--train-subset", "10000", "--test-subset", "2000")
+    _learns("drtp", "lenet5-tanh", real_mnist_dir, tmp_path, 60.0, *flags)
+
+
+@pytest.mark.slow
+def test_drtp_stays_near_chance_on_relu_lenet5(real_mnist_dir, tmp_path):
+    """The same run on relu units: the target projection drives them without bound."""
+    flags = ("--train-subset", "10000", "--test-subset", "2000")
+    error = _learns("drtp", "lenet5", real_mnist_dir, tmp_path, 100.0, *flags)
+    assert error > 80.0

@@ -212,3 +212,10 @@ def test_lenet5_forward_equals_biotorchs_lenet_mnist_from_the_same_weights():
     # Without the relu after fc1 the two would differ: the test can tell.
     theirs.relu4 = nn.Identity()
     assert not torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+
+def test_lenet5_tanh_is_lenet5_with_tanh_units():
+    relu, tanh = model_spec("lenet5"), model_spec("lenet5-tanh")
+    assert tanh.blocks == relu.blocks and tanh.input == relu.input
+    assert (relu.activation, tanh.activation) == ("relu", "tanh")
+    assert [a.name for a in build("lenet5-tanh").activations[:-1]] == ["tanh"] * 4

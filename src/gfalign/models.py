@@ -40,8 +40,8 @@ The protocol is a default, not part of the model: it never enters ``ModelSpec.to
 run's key is what it was), and ``gfalign.config.with_model_protocol`` applies it to the fields a
 command line or a configuration file leaves unset.
 
-``MODELS`` has the built-ins (``lenet5``, ``lenet5-cifar``), ``from_modules`` turns a user's
-``nn.Sequential`` (or list of modules) into a ``BlockNet``.
+``MODELS`` has the built-ins (``lenet5``, ``lenet5-tanh``, ``lenet5-cifar``), ``from_modules``
+turns a user's ``nn.Sequential`` (or list of modules) into a ``BlockNet``.
 
     >>> net = build("lenet5", seed=0)
     >>> net(torch.zeros(2, 1, 32, 32)).shape
@@ -371,6 +371,23 @@ MODELS: dict[str, dict[str, Any]] = {
         "input": [1, 32, 32],
         "resize": 32,
         "activation": "relu",
+        "blocks": [
+            {"conv": 6, "kernel": 5, "pool": "max:2"},
+            {"conv": 16, "kernel": 5, "pool": "max:2"},
+            {"conv": 120, "kernel": 5},
+            {"linear": 84},
+            {"linear": 10},
+        ],
+        "protocol": _LENET_PROTOCOL,
+    },
+    "lenet5-tanh": {
+        "name": "lenet5-tanh",
+        "description": "lenet5 with tanh units in every hidden block, as Frenkel et al. train "
+        "conv nets with DRTP: a target projection drives each unit towards a fixed sign and "
+        "only a bounded unit stops there (with relu, DRTP's activations grow without bound)",
+        "input": [1, 32, 32],
+        "resize": 32,
+        "activation": "tanh",
         "blocks": [
             {"conv": 6, "kernel": 5, "pool": "max:2"},
             {"conv": 16, "kernel": 5, "pool": "max:2"},
