@@ -233,3 +233,10 @@ def test_an_mlp_is_the_chain_of_its_linear_blocks_bit_for_bit():
             steps.append([*step.deltas.values(), *model.parameters()])
         for ours, theirs in zip(*steps, strict=True):
             assert torch.equal(ours, theirs), preset
+
+
+def test_lenet5_tanh_is_lenet5_with_tanh_units():
+    relu, tanh = model_spec("lenet5"), model_spec("lenet5-tanh")
+    assert tanh.blocks == relu.blocks and tanh.input == relu.input
+    assert (relu.activation, tanh.activation) == ("relu", "tanh")
+    assert [a.name for a in build("lenet5-tanh").activations[:-1]] == ["tanh"] * 4

@@ -444,3 +444,46 @@ def test_the_cost_per_cell_comes_from_the_machine_with_most_runs(tmp_path):
     cells = [c.strip() for c in line(text, "| s1 |").split("|")[1:-1]]
     assert cells == ["s1", "4.5 (2)", "1.5 (1)"]  # the median of 4 and 5 s; the stack's share
     assert "| s2 |" not in text  # another machine's run is left out
+
+
+def _peer_line(config, test_error: float, status: str = "finished") -> str:
+    import json
+
+    return json.dumps(
+        {
+            "peer": "biotorch",
+            "key": config.key(),
+            "config": config.to_data(),
+            "status": status,
+            "final": {"test_error": test_error},
+        }
+    )
+
+
+def test_the_conv_page_shows_biotorchs_same_budget_runs_beside_ours(tmp_path):
+    """The peer column averages the peer's runs of the planned protocol only: a shorter run
+    and a diverged one stay out, a rule biotorch lacks shows n/a, a missing run is pending."""
+    conv = experiments.load("conv")
+    store = Store(tmp_path / "runs.sqlite")
+    fill(store, "conv", {"lenet5 fa xavier dataset=mnist": [3.0, 3.4, 3.2]})
+    fa = [c for c in conv.configs if c.rule_name == "fa" and c.dataset == "mnist"]
+    lines = [_peer_line(c, 2.0 + c.seed * 0.2) for c in fa[:2]]
+    lines.append(_peer_line(fa[2], 50.0, status="diverged"))
+    lines.append(_peer_line(fa[0].override(epochs=2), 40.0))  # another budget
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    (peers / "biotorch-lenet.jsonl").write_text("\n".join(lines) + "\n")
+
+    text = render_report(conv, store.list("conv"), peers_dir=peers)
+    header = line(text, "| cell |")
+    assert "| biotorch, same budget | ours − biotorch |" in header
+    fa_row = line(text, "| lenet5 fa xavier dataset=mnist |")
+    assert "| 3.20 ± 0.20 | 3 | 20 | +1.50 | 2.10 ± 0.14 (2 of 3 seeds) | +1.10 |" in fa_row
+    assert "| lenet5 kp xavier dataset=mnist | — | — | 0 | — | — | n/a | n/a |" in text
+    assert "| lenet5 bp dataset=mnist | 0.91 | — | 0 | — | — | — | — |" in text
+    assert "biotorch 0.0.16's LeNetMNIST" in text
+    # Without the peers' files every peer run is pending, never invented.
+    bare = render_report(conv, store.list("conv"))
+    assert "| 3.20 ± 0.20 | 3 | 20 | +1.50 | — | — |" in line(
+        bare, "| lenet5 fa xavier dataset=mnist |"
+    )

@@ -49,9 +49,11 @@ __all__ = [
     "SEED_MAX",
     "RunConfig",
     "check_memory",
+    "given_fields",
     "load_toml",
     "machine_memory",
     "resolve_device",
+    "with_model_protocol",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -381,6 +383,43 @@ class RunConfig:
 
 
 _DEFAULTS = {"hidden": (800, 800), "activation": "tanh"}
+
+
+def given_fields(data: Mapping[str, Any]) -> set[str]:
+    """The fields a configuration's plain data sets: its top-level keys and its ``[train]``
+    table's, by name (``{"model", "rule", "lr"}``)."""
+    train = data.get("train")
+    return {k for k in data if k != "train"} | (set(train) if isinstance(train, Mapping) else set())
+
+
+def with_model_protocol(config: RunConfig, given: set[str] | frozenset[str]) -> RunConfig:
+    """``config`` with its model's default protocol (``ModelSpec.protocol``) in every field
+    not in ``given``, the fields its maker set (flags, a file's keys: ``given_fields``).
+
+    The protocol's ``rates`` give the rule's learning rate where they name it, its ``lr``
+    otherwise; its ``optimizer_options`` apply only with its own optimizer (a run naming
+    another keeps that optimizer's defaults). A configuration without a model, or whose model
+    names no protocol, comes back unchanged, and so does every field the maker set: an
+    explicit configuration trains as it always has.
+
+    Example:
+        >>> config = with_model_protocol(RunConfig(model="lenet5", rule="dfa"), {"model", "rule"})
+        >>> config.train.optimizer, config.train.batch_size, config.feedback
+        ('adam', 32, 'xavier')
+        >>> with_model_protocol(RunConfig(model="lenet5"), {"model", "reduction"}).train.reduction
+        'sum'
+    """
+    spec = config.model_spec()
+    protocol = dict(spec.protocol) if spec is not None else {}
+    if not protocol:
+        return config
+    rates = protocol.pop("rates", {})
+    if "lr" in protocol or config.rule_name in rates:
+        protocol["lr"] = rates.get(config.rule_name, protocol.get("lr"))
+    if "optimizer" in given and config.train.optimizer != protocol.get("optimizer", "sgd"):
+        protocol.pop("optimizer_options", None)
+    changes = {name: value for name, value in protocol.items() if name not in given}
+    return config.override(**changes) if changes else config
 
 
 def _refuse_unknown(

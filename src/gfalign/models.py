@@ -22,8 +22,27 @@ each tail's linearisation state for the rules. A model is written as data, a tab
     [[blocks]]
     linear = 10                      # the last block is the output (no activation, no tail)
 
-``MODELS`` has the built-ins (``lenet5``, ``lenet5-cifar``), ``from_modules`` turns a user's
-``nn.Sequential`` (or list of modules) into a ``Network``.
+A model may also name the protocol it trains with unless a run says otherwise (its
+``[protocol]`` table, ``ModelSpec.protocol``): ``[train]`` fields, the default ``feedback``
+family, and ``rates``, a learning rate per rule where the model's ``lr`` does not suit it:
+
+    [protocol]
+    optimizer = "sgd"
+    optimizer_options = { momentum = 0.9 }
+    lr = 0.01
+    batch_size = 128
+    reduction = "mean"
+    weight_decay = 1e-4
+    feedback = "xavier"
+    rates = { dfa = 0.001 }     # this rule's rate instead of lr
+
+The protocol is a default, not part of the model: it never enters ``ModelSpec.to_data`` (so a
+run's key is what it was), and ``gfalign.config.with_model_protocol`` applies it to the fields a
+command line or a configuration file leaves unset.
+
+``MODELS`` has the built-ins (``lenet5``, ``lenet5-tanh``, ``lenet5-cifar``), ``from_modules``
+turns a user's ``nn.Sequential`` (or list of modules) into a ``Network``; ``resnet20`` and
+``resnet56`` are model graphs (``gfalign.graph``).
 
     >>> net = build("lenet5", seed=0)
     >>> net(torch.zeros(2, 1, 32, 32)).shape
@@ -35,7 +54,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -44,7 +63,8 @@ from torch import nn
 from gfalign import architectures
 from gfalign.blocks import Block, Tail, check_dropout_rate
 from gfalign.network import ACTIVATIONS, IDENTITY, Network, activation_named, initialise
-from gfalign.rules import ConfigError
+from gfalign.rules import ConfigError, render
+from gfalign.train import TrainConfig
 
 __all__ = [
     "MODELS",
@@ -92,7 +112,11 @@ _MODEL_KEYS = {
     "blocks",
     "graph",
     "classes",
+    "protocol",
 }
+# The keys of a model's [protocol]: [train] fields (the seed is the run's), the default feedback
+# family, and a learning rate per rule.
+_PROTOCOL_KEYS = ({f.name for f in fields(TrainConfig)} - {"seed"}) | {"feedback", "rates"}
 _BLOCK_KEYS = {
     "conv",
     "linear",
@@ -120,6 +144,9 @@ class ModelSpec:
             ``default``, ``zeros``, ``normal``.
         blocks: one plain table per block (a hidden block's ``dropout`` is its own rate,
             overriding the run's ``dropout_hidden``).
+        protocol: the model's default protocol (see the module docstring): applied by
+            ``gfalign.config.with_model_protocol`` to what a run leaves unset, never part of
+            ``to_data`` (nor of a run's key).
     """
 
     name: str
@@ -133,6 +160,7 @@ class ModelSpec:
     description: str = ""
     graph: str | None = None
     classes: int = 0
+    protocol: Mapping[str, Any] = field(default_factory=dict)
 
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -165,6 +193,25 @@ class ModelSpec:
         return self.classes if self.graph is not None else int(self.blocks[-1]["linear"])
 
 
+_LENET_PROTOCOL: dict[str, Any] = {
+    # Adam at batch 32, not the conv experiment's SGD at batch 128 (SGD with momentum 0.9, lr
+    # 0.01): under that one LeNet's relu blocks take hundreds of steps to leave their starting
+    # plateau (after one epoch of 3,000 MNIST examples, bp is at 90% test error with it, 79% at
+    # batch 32), while Adam, whose steps are scaled per parameter, gets every rule moving
+    # within that epoch with one rate for all, whatever the size of its feedback (dfa 52.6%,
+    # s2 51.3% test error there). The rest is biotorch's LeNet protocol at the conv
+    # experiment's 20 epochs: weight decay 1e-4, mean updates, the rate divided by 10 at epochs
+    # 8, 12 and 16, Glorot-scaled feedback.
+    "optimizer": "adam",
+    "lr": 0.001,
+    "batch_size": 32,
+    "reduction": "mean",
+    "weight_decay": 1e-4,
+    "epochs": 20,
+    "schedule": "multistep:milestones=[8, 12, 16],gamma=0.1",
+    "feedback": "xavier",
+}
+
 MODELS: dict[str, dict[str, Any]] = {
     "lenet5": {
         "name": "lenet5",
@@ -181,6 +228,24 @@ MODELS: dict[str, dict[str, Any]] = {
             {"linear": 84},
             {"linear": 10},
         ],
+        "protocol": _LENET_PROTOCOL,
+    },
+    "lenet5-tanh": {
+        "name": "lenet5-tanh",
+        "description": "lenet5 with tanh units in every hidden block, as Frenkel et al. train "
+        "conv nets with DRTP: a target projection drives each unit towards a fixed sign and "
+        "only a bounded unit stops there (with relu, DRTP's activations grow without bound)",
+        "input": [1, 32, 32],
+        "resize": 32,
+        "activation": "tanh",
+        "blocks": [
+            {"conv": 6, "kernel": 5, "pool": "max:2"},
+            {"conv": 16, "kernel": 5, "pool": "max:2"},
+            {"conv": 120, "kernel": 5},
+            {"linear": 84},
+            {"linear": 10},
+        ],
+        "protocol": _LENET_PROTOCOL,
     },
     "lenet5-cifar": {
         "name": "lenet5-cifar",
@@ -295,6 +360,7 @@ def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:
     activation_named(activation, "model")
     weight_init = str(data.get("weight_init", "default"))
     bias_init = str(data.get("bias_init", "default"))
+    protocol = _protocol(data.get("protocol", {}))
     if weight_init not in _WEIGHT_INITS:
         raise ConfigError(
             f"model: unknown weight_init {weight_init!r}; known: {', '.join(_WEIGHT_INITS)}"
@@ -313,6 +379,7 @@ def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:
         weight_init=weight_init,
         bias_init=bias_init,
         description=str(data.get("description", "")),
+        protocol=protocol,
     )
 
 
@@ -364,6 +431,21 @@ def _build_graph(spec: ModelSpec, objective: str, seed: int, dropout: tuple[floa
     net = convert(module, torch.zeros(2, *spec.input, dtype=torch.float64), objective=objective)
     net.module = module  # the traced module, whose parameters the blocks share
     return net
+
+
+def _protocol(table: Any) -> dict[str, Any]:
+    """A model's ``[protocol]`` checked by key (its values are checked where a run uses them)."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"model: protocol = {render(table)} is not a table")
+    _refuse_unknown(table, _PROTOCOL_KEYS, "model protocol")
+    rates = table.get("rates", {})
+    if not isinstance(rates, Mapping) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in rates.values()
+    ):
+        raise ConfigError(
+            f"model protocol: rates = {render(rates)}; allowed: a table of rule = rate > 0"
+        )
+    return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in table.items()}
 
 
 _WEIGHT_INITS = ("default", "xavier_uniform", "xavier_normal")

@@ -362,6 +362,14 @@ def _open(store_path: Path):
     help="Where the study TOML files are: their [expected] tables give DIR/beyond.md's goals "
     "and published numbers.",
 )
+@click.option(
+    "--peers-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results/peers"),
+    show_default=True,
+    help="Where the peer libraries' runs are (benchmarks/peers writes them), for the columns "
+    "of an experiment whose preset names [peers].",
+)
 def report(
     experiment: str,
     store_path: Path,
@@ -370,6 +378,7 @@ def report(
     output: Path | None,
     tune_dir: Path,
     study_files: Path,
+    peers_dir: Path,
 ) -> None:
     """EXPERIMENT's tables (ours mean ± std beside the paper's values), figures and HTML page.
 
@@ -392,6 +401,7 @@ def report(
                         load(n),
                         store.list(n),
                         None if n == "baselines" else store.list("baselines"),
+                        peers_dir=peers_dir,
                     )
                     for n in names
                 ]
@@ -405,6 +415,7 @@ def report(
                 data_dir=data_dir,
                 tune_dir=tune_dir,
                 study_files=study_files,
+                peers_dir=peers_dir,
             )
     except (*USER_ERRORS, StoreError) as error:
         raise click.ClickException(str(error)) from error

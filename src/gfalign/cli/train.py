@@ -21,7 +21,7 @@ import click
 
 from gfalign.claims import RunBusyError
 from gfalign.cli import exit_interrupted, terminate_as_interrupt
-from gfalign.config import RunConfig, load_toml
+from gfalign.config import RunConfig, given_fields, load_toml, with_model_protocol
 from gfalign.data import DataError
 from gfalign.rules import ConfigError
 from gfalign.runs import CONFIG, RunError, default_directory, execute
@@ -186,7 +186,11 @@ def train(
     """Train one network and record it in a run directory.
 
     Defaults are the paper's: 2x800 tanh, rule s1, 100 epochs, batch 32, SGD, lr 0.001,
-    summed updates. Progress goes to stderr, so --json output on stdout stays clean.
+    summed updates. A built-in model (--model lenet5) brings its own protocol instead, used
+    for whatever the flags and the --config file leave unset: for lenet5 Adam with lr 0.001,
+    batch 32, mean updates, weight decay 1e-4, 20 epochs with the rate divided by 10 at
+    epochs 8, 12 and 16, and Glorot-scaled feedback (gfalign.models). Progress goes to
+    stderr, so --json output on stdout stays clean.
     A directory that already holds a run is refused unless --overwrite; a checkpoint that is
     corrupted, truncated or missing is refused, and the message names --from-previous or
     --restart.
@@ -263,7 +267,8 @@ def _configure(
         if device is not None:
             config = config.override(device=device)
         return config, resume
-    config = RunConfig.from_toml(config_file) if config_file is not None else RunConfig()
+    data = load_toml(config_file) if config_file is not None else {}
+    config = RunConfig.from_data(data)
     changes = dict(flags)
     if changes["rule"] is not None:
         changes["rule"] = rule_value(changes["rule"])
@@ -272,6 +277,9 @@ def _configure(
     if changes["hidden"] is not None:
         changes["hidden"] = list(changes["hidden"])
     config = config.override(device=device, **changes)
+    # A built-in model's protocol fills what neither the file nor a flag set.
+    given = given_fields(data) | {name for name, value in changes.items() if value is not None}
+    config = with_model_protocol(config, given)
     return config, out if out is not None else default_directory(config)
 
 

@@ -5,7 +5,7 @@ optimizer, reduction, seeds), a ``[base]`` ``RunConfig`` table, a ``[grid]`` of 
 product gives the runs, and the ``[paper]``'s published values keyed by table cell
 (``"2x800 tanh s1"``), so a report prints ours beside them.
 
-Four more keys are read by the report (``gfalign.report``) and accepted here as they are:
+Five more keys are read by the report (``gfalign.report``) and accepted here as they are:
 
 - ``[figures]``: the experiment's figures, in order. Each key names a figure (its file is
   ``figures/<experiment>-<name>.png``); its value is a table with the figure's ``kind`` and
@@ -22,6 +22,8 @@ Four more keys are read by the report (``gfalign.report``) and accepted here as 
   published value, and links the study's page.
 - ``[standing]``: groups of rules (``"general rule" = ["s1", "s2"]``) whose best the report
   ranks in sentences made from the table (``gfalign.report.standing``).
+- ``[peers]``: other libraries' runs under the same protocol, shown in columns of their own
+  (``gfalign.report.peers``).
 - ``question`` and ``cost`` (a sensitivity study): the question it answers, in one sentence,
   and the compute it needs; the study's page shows both.
 
@@ -292,7 +294,7 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     """An experiment from a preset's plain data (validates every run)."""
     known = {"description", "metric", "protocol", "base", "grid", "paper"}
     known |= {"figures", "addresses", "question", "cost"}  # read by gfalign.report
-    known |= {"reference", "standing"}
+    known |= {"reference", "standing", "peers"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"experiment {name}: unknown key(s) {sorted(unknown)}")

@@ -26,6 +26,9 @@ from gfalign.experiments import EXPERIMENTS, STUDIES, Experiment
 from gfalign.report import facts as facts_module
 from gfalign.report.beyond import PAGE, PREFIX, beyond_blocks, read_expected, read_studies
 from gfalign.report.figures import Context, draw, figure_specs
+from gfalign.report.peers import attach, declared
+from gfalign.report.peers import read_runs as read_peer_runs
+from gfalign.report.peers import sentence as peer_sentence
 from gfalign.report.provenance import (
     compute,
     cost_table,
@@ -106,6 +109,7 @@ def section(
     runs_dir: Path | None = None,
     data_dir: Path | None = None,
     variants: Sequence[Variant] = (),
+    peers_dir: Path | None = None,
 ) -> list[Block]:
     """One experiment's blocks: description, runs done, protocol, machine, table, verdicts,
     figures and facts.
@@ -113,12 +117,21 @@ def section(
     ``figures``: the directory to draw the preset's figures into; ``None`` draws none.
     ``variants``: the sensitivity studies' variants (``gfalign.report.studies.evaluate``), so
     that a cell a study explains says so.
+    ``peers_dir``: where the files of the preset's ``[peers]`` are (``gfalign.report.peers``);
+    ``None``: their columns show every run as pending.
     """
     rows = with_environment([dict(r) for r in rows], runs_dir)
     baseline_rows = None
     if baselines is not None:  # only those on this experiment's dataset, for tables and figures
         baseline_rows = _dataset_rows(baselines, experiment.base.dataset)
     summary = explain(experiment, summarize(experiment, rows, baseline_rows), variants)
+    peers = declared(experiment, preset_data(experiment.name))
+    if peers:
+        runs = {
+            p.name: [] if peers_dir is None else read_peer_runs(Path(peers_dir) / p.file)
+            for p in peers
+        }
+        summary = attach(experiment, summary, peers, runs)
     finished = done(rows)
     blocks: list[Block] = [
         Heading(level, experiment.name, experiment.name),
@@ -133,7 +146,10 @@ def section(
                 + (f"Compute: {compute(finished)}",)
             )
         )
-    blocks += [Paragraph(metric_sentence(experiment)), table(experiment, summary)]
+    sentence = metric_sentence(experiment)
+    if peers:
+        sentence += " " + peer_sentence(experiment, peers)
+    blocks += [Paragraph(sentence), table(experiment, summary)]
     cost = cost_table(finished, experiment.cell, cells_of(experiment))
     if cost is not None:
         blocks += [Paragraph(cost[1]), cost[0]]
@@ -186,9 +202,10 @@ def render_report(
     experiment: Experiment,
     rows: Iterable[Mapping[str, Any]],
     baselines: Iterable[Mapping[str, Any]] | None = None,
+    peers_dir: Path | None = None,
 ) -> str:
     """The Markdown section of one experiment (no figures)."""
-    return render_markdown(section(experiment, rows, baselines))
+    return render_markdown(section(experiment, rows, baselines, peers_dir=peers_dir))
 
 
 def _study_section(
@@ -459,6 +476,7 @@ def write_report(
     data_dir: str | Path | None = None,
     tune_dir: str | Path | None = None,
     study_files: str | Path | None = None,
+    peers_dir: str | Path | None = None,
 ) -> list[Path]:
     """Write the index, one page per experiment and study, the HTML page and the figures;
     returns them.
@@ -478,6 +496,8 @@ def write_report(
             ``beyond.md`` (tuned configurations beside the paper's protocol) is written too.
         study_files: where the study TOML files are (``tune/``): their ``[expected]`` tables
             give the beyond page's goals and published numbers.
+        peers_dir: where the peer libraries' runs are (``results/peers``), for the columns of
+            an experiment whose preset names ``[peers]``; ``None``: those show as pending.
     """
     output = Path(output)
     figures = output / "figures"
@@ -507,6 +527,7 @@ def write_report(
             runs_dir=runs,
             data_dir=data,
             variants=variants,
+            peers_dir=None if peers_dir is None else Path(peers_dir),
         )
         summaries[experiment.name] = _summary(experiment, rows[experiment.name], others, variants)
         text = render_markdown(

@@ -403,6 +403,9 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
     header += ["reference"] if reference_columns else []
     header += ["ours (mean ± std)", "seeds", "epochs"] + (["difference"] if paper_columns else [])
     header += ["− reference"] if reference_columns else []
+    peers = next((r["peers"] for r in summary if "peers" in r), [])
+    for peer in peers:
+        header += [peer["column"], f"ours − {peer['name']}"]
     header += ["95% CI"] + (["p (t-test)"] if paper_columns else [])
     header += ["validation-selected epoch (mean)"] if selected_column else []
     header += ["best epoch (mean)", "train error (mean)"] + (["verdict"] if paper_columns else [])
@@ -437,6 +440,8 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
                 None if r["reference"] is None or r["mean"] is None else r["mean"] - r["reference"]
             )
             row.append(PENDING if gap is None else f"{gap:+.2f}")
+        for index in range(len(peers)):
+            row += _peer_cells(r, index, number)
         row.append(ci)
         if paper_columns:
             row.append(_p_text(r["p"]))
@@ -452,6 +457,25 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
         rows.append(tuple(row))
     numeric = tuple(h not in ("cell", "verdict") for h in header)
     return Table(tuple(header), tuple(rows), numeric)
+
+
+def _peer_cells(r: Mapping[str, Any], index: int, number: Callable[[float], str]) -> list[str]:
+    """A peer's value for a row (mean ± std over its seeds, the count where it has fewer than
+    ours) and ours − the peer's: "—" where its runs are pending, "n/a" where it lacks the rule."""
+    if "peers" not in r:  # a baseline row
+        return [PENDING, PENDING]
+    stats = r["peers"][index]["stats"]
+    if stats is None:
+        return ["n/a", "n/a"]
+    if not stats["n"]:
+        return [PENDING, PENDING]
+    text = number(stats["mean"])
+    if stats["std"] is not None:
+        text += f" ± {number(stats['std'])}"
+    if stats["n"] < r["n"]:
+        text += f" ({stats['n']} of {r['n']} seeds)"
+    gap = PENDING if r["mean"] is None else f"{r['mean'] - stats['mean']:+.2f}"
+    return [text, gap]
 
 
 def metric_sentence(experiment: Experiment) -> str:
