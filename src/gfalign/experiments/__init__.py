@@ -22,6 +22,9 @@ Four more keys are read by the report (``gfalign.report``) and accepted here as 
   published value, and links the study's page.
 - ``[standing]``: groups of rules (``"general rule" = ["s1", "s2"]``) whose best the report
   ranks in sentences made from the table (``gfalign.report.standing``).
+- ``[ambiguous]``: published cells whose value the paper's text keeps without its label, each
+  with the other cells of the grid it may belong to (``"2x800 tanh fa B1" = ["2x800 tanh fa
+  B2"]``); the page shows ours for each beside the value, the verdict reading it as the key.
 - ``question`` and ``cost`` (a sensitivity study or a reading): the question it answers, in
   one sentence, and the compute it needs; the study's page shows both.
 
@@ -319,7 +322,7 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     """An experiment from a preset's plain data (validates every run)."""
     known = {"description", "metric", "protocol", "base", "grid", "paper"}
     known |= {"figures", "addresses", "question", "cost"}  # read by gfalign.report
-    known |= {"reference", "standing", "reads", "change", "needs"}
+    known |= {"reference", "standing", "ambiguous", "reads", "change", "needs"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"experiment {name}: unknown key(s) {sorted(unknown)}")
@@ -381,6 +384,14 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     stray = set(paper) - set(experiment.cells())
     if stray:
         raise ConfigError(f"experiment {name}: [paper] cells not in the grid: {sorted(stray)}")
+    ambiguous = data.get("ambiguous", {})
+    stray = set(ambiguous) - set(paper)
+    stray |= {c for others in ambiguous.values() for c in others} - set(experiment.cells())
+    if stray:
+        raise ConfigError(
+            f"experiment {name}: [ambiguous] names {sorted(stray)}; allowed: published cells, "
+            "each with a list of other cells of the grid"
+        )
     stray = set(reference.get("values", {})) - set(experiment.cells())
     if stray:
         raise ConfigError(
