@@ -285,7 +285,7 @@ def _index(
     discussion: bool = False,
     judgements: Sequence[Judgement] = (),
 ) -> list[Block]:
-    everything = [r for name in rows for r in done(rows[name])]
+    everything = _distinct(r for name in rows for r in done(rows[name]))
     lines = []
     for experiment in experiments:
         mine = rows[experiment.name]
@@ -588,7 +588,7 @@ def collect_facts(
     out: list[facts_module.Fact] = []
     experiments = [preset(n) for n in names if n in EXPERIMENTS or n in STUDIES]
     rows = {e.name: with_environment(experiment_rows(store, e), runs) for e in experiments}
-    everything = [r for mine in rows.values() for r in done(mine)]
+    everything = _distinct(r for mine in rows.values() for r in done(mine))
     for name, mine in [*rows.items(), ("all", everything)]:
         if done(mine):
             out.append(_compute_fact(name, done(mine)))
@@ -656,6 +656,12 @@ def _preset_facts(name: str) -> list[facts_module.Fact]:
         for quote in facts_module.quoted_numbers(text)
         if "e" not in quote.text
     ]
+
+
+def _distinct(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Each run once: a screening, a study or a reading shares the runs of the configurations
+    another experiment ran (the store keeps one row per configuration)."""
+    return list({r["key"]: r for r in rows}.values())
 
 
 def _compute_fact(name: str, rows: Sequence[Mapping[str, Any]]) -> facts_module.Fact:
