@@ -184,4 +184,7 @@ def test_the_configuration_reference_has_every_field():
     for cls in (RunConfig, TrainConfig):
         for item in dataclasses.fields(cls):
             assert f"| `{item.name}` |" in page, item.name
-    assert "| `epochs` | `100` | an integer >= 1 | passes over the training set. |" in page
+    assert (
+        "| `epochs` | `100` | an integer in [1, 100000] | passes over the training set, at most "
+        "100000 (a run that could finish). |" in page
+    )

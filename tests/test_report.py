@@ -90,8 +90,8 @@ def test_table_cells_pending_baselines_and_counts(tmp_path):
     assert order.index("2x200 relu dfa (baseline)") + 1 == order.index("2x200 sigmoid s1")
     assert "Runs: 4 of 135 planned finished (27 cells × 5 seeds, 100 epochs); 1 diverged." in text
     assert (
-        "Verdicts on the 27 published cells: 0 within 0.20, 0 explained by a sensitivity "
-        "study, 2 unexplained, 25 pending." in text
+        "Verdicts on the 27 published cells: 0 within 0.20, 0 explained by a reading of the "
+        "protocol, 2 unexplained, 25 pending." in text
     )
     store.close()
 

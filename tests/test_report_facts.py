@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gfalign import experiments
@@ -158,22 +160,57 @@ def test_a_discussion_written_from_the_report_checks_out(tmp_path, monkeypatch):
     )
 
 
-def test_the_published_discussion_quotes_only_numbers_the_store_gives(tmp_path):
-    """results/discussion.md against the store exported beside it: every decimal number it
-    quotes is one of the facts the report computes from those runs."""
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
 
-    from gfalign.experiments import EXPERIMENTS, STUDIES
-    from gfalign.store import Store
 
-    results = Path(__file__).resolve().parents[1] / "results"
-    export, discussion = results / "runs.jsonl.gz", results / "discussion.md"
-    if not (export.is_file() and discussion.is_file()):
-        pytest.skip("no results/ export and discussion beside the tests")
-    with Store(tmp_path / "runs.sqlite") as store:
+@pytest.fixture(scope="module")
+def published_facts(tmp_path_factory):
+    """Every fact the report computes from the store exported beside the pages."""
+    from gfalign.experiments import EXPERIMENTS, READINGS, STUDIES
+
+    export = RESULTS / "runs.jsonl.gz"
+    if not export.is_file():
+        pytest.skip("no results/ export beside the tests")
+    with Store(tmp_path_factory.mktemp("store") / "runs.sqlite") as store:
         store.import_file(export)
-        facts = collect_facts([*EXPERIMENTS, *STUDIES], store)
-    assert [q.context for q in unmatched(discussion.read_text(), facts)] == []
+        return collect_facts([*EXPERIMENTS, *STUDIES, *READINGS], store, tune_dir=RESULTS / "tune")
+
+
+def _without_section(markdown: str, heading: str) -> str:
+    """``markdown`` less its ``## heading`` section (up to the next ``## `` heading)."""
+    kept, skipping = [], False
+    for text in markdown.splitlines():
+        if text.startswith("## "):
+            skipping = text[3:].strip() == heading
+        if not skipping:
+            kept.append(text)
+    return "\n".join(kept)
+
+
+def _pages() -> list[Path]:
+    return sorted(RESULTS.glob("*.md"))
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
+def test_every_published_page_quotes_only_numbers_the_store_gives(page, published_facts):
+    """Each page of results/ (the generated ones and the hand-written discussion) against the
+    store exported beside it: every decimal number it quotes is one of the facts the report
+    computes from those runs (or a number its preset states: a protocol, a planned cost)."""
+    assert [q.context for q in unmatched(page.read_text(), published_facts)] == []
+
+
+def test_the_readme_quotes_only_numbers_the_store_gives(published_facts):
+    """The README likewise, but for its Performance section: speed measured by `gfalign
+    bench` and the benchmark scripts, not by stored runs."""
+    text = _without_section((ROOT / "README.md").read_text(), "Performance")
+    assert [q.context for q in unmatched(text, published_facts)] == []
+
+
+def test_a_number_no_run_gives_fails_the_check(published_facts):
+    exp1 = next(f for f in published_facts if (f.experiment, f.quantity) == ("exp1", "mean"))
+    wrong = f"{exp1.value + 1000.1234:.4f}"
+    assert [q.text for q in unmatched(f"ours is {wrong}", published_facts)] == [wrong]
 
 
 def test_runs_a_grid_tells_apart_by_its_dataset_have_facts_of_their_own(tmp_path):

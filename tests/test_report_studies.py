@@ -76,7 +76,11 @@ def _study(name: str, text: str) -> experiments.Experiment:
     return experiments.from_data(name, data)
 
 
-def test_a_study_run_within_the_tolerance_explains_its_cell(tmp_path, monkeypatch):
+def test_a_study_run_within_the_tolerance_shows_on_its_page_and_explains_nothing(
+    tmp_path, monkeypatch
+):
+    """A setting chosen for a few cells is not an explanation: the study's page says where it
+    lands within 0.20, the verdicts stay the paper's protocol's."""
     presets(monkeypatch, tmp_path / "presets", {"study-step": STEP, "study-noise": NOISE})
     store = Store(tmp_path / "runs.sqlite")
     fill(store, "exp1", {"2x200 sigmoid s1": [2.92, 2.90], "2x200 sigmoid s2": [2.90]})
@@ -96,20 +100,15 @@ def test_a_study_run_within_the_tolerance_explains_its_cell(tmp_path, monkeypatc
     assert {out / "study-step.md", out / "study-noise.md"} <= set(written)
 
     exp1 = (out / "exp1.md").read_text()
-    assert line(exp1, "| 2x200 sigmoid s1 |").endswith(
-        "| explained by [study-step](study-step.md) |"
-    )
+    assert line(exp1, "| 2x200 sigmoid s1 |").endswith("| unexplained |")
     assert line(exp1, "| 2x200 sigmoid s2 |").endswith("| unexplained |")
-    assert "1 explained by a sensitivity study" in exp1
+    assert "0 explained by a reading of the protocol" in exp1
     exp4 = (out / "exp4.md").read_text()
-    assert line(exp4, "| 2x800 tanh dfa B1 |").endswith(
-        "| explained by [study-noise](study-noise.md) |"
-    )
-    assert line(exp4, "| 2x800 tanh dfa B3 |").endswith("| unexplained |")
+    assert line(exp4, "| 2x800 tanh dfa B1 |").endswith("| unexplained |")
 
     index = (out / "README.md").read_text()
-    assert "| [exp1](exp1.md) | 27 | 0 | 1 | 1 | 25 |" in index
-    assert "| [exp4](exp4.md) | 8 | 0 | 1 | 1 | 6 |" in index
+    assert "| [exp1](exp1.md) | 27 | 0 | 0 | 2 | 25 |" in index
+    assert "| [exp4](exp4.md) | 8 | 0 | 0 | 2 | 6 |" in index
     assert line(index, "| [study-step](study-step.md) |") == (
         "| [study-step](study-step.md) | Does three times the step bring the 2x200 sigmoid "
         "cells to the paper? | 3 published cells | 3 | 4 runs x 100 epochs 2x200 = ~8 core-min |"

@@ -35,9 +35,9 @@ def _names(which: str, every: bool = False) -> list[str]:
 
 
 def _experiment_choice() -> click.Choice:
-    from gfalign.experiments import EXPERIMENTS, STUDIES
+    from gfalign.experiments import EXPERIMENTS, READINGS, STUDIES
 
-    return click.Choice([*EXPERIMENTS, *STUDIES, "all"])
+    return click.Choice([*EXPERIMENTS, *STUDIES, *READINGS, "all"])
 
 
 def stack_option(what: str):
@@ -146,8 +146,9 @@ def reproduce(
 ) -> None:
     """Run EXPERIMENT's grid (exp1 exp2 exp3 exp4 baselines, all of these, or fashion: the
     2x800 tanh network with every rule on Fashion-MNIST; or a sensitivity study, study-*: a
-    question about a published cell, each run one change to the paper's protocol) into the
-    results store.
+    question about a published cell, each run one change to the paper's protocol; or a
+    reading, reading-*: one change of the protocol on every cell of the experiments it reads)
+    into the results store.
 
     Finished runs are skipped; an interrupted sweep continues where it stopped, resuming an
     unfinished run from its checkpoint. Two sweeps on the same store and runs directory share

@@ -24,8 +24,11 @@ Five more keys are read by the report (``gfalign.report``) and accepted here as 
   ranks in sentences made from the table (``gfalign.report.standing``).
 - ``[peers]``: other libraries' runs under the same protocol, shown in columns of their own
   (``gfalign.report.peers``).
-- ``question`` and ``cost`` (a sensitivity study): the question it answers, in one sentence,
-  and the compute it needs; the study's page shows both.
+- ``[ambiguous]``: published cells whose value the paper's text keeps without its label, each
+  with the other cells of the grid it may belong to (``"2x800 tanh fa B1" = ["2x800 tanh fa
+  B2"]``); the page shows ours for each beside the value, the verdict reading it as the key.
+- ``question`` and ``cost`` (a sensitivity study or a reading): the question it answers, in
+  one sentence, and the compute it needs; the study's page shows both.
 
 A sensitivity study is a preset named ``study-*.toml`` (``STUDIES``; ``load`` reads them like the
 others). Its grid may be a list of tables, ``[[grid]]``, whose products are run one after the
@@ -35,9 +38,31 @@ for two cells at 2x800 beside a full grid at 2x200. What a study changes beyond 
 so that ``Experiment.variant`` names it (``"lr=0.003"``); the cell name itself stays the one of
 the addressed experiment's table.
 
+A reading is a preset named ``reading-*.toml`` (``READINGS``): one change of the protocol
+applied to every cell of the paper's experiments it concerns, so that it is judged by one count
+over all of them instead of a setting chosen per cell. It has no grid of its own:
+
+- ``reads``: the cells it concerns, ``"<experiment>"`` (every cell of its grid) or
+  ``"<experiment>:<glob pattern>"`` over that experiment's cell names
+  (``"exp4:2x800 tanh dfa B[12357]"``, ``"exp1:* relu *"``);
+- ``[change]``: the change, the same for every run: ``RunConfig`` or ``TrainConfig`` fields
+  (``lr = 0.01``, ``bias_init = "zeros"``, ``optimizer_options = {momentum = 0.9}``), or a
+  change to the rule's terms: ``side_feedback = "<family>"`` gives every above and below term
+  that feedback family, ``direct_error = "<signal>"`` makes every direct term project that
+  signal instead of its own;
+- ``[protocol]``: only ``seeds``;
+- ``needs`` (optional): what the engine lacks to train the reading (a signal it does not
+  have); such a reading is defined and planned but ``load`` refuses to build its runs.
+
+Each run of a reading is the run of its experiment's cell, with the same name and seed, plus
+the change; the paper's values are those of the experiments read.
+
     >>> experiment = load("exp1")
     >>> len(experiment.expand(seeds=1))
     27
+    >>> reading = load("reading-lr")
+    >>> reading.variant(reading.points()[0])
+    'lr=0.01'
 """
 
 from __future__ import annotations
@@ -63,6 +88,7 @@ else:  # pragma: no cover
 __all__ = [
     "EXPERIMENTS",
     "PAPER",
+    "READINGS",
     "STUDIES",
     "Experiment",
     "cell",
@@ -70,6 +96,7 @@ __all__ = [
     "from_data",
     "load",
     "network",
+    "reading_cells",
 ]
 
 PAPER: tuple[str, ...] = ("exp1", "exp2", "exp3", "exp4", "baselines")
@@ -90,15 +117,18 @@ bp and fa on the MLP and on LeNet-5), ``conv-lr`` and ``conv-budget`` (the rate 
 budget of ``conv`` screened on its validation split), ``conv`` and ``conv-cifar``."""
 
 
-def _studies() -> tuple[str, ...]:
+def _named(pattern: str) -> tuple[str, ...]:
     presets = resources.files(__name__).joinpath("presets")
     names = (entry.name for entry in presets.iterdir())
-    return tuple(sorted(n[: -len(".toml")] for n in names if fnmatch(n, "study-*.toml")))
+    return tuple(sorted(n[: -len(".toml")] for n in names if fnmatch(n, pattern)))
 
 
-STUDIES: tuple[str, ...] = _studies()
+STUDIES: tuple[str, ...] = _named("study-*.toml")
 """Sensitivity studies, every ``presets/study-*.toml``: each asks why a published cell
 disagrees with ours and runs the variants that could explain it (see the module docstring)."""
+READINGS: tuple[str, ...] = _named("reading-*.toml")
+"""Readings of the protocol, every ``presets/reading-*.toml``: one change applied to every cell
+of the paper's experiments it concerns (see the module docstring)."""
 
 _PROTOCOL_TRAIN = ("epochs", "batch_size", "lr", "optimizer", "reduction")
 # Fields a cell's name already shows; the others a grid varies make up its variant.
@@ -294,10 +324,12 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     """An experiment from a preset's plain data (validates every run)."""
     known = {"description", "metric", "protocol", "base", "grid", "paper"}
     known |= {"figures", "addresses", "question", "cost"}  # read by gfalign.report
-    known |= {"reference", "standing", "peers"}
+    known |= {"reference", "standing", "peers", "ambiguous", "reads", "change", "needs"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"experiment {name}: unknown key(s) {sorted(unknown)}")
+    if "reads" in data:
+        data = _reading_data(name, data)
     protocol = dict(data.get("protocol", {}))
     seeds = tuple(int(s) for s in protocol.pop("seeds", [0]))
     base_data = dict(data.get("base", {}))
@@ -354,6 +386,14 @@ def from_data(name: str, data: Mapping[str, Any]) -> Experiment:
     stray = set(paper) - set(experiment.cells())
     if stray:
         raise ConfigError(f"experiment {name}: [paper] cells not in the grid: {sorted(stray)}")
+    ambiguous = data.get("ambiguous", {})
+    stray = set(ambiguous) - set(paper)
+    stray |= {c for others in ambiguous.values() for c in others} - set(experiment.cells())
+    if stray:
+        raise ConfigError(
+            f"experiment {name}: [ambiguous] names {sorted(stray)}; allowed: published cells, "
+            "each with a list of other cells of the grid"
+        )
     stray = set(reference.get("values", {})) - set(experiment.cells())
     if stray:
         raise ConfigError(
@@ -375,10 +415,162 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+_TERM_CHANGES = ("side_feedback", "direct_error")
+"""Changes of a reading that rewrite the rule's terms rather than set a field."""
+
+
+def reading_cells(name: str, data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (experiment, cell) pairs a reading's ``reads`` names, in the experiments' grid order.
+
+    >>> from gfalign.report.studies import preset_data
+    >>> reading_cells("reading-relu-bias", preset_data("reading-relu-bias"))[0]
+    ('exp1', '2x200 relu s1')
+    """
+    raw = data.get("reads")
+    if not isinstance(raw, list) or not raw or not all(isinstance(r, str) for r in raw):
+        raise ConfigError(
+            f'reading {name}: reads = {render(raw)}; allowed: a list of "<experiment>" or '
+            '"<experiment>:<cell pattern>" strings, e.g. ["exp1", "exp4:2x800 tanh dfa B*"]'
+        )
+    out: list[tuple[str, str]] = []
+    for entry in raw:
+        experiment_name, _colon, pattern = entry.partition(":")
+        if experiment_name not in PAPER:
+            raise ConfigError(
+                f"reading {name}: {entry!r} names experiment {experiment_name!r}; allowed: "
+                f"{', '.join(PAPER)}"
+            )
+        cells = load(experiment_name).cells()
+        matched = [c for c in cells if fnmatch(c, pattern.strip() or "*")]
+        if not matched:
+            raise ConfigError(
+                f"reading {name}: {entry!r} matches no cell of {experiment_name}; its cells look "
+                f"like {', '.join(cells[:3])}"
+            )
+        out += [(experiment_name, c) for c in matched if (experiment_name, c) not in out]
+    return out
+
+
+def _reading_data(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A reading's preset as the plain data of an experiment: one ``[[grid]]`` table per cell
+    read, holding that cell's run (as its experiment builds it) and the change."""
+    mine = {"grid", "base", "paper"} & set(data)
+    if mine:
+        raise ConfigError(
+            f"reading {name}: {', '.join(sorted(mine))} given; a reading takes its cells, base "
+            "and published values from the experiments it reads (reads) and changes them "
+            "(change)"
+        )
+    protocol = data.get("protocol", {})
+    if not isinstance(protocol, Mapping) or set(protocol) - {"seeds"}:
+        raise ConfigError(
+            f"reading {name}: [protocol] = {render(protocol)}; allowed: seeds only (the "
+            "protocol is the experiments', and its change is in [change])"
+        )
+    change = data.get("change")
+    if not isinstance(change, Mapping) or not change:
+        raise ConfigError(
+            f"reading {name}: change = {render(change)}; allowed: a [change] table of fields "
+            'or term changes, e.g. lr = 0.01 or side_feedback = "xavier"'
+        )
+    cells = reading_cells(name, data)
+    if data.get("needs"):
+        raise ConfigError(
+            f"reading {name} needs {data['needs']}; it is planned ({len(cells)} cells) but "
+            "cannot be trained yet"
+        )
+    base: RunConfig | None = None
+    tables, paper = [], {}
+    for experiment_name, cell_name in cells:
+        experiment = load(experiment_name)
+        point = next(p for p in experiment.points() if experiment.cell(p) == cell_name)
+        if base is None:
+            base = experiment.base
+        table = {key: [value] for key, value in _fields_apart(point, base).items()}
+        for key, value in change.items():
+            if key in _TERM_CHANGES:
+                table["rule"] = [_rewritten(point, key, value)]
+            else:
+                table[key] = [value]
+        tables.append(table)
+        if cell_name in experiment.paper:  # under the name the changed rule gives the cell
+            named = point.override(rule=table["rule"][0]) if "rule" in table else point
+            paper[cell(named)] = experiment.paper[cell_name]
+    assert base is not None  # reading_cells gives at least one cell
+    out = {k: v for k, v in data.items() if k not in ("reads", "change", "needs")}
+    out["protocol"] = {**base.train.to_data(), "seeds": protocol.get("seeds", [0])}
+    out["protocol"].pop("seed", None)
+    out["base"] = {k: v for k, v in base.to_data().items() if k not in ("train", "seed")}
+    out["grid"] = tables
+    out["paper"] = paper
+    return out
+
+
+def _fields_apart(point: RunConfig, base: RunConfig) -> dict[str, Any]:
+    """The fields (``RunConfig``'s, then ``TrainConfig``'s by name) in which ``point`` differs
+    from ``base``, seed aside: what a grid table must set to give ``point`` from ``base``."""
+    mine, theirs = point.to_data(), base.to_data()
+    out: dict[str, Any] = {}
+    for key in [*mine, *(k for k in theirs if k not in mine)]:
+        if key in ("seed", "train") or mine.get(key) == theirs.get(key):
+            continue
+        value = field_of(point, key)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    for key in [*mine["train"], *(k for k in theirs["train"] if k not in mine["train"])]:
+        if mine["train"].get(key) != theirs["train"].get(key):
+            out[key] = getattr(point.train, key)
+    return out
+
+
+def _rewritten(point: RunConfig, change: str, value: Any) -> dict[str, Any]:
+    """The rule of ``point`` as a table whose terms carry the change: ``side_feedback`` gives
+    every above and below term the feedback family ``value``, ``direct_error`` makes every
+    direct term project the signal ``value``. Its name is the preset's with the change after
+    a colon (``"s3:side_feedback=xavier"``), so that it stands for the same cell."""
+    from gfalign.rules import PRESETS
+
+    rule = point.rule
+    data = dict(PRESETS[rule]) if isinstance(rule, str) and rule in PRESETS else dict(rule)
+    if not isinstance(value, str):
+        raise ConfigError(f"{change} = {render(value)}: not a name; allowed: a family or signal")
+
+    def term(entry: Any) -> Any:
+        kind = entry.get("kind") if isinstance(entry, Mapping) else str(entry).partition(":")[0]
+        if change == "side_feedback" and kind in ("above", "below"):
+            table = dict(entry) if isinstance(entry, Mapping) else {"kind": kind}
+            option = "" if isinstance(entry, Mapping) else str(entry).partition(":")[2]
+            if option:
+                table["source"] = option
+            table["feedback"] = value
+            return table
+        if change == "direct_error" and kind == "direct":
+            if isinstance(entry, Mapping):
+                return {**entry, "error": value}
+            return f"direct:{value}"
+        return entry
+
+    def layer(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {**entry, "terms": [term(t) for t in entry.get("terms", [])]}
+
+    shape = "template" if "template" in data else "layers"
+    parts = data[shape]
+    changed = (
+        {k: layer(v) for k, v in parts.items()}
+        if isinstance(parts, Mapping)
+        else [layer(v) for v in parts]
+    )
+    base_name = str(data.get("name", "custom"))
+    return {
+        "name": f"{base_name}:{change}={value}",
+        "description": f"{data.get('description', base_name)}; reading: {change} = {value}",
+        shape: changed,
+    }
+
+
 def load(name: str) -> Experiment:
-    """The preset ``name`` (one of ``EXPERIMENTS`` or ``STUDIES``)."""
-    if name not in EXPERIMENTS + STUDIES:
-        known = ", ".join(EXPERIMENTS + STUDIES)
+    """The preset ``name`` (one of ``EXPERIMENTS``, ``STUDIES`` or ``READINGS``)."""
+    if name not in EXPERIMENTS + STUDIES + READINGS:
+        known = ", ".join(EXPERIMENTS + STUDIES + READINGS)
         raise ConfigError(f"unknown experiment {name!r}; known: {known}")
     text = resources.files(__name__).joinpath("presets", f"{name}.toml").read_text()
     try:

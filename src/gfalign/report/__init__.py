@@ -7,8 +7,11 @@ directories' checkpoints. The package follows the report's steps:
 - ``gfalign.report.rows``: the store's rows grouped by cell and protocol;
 - ``gfalign.report.tables``: statistics over seeds (mean, std, 95% t interval, t-test against
   the paper, best epoch) and the table of each experiment, with a verdict per published cell;
-- ``gfalign.report.studies``: sensitivity-study presets (their ``addresses`` key) and the
-  cells their runs explain;
+- ``gfalign.report.studies``: sensitivity-study presets (their ``addresses`` key) and where
+  their settings land, cell by cell;
+- ``gfalign.report.readings``: readings of the protocol (``reading-*.toml``), each one change
+  on every cell it reads, judged by one count against the paper's protocol's, and the cells
+  a judged reading explains;
 - ``gfalign.report.figures``: the figures each preset's ``[figures]`` table names (drawn by
   ``gfalign.plots``);
 - ``gfalign.report.facts``: every number a discussion may cite, and a check of a text's numbers

@@ -33,6 +33,7 @@ from typing import Any
 
 from gfalign.experiments import cell
 from gfalign.experiments import network as network_of
+from gfalign.report.facts import Fact
 from gfalign.report.provenance import duration, total_seconds
 from gfalign.report.render import Block, Bullets, Heading, Image, Paragraph, Table
 from gfalign.report.rows import config_of, count, series
@@ -141,15 +142,50 @@ def _stats_text(values: Sequence[float]) -> tuple[str, str]:
     return f"{ours} ({count(s.n, 'seed')})", ci
 
 
+def beyond_facts(
+    store, studies: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Expected] | None = None
+) -> list[Fact]:
+    """Every number the page prints, as facts (``gfalign.report.facts``): each search's best
+    validation error and values, each final's statistics, gaps, and the goal's and published
+    numbers the study files expect (``expected``; default: those of ``tune/`` here)."""
+    if expected is None:
+        expected = read_expected(Path("tune"))[0] if Path("tune").is_dir() else {}
+    out: list[Fact] = []
+    beyond_blocks(store, studies, None, expected, out)
+    return out
+
+
+def _stats_facts(subject: str, values: Sequence[float], out: list[Fact] | None) -> None:
+    if out is None or not values:
+        return
+    s = describe(values)
+    out += [Fact(PAGE, subject, "mean", s.mean), Fact(PAGE, subject, "std", s.std)]
+    if s.ci is not None:
+        out += [
+            Fact(PAGE, subject, "95% CI low", s.ci[0]),
+            Fact(PAGE, subject, "95% CI high", s.ci[1]),
+        ]
+
+
 def beyond_blocks(
     store,
     studies: Mapping[str, Mapping[str, Any]],
     figures: Path | None = None,
     expected: Mapping[str, Expected] | None = None,
+    facts: list[Fact] | None = None,
 ) -> list[Block]:
     """The page's blocks from the store's ``tune:*`` runs, the studies' summaries and what
-    their files expect (``read_expected``)."""
+    their files expect (``read_expected``).
+
+    ``facts``: a list that receives every number the blocks print (``beyond_facts``).
+    """
     expected = expected or {}
+    if facts is not None:
+        for entry in expected.values():
+            for published in entry.published:
+                facts.append(Fact(PAGE, published.source, "published", published.value))
+            if entry.goal is not None:
+                facts.append(Fact(PAGE, "goal", "test", entry.goal.error))
     rows: dict[str, list[Mapping[str, Any]]] = {}
     for row in store.list():
         if (row.get("experiment") or "").startswith(PREFIX):
@@ -200,12 +236,20 @@ def beyond_blocks(
             timed = [t["seconds"] for t in trials if isinstance(t.get("seconds"), (int, float))]
             searched_seconds += sum(timed)
             cost = duration(sum(timed)) if timed else "not recorded"
+            if facts is not None and timed:
+                facts.append(_duration_fact(name, "search compute", sum(timed)))
             killed = sum(1 for t in trials if t.get("state") == "fail" and t.get("seconds") is None)
             if timed and killed:
                 cost += f" (and {killed} killed trials, untimed)"
             best = summary.get("best") or {}
             values = ", ".join(f"{k}={_short(v)}" for k, v in (best.get("params") or {}).items())
             value = best.get("validation_error")
+            if facts is not None:
+                if isinstance(value, (int, float)):
+                    facts.append(Fact(PAGE, name, "best validation error", float(value)))
+                for key, given in (best.get("params") or {}).items():
+                    if isinstance(given, float):
+                        facts.append(Fact(PAGE, name, key, given, -3))
             search_rows.append(
                 (
                     name,
@@ -228,7 +272,15 @@ def beyond_blocks(
             protocol = _finished_errors(_protocol_rows(store, config))
             baseline, _ = _stats_text(protocol)
             paper = _paper_value(config)
+            _stats_facts(name, errors, facts)
+            _stats_facts(f"{name} (paper's protocol)", protocol, facts)
+            if facts is not None and validation is not None:
+                facts.append(Fact(PAGE, name, "validation", validation))
+            if facts is not None and paper is not None:
+                facts.append(Fact(PAGE, name, "paper", paper))
             spent = total_seconds(finished)
+            if facts is not None and spent is not None:
+                facts.append(_duration_fact(name, "final compute", spent))
             final_seconds += spent or 0.0
             final_rows.append(
                 (
@@ -278,6 +330,12 @@ def beyond_blocks(
         ),
     ]
     if searched_seconds or final_seconds:
+        if facts is not None:
+            facts += [
+                _duration_fact("all", "search compute", searched_seconds),
+                _duration_fact("all", "final compute", final_seconds),
+                _duration_fact("all", "compute", searched_seconds + final_seconds),
+            ]
         blocks.append(
             Paragraph(
                 f"Compute, all studies: {duration(searched_seconds)} of timed search trials "
@@ -318,7 +376,7 @@ def beyond_blocks(
         lengths = _lengths(finals)
         if lengths:
             blocks += [Heading(2, "Training length, chosen on validation"), Bullets(lengths)]
-        gaps = _gaps(finals)
+        gaps = _gaps(finals, facts)
         if gaps:
             blocks += [Heading(2, "Gap to tuned backprop"), Bullets(tuple(gaps))]
         goal = _goal(finals)
@@ -353,6 +411,11 @@ def _expectations(finals: Sequence[Final], expected: Mapping[str, Expected]) -> 
         return ""
     text = "; ".join(parts)
     return " " + text[0].upper() + text[1:] + "."
+
+
+def _duration_fact(subject: str, quantity: str, seconds: float) -> Fact:
+    """A duration as the page prints it (``duration``: ``"53.0 min"``, ``"1.2 h"``)."""
+    return Fact(PAGE, subject, quantity, float(duration(seconds).split()[0]), 1)
 
 
 def _short(value: Any) -> str:
@@ -420,7 +483,7 @@ def _lengths(finals: Sequence[Final]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _gaps(finals: Sequence[Final]) -> list[str]:
+def _gaps(finals: Sequence[Final], facts: list[Fact] | None = None) -> list[str]:
     """Each rule's gap to bp trained as long on the same dataset and network, each study
     named (two searches of one rule each get their line)."""
     out = []
@@ -433,6 +496,14 @@ def _gaps(finals: Sequence[Final]) -> list[str]:
             for entry in (e for e in group if e.rule != "bp"):
                 difference, ci = welch(list(entry.errors), list(bp.errors))
                 interval = "" if ci is None else f" (95% CI {ci[0]:+.2f} to {ci[1]:+.2f})"
+                if facts is not None:
+                    subject = f"{entry.study} − {bp.study}"
+                    facts.append(Fact(PAGE, subject, "difference", difference))
+                    if ci is not None:
+                        facts += [
+                            Fact(PAGE, subject, "low", ci[0]),
+                            Fact(PAGE, subject, "high", ci[1]),
+                        ]
                 out.append(
                     f"{dataset} {network} {entry.rule} − bp, {epochs} epochs: "
                     f"{difference:+.2f} points{interval}, "
@@ -454,12 +525,16 @@ def _goal(finals: Sequence[Final]) -> str:
     out = []
     for (goal, family, dataset), group in groups.items():
         best = min(group, key=lambda e: math.inf if e.validation is None else e.validation)
-        mean = statistics.fmean(best.errors)
+        stats = describe(best.errors)
+        mean = stats.mean
         verdict = (
             "reached"
             if mean <= goal.error + 1e-9
             else f"not reached ({mean - goal.error:+.2f} points)"
         )
+        if stats.ci is not None and stats.ci[0] <= goal.error + 1e-9 < stats.ci[1]:
+            verdict += f" by the mean, not by its 95% interval, which reaches {stats.ci[1]:.2f}"
+        interval = "" if stats.ci is None else f", 95% CI {stats.ci[0]:.2f}–{stats.ci[1]:.2f}"
         on = (
             "" if best.validation is None else f", mean best validation error {best.validation:.2f}"
         )
@@ -468,8 +543,17 @@ def _goal(finals: Sequence[Final]) -> str:
             f"Goal, a {whose} network at or below {goal.error:.2f}% on {goal.on or dataset}: "
             f"{verdict}. The {whose} runs chosen on validation are {best.rule} trained "
             f"{best.epochs} epochs ({best.study}{on}): {mean:.2f}% test error over "
-            f"{count(len(best.errors), 'seed')}."
+            f"{count(len(best.errors), 'seed')}{interval}."
         )
+        others = [e for e in _by_search(finals)[best.search] if e.epochs != best.epochs]
+        for other in sorted(others, key=lambda e: e.epochs):
+            missed = statistics.fmean(other.errors)
+            outcome = "reaches the goal" if missed <= goal.error + 1e-9 else "misses the goal"
+            out.append(
+                f"The same trial trained {other.epochs} epochs ({other.study}) gives "
+                f"{missed:.2f}% and {outcome}: the goal is read at the length the validation "
+                "error prefers, after both were trained."
+            )
     return " ".join(out)
 
 

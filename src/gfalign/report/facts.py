@@ -231,10 +231,15 @@ def cell_facts(
             ]
         if row["difference"] is not None:
             out.append(Fact(experiment, subject, "difference", row["difference"], 2))
+        if row.get("reference") is not None:
+            gap = row["mean"] - row["reference"]
+            out.append(Fact(experiment, subject, "− reference", gap, 2))
         if row["p"] is not None:
             out.append(Fact(experiment, subject, "p", row["p"], 3))
         if row["best"] is not None:
             out.append(Fact(experiment, subject, "best (mean)", row["best"], digits))
+        if row.get("selected") is not None:
+            out.append(Fact(experiment, subject, "selected (mean)", row["selected"], digits))
         if row["train"] is not None:
             out.append(Fact(experiment, subject, "train, last (mean)", row["train"], digits))
     return out
@@ -401,7 +406,7 @@ def unmatched(markdown: str, facts: Iterable[Fact]) -> list[Quote]:
     facts = list(facts)
     values: dict[int, set[str]] = {}
     for fact in facts:
-        for decimals in range(0, 6):
+        for decimals in range(0, 9):
             values.setdefault(decimals, set()).add(f"{abs(fact.value):.{decimals}f}")
     significant = [abs(f.value) for f in facts]
     return [q for q in quoted_numbers(markdown) if not _matches(q, values, significant)]

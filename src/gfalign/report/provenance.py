@@ -21,6 +21,7 @@ from gfalign.report.rows import cells_of, config_of, count, rule_of
 
 __all__ = [
     "compute",
+    "cost_medians",
     "cost_table",
     "counts",
     "duration",
@@ -138,18 +139,12 @@ def _machine(row: Mapping[str, Any]) -> str:
     )
 
 
-def cost_table(
-    rows: Sequence[Mapping[str, Any]], name_of: Callable[[Any], str], order: Sequence[str] = ()
-) -> tuple[Table, str] | None:
-    """Wall-clock cost per rule from one machine and one network only: the machine (as
-    ``machines`` words it) with the most finished runs that recorded per-epoch times, on it
-    the network with the most such runs, and per rule the median over runs of seconds per
-    epoch, for runs trained alone and for stacked ones (whose epoch time is their share of the
-    stack's). With the sentence that says which machine and network; ``None`` when no run
-    recorded a time.
-
-    ``name_of``: a run's configuration -> its cell name; ``order``: the cells' order.
-    """
+def _epoch_costs(
+    rows: Sequence[Mapping[str, Any]], name_of: Callable[[Any], str]
+) -> tuple[str, str, int, int, dict[str, dict[bool, list[float]]]] | None:
+    """The runs ``cost_table`` times: (machine, network, runs chosen, runs left out, per cell
+    the seconds per epoch of its runs trained alone (False) and stacked (True)); None when no
+    run recorded a time."""
     timed = [
         r
         for r in rows
@@ -176,6 +171,40 @@ def cost_table(
         per_epoch = sum(float(rec["seconds"]) for rec in history) / len(history)
         stacked = any(int(rec.get("stacked", 1)) > 1 for rec in history)
         cells.setdefault(name, {False: [], True: []})[stacked].append(per_epoch)
+    return machine, network, len(chosen), len(timed) - len(chosen), cells
+
+
+def cost_medians(
+    rows: Sequence[Mapping[str, Any]], name_of: Callable[[Any], str]
+) -> dict[tuple[str, bool], float]:
+    """(cell, stacked) -> the median seconds per epoch ``cost_table`` prints for it."""
+    found = _epoch_costs(rows, name_of)
+    if found is None:
+        return {}
+    return {
+        (name, stacked): statistics.median(values)
+        for name, both in found[4].items()
+        for stacked, values in both.items()
+        if values
+    }
+
+
+def cost_table(
+    rows: Sequence[Mapping[str, Any]], name_of: Callable[[Any], str], order: Sequence[str] = ()
+) -> tuple[Table, str] | None:
+    """Wall-clock cost per rule from one machine and one network only: the machine (as
+    ``machines`` words it) with the most finished runs that recorded per-epoch times, on it
+    the network with the most such runs, and per rule the median over runs of seconds per
+    epoch, for runs trained alone and for stacked ones (whose epoch time is their share of the
+    stack's). With the sentence that says which machine and network; ``None`` when no run
+    recorded a time.
+
+    ``name_of``: a run's configuration -> its cell name; ``order``: the cells' order.
+    """
+    found = _epoch_costs(rows, name_of)
+    if found is None:
+        return None
+    machine, network, chosen, others, cells = found
     rank = {name: n for n, name in enumerate(order)}
     body = []
     for name in sorted(cells, key=lambda c: (rank.get(c, 1 << 20), c)):
@@ -192,10 +221,9 @@ def cost_table(
         tuple(body),
         (False, True, True),
     )
-    others = len(timed) - len(chosen)
     sentence = (
         f"Wall-clock cost per rule of the {network} network, from one machine only ({machine}: "
-        f"{count(len(chosen), 'run')}"
+        f"{count(chosen, 'run')}"
         + (f"; {count(others, 'run')} of other networks or machines left out" if others else "")
         + "): the median over runs of the seconds per epoch of the training steps (the "
         "end-of-epoch evaluation not counted). "

@@ -4,8 +4,9 @@ For every cell the table gives the mean and sample standard deviation over seeds
 of seeds, a 95% confidence interval for the mean (Student's t over seeds), a one-sample t-test
 of the seeds against the published value where there are at least three, the metric at each
 seed's best epoch (from the per-epoch history) beside the last epoch's, the mean final
-training error and a verdict: ``within 0.20`` points of the paper, ``explained by <study>``
-(``gfalign.report.studies``), ``unexplained``, or ``pending`` (no run yet).
+training error and a verdict: ``within 0.20`` points of the paper, ``explained by <reading>``
+(a reading of the protocol, ``gfalign.report.readings``), ``unexplained``, or ``pending``
+(no run yet).
 
     >>> s = describe([2.0, 2.2, 2.4], reference=1.96)
     >>> round(s.mean, 2), round(s.std, 2), s.n
@@ -219,8 +220,8 @@ def summarize(
     diverged), ``baseline``, ``train`` (the mean final training error, the paper's "below
     0.01%"; None where a run did not record it), ``verdict`` (``"within 0.20"``,
     ``"unexplained"``, ``"pending"``, or None for cells without a published value and runs of
-    another protocol than the experiment's) and ``explained_by`` (study names, filled by
-    ``gfalign.report.studies.explain``). ``baselines``: the rows of the baselines experiment;
+    another protocol than the experiment's) and ``explained_by`` (reading names, filled by
+    ``gfalign.report.readings.explain``). ``baselines``: the rows of the baselines experiment;
     those with an architecture of this experiment's grid are listed after that architecture's
     cells. Pending cells (no finished run) have ``n`` 0 and None for the numbers.
     """
@@ -377,14 +378,14 @@ def _epochs_text(epochs: Sequence[float]) -> str:
 
 
 def verdict_text(row: Mapping[str, Any], link: Callable[[str], str] | None = None) -> str:
-    """The verdict column: ``explained by`` names (and with ``link``, links) the studies."""
+    """The verdict column: ``explained by`` names (and with ``link``, links) the readings."""
     if row.get("explained_by"):
         names = [link(s) if link else s for s in row["explained_by"]]
         return "explained by " + ", ".join(names)
     return row.get("verdict") or PENDING
 
 
-def _study_link(name: str) -> str:
+def _page_link(name: str) -> str:
     return f"[{name}]({name}.md)"
 
 
@@ -453,7 +454,7 @@ def table(experiment: Experiment, summary: Sequence[Mapping[str, Any]]) -> Table
             row.append(picked)
         row += [best, PENDING if r["train"] is None else number(r["train"])]
         if paper_columns:
-            row.append(verdict_text(r, _study_link))
+            row.append(verdict_text(r, _page_link))
         rows.append(tuple(row))
     numeric = tuple(h not in ("cell", "verdict") for h in header)
     return Table(tuple(header), tuple(rows), numeric)
@@ -508,9 +509,10 @@ def metric_sentence(experiment: Experiment) -> str:
             "Difference = ours − paper; p: two-sided one-sample t-test of the seeds against "
             "the published value (three seeds or more). "
             f"Verdict: *within {TOLERANCE:.2f}* when the mean is at most {TOLERANCE:.2f} points "
-            "from the paper; *explained by* a sensitivity study when one of the study's "
-            f"configurations for the cell lands within {TOLERANCE:.2f}; *unexplained* "
-            "otherwise. "
+            "from the paper; *explained by* a reading of the protocol when that one change, "
+            "judged on every cell it reads, brings more of them within "
+            f"{TOLERANCE:.2f} than the paper's protocol does and this cell among them; "
+            "*unexplained* otherwise. "
         )
     if experiment.base.train.keep_best:
         text += (
