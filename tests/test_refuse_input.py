@@ -119,3 +119,34 @@ def test_memory_is_read_from_the_machine():
         line = next(x for x in meminfo.read_text().splitlines() if x.startswith("MemTotal:"))
         assert total == int(line.split()[1]) * 1024
     assert where == "this machine"
+
+
+def test_a_label_out_of_range_in_the_python_api_is_named_with_the_range():
+    import torch
+
+    from gfalign import FeedbackRule, mlp
+
+    net = mlp([4, 3, 10], seed=0)
+    rule = FeedbackRule("fa", net)
+    with pytest.raises(
+        ConfigError, match=r"label 99 is out of range; allowed: class indices in \[0, 10\)"
+    ):
+        rule.backward(net, torch.rand(2, 4), torch.tensor([1, 99]))
+    with pytest.raises(ConfigError, match=r"label -1 is out of range"):
+        rule.sgd_step(net, torch.rand(2, 4), torch.tensor([-1, 2]), lr=0.1)
+
+
+def test_inputs_that_are_not_finite_are_named_not_returned_as_a_nan_loss():
+    import torch
+
+    from gfalign import FeedbackRule, mlp
+    from gfalign.data.errors import DataError
+
+    net = mlp([4, 3, 2], seed=0)
+    rule = FeedbackRule("dfa", net)
+    x = torch.rand(3, 4)
+    x[1, 2] = float("nan")
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(DataError, match=r"the inputs hold 1 NaN or infinite values of 12"):
+        rule.sgd_step(net, x, torch.tensor([0, 1, 0]), lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))

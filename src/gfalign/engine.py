@@ -28,6 +28,7 @@ from torch import nn
 from gfalign import feedback as feedback_families
 from gfalign import updates
 from gfalign.blocks import LINEAR
+from gfalign.data.errors import DataError
 from gfalign.execute import Step, deltas_of
 from gfalign.feedback import FeedbackSpec
 from gfalign.network import OBJECTIVES, mlp
@@ -455,7 +456,38 @@ class FeedbackRule(nn.Module):
         self.check(net, x)
         with torch.no_grad():
             cache = net.forward_cache(x)
-            return deltas_of(self, net, cache, self._target(net, x, target))
+            return self._run(net, cache, x, target)
+
+    def _run(self, net: nn.Module, cache, x: torch.Tensor, target: torch.Tensor) -> Step:
+        """The plan on one forward pass, with labels out of range and inputs that are not
+        finite named in one line instead of an index error or a quiet NaN loss."""
+        labels = net.objective.uses_labels
+        try:
+            step = deltas_of(self, net, cache, self._target(net, x, target))
+        except (RuntimeError, IndexError) as problem:
+            if labels:
+                self._check_labels_range(target)
+            raise problem
+        if not bool(torch.isfinite(step.loss).all()) and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(
+                f"the inputs hold {bad} NaN or infinite values of {x.numel()}; allowed: finite "
+                "numbers"
+            )
+        return step
+
+    def _check_labels_range(self, target: torch.Tensor) -> None:
+        classes = self.sizes[-1]
+        if torch.is_floating_point(target) or torch.is_complex(target):
+            raise ConfigError(
+                f"labels of dtype {target.dtype}; allowed: integer class indices in [0, {classes})"
+            )
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= classes:
+            wrong = high if high >= classes else low
+            raise ConfigError(
+                f"label {wrong} is out of range; allowed: class indices in [0, {classes})"
+            )
 
     def backward(
         self, net: nn.Module, x: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
@@ -470,7 +502,7 @@ class FeedbackRule(nn.Module):
         scale = _scale(reduction, self._batch_size(x))
         with torch.no_grad():
             cache = net.forward_cache(x)
-            step = deltas_of(self, net, cache, self._target(net, x, target))
+            step = self._run(net, cache, x, target)
             updates.write_gradients(self, net, cache, step.deltas, scale)
             self._advance()
         return step
@@ -515,7 +547,7 @@ class FeedbackRule(nn.Module):
         alpha = -scale if rates is not None else -lr * scale
         with torch.no_grad():
             cache = net.forward_cache(x)
-            step = deltas_of(self, net, cache, self._target(net, x, target))
+            step = self._run(net, cache, x, target)
             updates.sgd_apply(self, net, cache, step.deltas, alpha, rates)
             self._advance()
         return step
