@@ -15,6 +15,7 @@ from gfalign.architectures import resnet
 from gfalign.engine import FeedbackRule
 from gfalign.graph import convert
 from gfalign.rules import PRESETS, ConfigError
+from peer_files import biotorch_file
 
 DTYPE = torch.float64
 CLASSES = 3
@@ -359,22 +360,6 @@ def test_a_model_with_dropout_is_refused():
         convert(model, torch.zeros(2, 3))
 
 
-def _biotorch(relative: str):
-    """A file of the installed biotorch package, loaded alone (its ``biotorch.models`` package
-    imports torchvision, which this environment lacks)."""
-    import importlib.util
-    from pathlib import Path
-
-    found = importlib.util.find_spec("biotorch")
-    if found is None or not found.submodule_search_locations:
-        pytest.skip("biotorch is not installed (pip install --no-deps biotorch)")
-    path = Path(found.submodule_search_locations[0]) / relative
-    spec = importlib.util.spec_from_file_location(f"_biotorch_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _replaced(model: nn.Module, mode: str) -> dict[str, nn.Module]:
     """biotorch's own layer replacement: every Conv2d and Linear of ``model`` becomes its
     feedback layer of type ``mode``, with the same weights; the new layers by name."""
@@ -417,7 +402,7 @@ def test_one_step_on_resnet20_equals_biotorchs_from_the_same_weights_and_kernels
     import copy
 
     torch.manual_seed(4)
-    plain = _biotorch("models/small_resnet.py").resnet20().to(DTYPE)
+    plain = biotorch_file("models/small_resnet.py").resnet20().to(DTYPE)
     x = torch.rand(4, 3, 32, 32, dtype=DTYPE)
     y = torch.arange(4) % 10
     theirs = copy.deepcopy(plain)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from gfalign.models import MODELS, build, from_modules, model_spec
 from gfalign.rules import ConfigError
+from peer_files import biotorch_file
 
 
 def test_lenet5_is_biotorchs_lenet_mnist():
@@ -182,25 +181,10 @@ def test_an_experiment_cell_names_its_model():
     assert len(experiment.configs) == 6
 
 
-def _biotorch_file(relative: str):
-    """A module of the installed biotorch package loaded from its file alone: its
-    ``biotorch.models`` package imports torchvision, which this test environment lacks."""
-    import importlib.util
-
-    found = importlib.util.find_spec("biotorch")
-    if found is None or not found.submodule_search_locations:
-        pytest.skip("biotorch is not installed (pip install --no-deps biotorch)")
-    path = Path(found.submodule_search_locations[0]) / relative
-    spec = importlib.util.spec_from_file_location(f"_biotorch_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_lenet5_forward_equals_biotorchs_lenet_mnist_from_the_same_weights():
     """biotorch's own LeNetMNIST (its package's le_net.py), our weights copied in: the same
     logits in float64, so the two networks are one function (relu after fc1 included)."""
-    theirs = _biotorch_file("models/le_net.py").LeNetMNIST().double()
+    theirs = biotorch_file("models/le_net.py").LeNetMNIST().double()
     ours = build("lenet5", seed=3, dtype=torch.float64)
     names = ["conv1", "conv2", "conv3", "fc1", "fc2"]
     with torch.no_grad():

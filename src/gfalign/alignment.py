@@ -273,6 +273,8 @@ def _output_paths(net: nn.Module) -> dict[int, torch.Tensor]:
     order of ``D^i``'s columns)."""
     blocks = net.blocks
     products: dict[int, torch.Tensor] = {}
+    if net.is_graph:
+        return products  # a graph's paths to the output are not one product
     product: torch.Tensor | None = None
     for i in range(len(blocks) - 1, 0, -1):
         above, tail = blocks[i].linear, blocks[i - 1].tail.modules
@@ -307,9 +309,16 @@ def weight_alignment(net: nn.Module, rule: FeedbackRule) -> dict[str, float]:
             for k, term in enumerate(layer.terms):
                 kind = KINDS[term.kind]
                 if kind.part is not None and kind.has_parameters and kind.backward:
-                    fixed = rule.feedback(i, k, net)
-                    forward = dict(blocks[i + kind.part - 1].linear.named_parameters())
-                    value = angle(_flat(fixed, list(fixed)), _flat(forward, list(fixed)))
+                    # every block the term stands in for: one on a chain, each consumer on a graph
+                    fixed, forward = [], []
+                    for key, slot in sorted(rule.slots.items()):
+                        if key[:2] != (i, k):
+                            continue
+                        mine = rule.feedback(i, k, net, consumer=key[2] if len(key) > 2 else None)
+                        own = dict(blocks[slot.block - 1].linear.named_parameters())
+                        fixed.append(_flat(mine, list(mine)))
+                        forward.append(_flat(own, list(mine)))
+                    value = angle(torch.cat(fixed), torch.cat(forward))
                 elif kind.is_direct and term.error == "output" and i in paths:
                     value = angle(rule.feedback(i, k)["matrix"], paths[i])
                 else:
