@@ -601,8 +601,9 @@ def test_the_beyond_page_gives_searches_finals_and_the_gap_to_tuned_bp(tmp_path)
     )
     mean = sum(finals["s1"]) / 2
     verdict = "reached" if mean <= 50 else f"not reached ({mean - 50:+.2f} points)"
+    # (two seeds' 95% interval is wide: the verdict may add that the interval reaches the goal)
     assert (
-        f"Goal, a general-rule network at or below 50.00% on the synthetic set: {verdict}." in page
+        f"Goal, a general-rule network at or below 50.00% on the synthetic set: {verdict}" in page
     )
     assert "s1 trained 2 epochs (s1, mean best validation error" in page
     searched, trained = 0.0, 0.0

@@ -79,7 +79,7 @@ def field_descriptions(cls: type) -> dict[str, str]:
     Example:
         >>> from gfalign.train import TrainConfig
         >>> field_descriptions(TrainConfig)["epochs"]
-        'passes over the training set.'
+        'passes over the training set, at most 100000 (a run that could finish).'
     """
     doc = inspect.getdoc(cls) or ""
     section = doc.partition("Attributes:\n")[2]
