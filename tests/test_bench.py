@@ -306,3 +306,10 @@ def test_fused_path_only_for_plain_sgd():
         config = TrainConfig(epochs=1, batch_size=8, optimizer_options=options)
         Trainer(net, FeedbackRule("dfa", sizes, dtype=DT), data, config).fit()
         assert (net.weight(1).grad is None) == fused, options
+
+
+def test_a_model_graph_is_benchmarked_with_its_input_shape_and_classes():
+    from gfalign.bench import BenchConfig, _classes, _input_shape
+
+    config = BenchConfig(model="resnet20")
+    assert (_input_shape(config), _classes(config)) == ((3, 32, 32), 10)

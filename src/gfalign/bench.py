@@ -49,7 +49,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gfalign.engine import FeedbackRule
-from gfalign.models import MODELS, build
+from gfalign.models import MODELS, build, model_spec
 from gfalign.network import ACTIVATIONS, mlp
 from gfalign.rules import PRESETS
 from gfalign.train import TrainConfig, Trainer
@@ -595,7 +595,7 @@ def _input_shape(config: BenchConfig) -> tuple[int, ...]:
 def _classes(config: BenchConfig) -> int:
     if config.model == "mlp":
         return config.sizes[-1]
-    return int(MODELS[config.model]["blocks"][-1]["linear"])
+    return model_spec(config.model).outputs
 
 
 def _fit_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
