@@ -464,10 +464,10 @@ class FeedbackRule(nn.Module):
         labels = net.objective.uses_labels
         try:
             step = deltas_of(self, net, cache, self._target(net, x, target))
-        except (RuntimeError, IndexError) as problem:
+        except (RuntimeError, IndexError):
             if labels:
                 self._check_labels_range(target)
-            raise problem
+            raise
         if not bool(torch.isfinite(step.loss).all()) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise DataError(

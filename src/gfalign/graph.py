@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch.nn import functional
 
 from gfalign.blocks import Block, Tail
-from gfalign.network import ACTIVATIONS, IDENTITY, Activation, Edge, Network
+from gfalign.network import ACTIVATION_MODULES, ACTIVATIONS, IDENTITY, Activation, Edge, Network
 from gfalign.plan import NORMALISATIONS
 from gfalign.rules import ConfigError
 
@@ -50,7 +50,6 @@ _ACTIVATION_FUNCTIONS = {
     torch.sigmoid: "sigmoid",
     functional.sigmoid: "sigmoid",
 }
-_ACTIVATION_MODULES = {activation.module: activation for activation in ACTIVATIONS.values()}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
@@ -99,7 +98,7 @@ class _Reader:
             return None
         module = self.submodule(node)
         if module is not None:
-            return _ACTIVATION_MODULES.get(type(module))
+            return ACTIVATION_MODULES.get(type(module))
         if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
             return ACTIVATIONS[_ACTIVATION_FUNCTIONS[node.target]]
         if node.op == "call_method" and node.target in ACTIVATIONS and len(node.args) == 1:

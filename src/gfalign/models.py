@@ -62,7 +62,13 @@ from torch import nn
 
 from gfalign import architectures
 from gfalign.blocks import Block, Tail, check_dropout_rate
-from gfalign.network import ACTIVATIONS, IDENTITY, Network, activation_named, initialise
+from gfalign.network import (
+    ACTIVATION_MODULES,
+    IDENTITY,
+    Network,
+    activation_named,
+    initialise,
+)
 from gfalign.rules import ConfigError, render
 from gfalign.train import TrainConfig
 
@@ -212,40 +218,34 @@ _LENET_PROTOCOL: dict[str, Any] = {
     "feedback": "xavier",
 }
 
+_LENET5: dict[str, Any] = {
+    "name": "lenet5",
+    "description": "LeNet-5 as biotorch's LeNetMNIST: three 5x5 relu convolutions (6, 16, "
+    "120 channels, 2x2 max-pooling after the first two), Linear 120-84 relu, Linear 84-10; "
+    "32x32 inputs, so 28x28 images are resized to 32x32 as biotorch does",
+    "input": [1, 32, 32],
+    "resize": 32,
+    "activation": "relu",
+    "blocks": [
+        {"conv": 6, "kernel": 5, "pool": "max:2"},
+        {"conv": 16, "kernel": 5, "pool": "max:2"},
+        {"conv": 120, "kernel": 5},
+        {"linear": 84},
+        {"linear": 10},
+    ],
+    "protocol": _LENET_PROTOCOL,
+}
+"""biotorch's LeNetMNIST as data (``MODELS["lenet5"]``)."""
+
 MODELS: dict[str, dict[str, Any]] = {
-    "lenet5": {
-        "name": "lenet5",
-        "description": "LeNet-5 as biotorch's LeNetMNIST: three 5x5 relu convolutions (6, 16, "
-        "120 channels, 2x2 max-pooling after the first two), Linear 120-84 relu, Linear 84-10; "
-        "32x32 inputs, so 28x28 images are resized to 32x32 as biotorch does",
-        "input": [1, 32, 32],
-        "resize": 32,
-        "activation": "relu",
-        "blocks": [
-            {"conv": 6, "kernel": 5, "pool": "max:2"},
-            {"conv": 16, "kernel": 5, "pool": "max:2"},
-            {"conv": 120, "kernel": 5},
-            {"linear": 84},
-            {"linear": 10},
-        ],
-        "protocol": _LENET_PROTOCOL,
-    },
+    "lenet5": _LENET5,
     "lenet5-tanh": {
+        **_LENET5,
         "name": "lenet5-tanh",
         "description": "lenet5 with tanh units in every hidden block, as Frenkel et al. train "
         "conv nets with DRTP: a target projection drives each unit towards a fixed sign and "
         "only a bounded unit stops there (with relu, DRTP's activations grow without bound)",
-        "input": [1, 32, 32],
-        "resize": 32,
         "activation": "tanh",
-        "blocks": [
-            {"conv": 6, "kernel": 5, "pool": "max:2"},
-            {"conv": 16, "kernel": 5, "pool": "max:2"},
-            {"conv": 120, "kernel": 5},
-            {"linear": 84},
-            {"linear": 10},
-        ],
-        "protocol": _LENET_PROTOCOL,
     },
     "lenet5-cifar": {
         "name": "lenet5-cifar",
@@ -593,7 +593,6 @@ def build(
 
 # -------------------------------------------------------------------------- user modules
 
-_ACTIVATION_MODULES = {activation.module: activation for activation in ACTIVATIONS.values()}
 _DROPOUT_MODULES = (
     nn.Dropout,
     nn.Dropout1d,
@@ -652,8 +651,8 @@ def from_modules(
     for number, (part, *rest) in enumerate(groups, start=1):
         activation = IDENTITY
         last = number == len(groups)
-        if rest and type(rest[0]) in _ACTIVATION_MODULES and not last:
-            activation = _ACTIVATION_MODULES[type(rest.pop(0))]
+        if rest and type(rest[0]) in ACTIVATION_MODULES and not last:
+            activation = ACTIVATION_MODULES[type(rest.pop(0))]
         dropout = 0.0
         if rest and type(rest[0]) is nn.Dropout and not last:
             dropout = rest.pop(0).p

@@ -103,6 +103,11 @@ ACTIVATIONS: dict[str, Activation] = {
 """The hidden nonlinearities by name, each with its derivative and its ``torch.nn`` module (a
 user's ``nn.Tanh`` after a linear part is read as this table's ``tanh``)."""
 
+ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {
+    activation.module: activation for activation in ACTIVATIONS.values()
+}
+"""``ACTIVATIONS`` by their ``torch.nn`` module type."""
+
 
 def activation_named(name: str, where: str = "activation") -> Activation:
     """``identity`` (or ``none``) or one of ``ACTIVATIONS``, else a ``ConfigError`` naming the

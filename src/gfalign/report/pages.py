@@ -257,15 +257,7 @@ def _study_section(
         blocks.append(Paragraph(f"The preset could not be read as an experiment: {study.problem}"))
     else:
         blocks.append(Paragraph(counts(experiment, rows)))
-    finished = done(rows)
-    if finished:
-        blocks.append(
-            Bullets(
-                tuple(f"Protocol: {p}" for p in protocols(finished))
-                + tuple(f"Machine: {m}" for m in machines(finished))
-                + (f"Compute: {compute(finished)}",)
-            )
-        )
+    blocks += _runs_made(rows)
     blocks += [
         Paragraph(
             "One row per addressed cell and configuration of the study: the configuration "
@@ -551,15 +543,7 @@ def _reading_section(judgement: Judgement, rows: Sequence[Mapping[str, Any]]) ->
     blocks.append(Bullets(tuple(lines)))
     if experiment is not None:
         blocks.append(Paragraph(counts(experiment, rows)))
-    finished = done(rows)
-    if finished:
-        blocks.append(
-            Bullets(
-                tuple(f"Protocol: {p}" for p in protocols(finished))
-                + tuple(f"Machine: {m}" for m in machines(finished))
-                + (f"Compute: {compute(finished)}",)
-            )
-        )
+    blocks += _runs_made(rows)
     blocks.append(Paragraph(judgement.sentence()))
     if judgement.helped or judgement.hurt:
         blocks.append(
@@ -948,3 +932,17 @@ def _write_text(path: Path, text: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
+
+
+def _runs_made(rows) -> list[Block]:
+    """How the finished runs among ``rows`` were made: protocols, machines and compute."""
+    finished = done(rows)
+    if not finished:
+        return []
+    return [
+        Bullets(
+            tuple(f"Protocol: {p}" for p in protocols(finished))
+            + tuple(f"Machine: {m}" for m in machines(finished))
+            + (f"Compute: {compute(finished)}",)
+        )
+    ]
