@@ -171,6 +171,18 @@ def test_a_checkpoint_written_before_hashes_still_resumes(tmp_path, whole):
     assert_same_run(whole, cut)
 
 
+def test_a_checkpoint_with_the_earlier_block_names_still_resumes(tmp_path, whole):
+    # Before chains and graphs were one model class, a chain's blocks were stored as parts.N.
+    cut = cut_run(whole, tmp_path / "cut", after=1)
+    state = runs.load_checkpoint(cut / "checkpoint.pt")
+    state["net"] = {name.replace("layers.", "parts.", 1): t for name, t in state["net"].items()}
+    assert all(name.startswith("parts.") for name in state["net"])
+    runs._save_checkpoint(cut, state)
+    result = invoke("train", "--resume", cut, "-q")
+    assert result.exit_code == 0, result.output
+    assert_same_run(whole, cut)
+
+
 # --------------------------------------------------------------------------- directories
 
 

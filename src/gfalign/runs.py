@@ -533,6 +533,26 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [where.rstrip(".")]
 
 
+#: Parameter names an earlier gfalign wrote, with the names they have now: a chain's blocks
+#: were ``parts`` before chains and graphs became one model class (``layers``).
+_RENAMED = (("parts.", "layers."),)
+
+
+def _current_names(state: Mapping[str, Any], names: set[str]) -> Mapping[str, Any]:
+    """``state`` with the network's tensors under today's names, where a checkpoint of an
+    earlier gfalign stored them under a name the network no longer has."""
+    net = state.get("net")
+    if not isinstance(net, Mapping) or all(name in names for name in net):
+        return state
+    renamed = {}
+    for name, tensor in net.items():
+        for old, new in _RENAMED:
+            if name not in names and name.startswith(old) and new + name[len(old):] in names:
+                name = new + name[len(old):]
+        renamed[name] = tensor
+    return {**state, "net": renamed}
+
+
 def _load_into(
     trainer: Trainer, state: Mapping[str, Any], config: RunConfig, directory: Path, previous: bool
 ) -> None:
@@ -558,6 +578,7 @@ def _load_into(
             f"{path} belongs to another configuration than {directory / CONFIG}: they differ in "
             f"{shown}; {restart}, or resume the directory that checkpoint was made in"
         )
+    state = _current_names(state, set(trainer.net.state_dict()))
     for part, module in (("net", trainer.net), ("rule", trainer.rule)):
         expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
         stored = state.get(part)
