@@ -281,7 +281,7 @@ def test_run_configurations_take_the_dataset_shape():
         RunConfig(dataset="cifar10", model="lenet5")
     with pytest.raises(ConfigError, match=r"'lenet5-cifar' takes inputs of shape \[3, 32, 32\]"):
         RunConfig(dataset="mnist", model="lenet5-cifar")
-    with pytest.raises(ConfigError, match="cifar10's inputs are normalised"):
+    with pytest.raises(ConfigError, match=r"cifar10's inputs are not in \[0, 1\]"):
         RunConfig(dataset="cifar10", objective="autoencoder", rule="dfa")
 
 

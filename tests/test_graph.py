@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional
 
-from gfalign.architectures import resnet
+from gfalign.architectures import TRANSFORMER_LEAVES, resnet, transformer
 from gfalign.engine import FeedbackRule
 from gfalign.graph import convert
 from gfalign.rules import PRESETS, ConfigError
@@ -57,7 +57,27 @@ def _small_resnet():
     return model, x
 
 
-MODELS = {"residual": _residual, "resnet8": _small_resnet}
+def _transformer():
+    torch.manual_seed(5)
+    model = transformer(vocabulary=CLASSES, context=5, width=8, layers=2, heads=2).to(DTYPE)
+    with torch.no_grad():  # LayerNorm's affine parameters away from 1 and 0
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+        model.embed.tokens.normal_()  # embeddings of the scale of the layers' inputs
+        model.embed.positions.normal_()
+    x = torch.randint(CLASSES, (4, 5)).to(DTYPE)  # character indices
+    return model, x
+
+
+MODELS = {"residual": _residual, "resnet8": _small_resnet, "transformer": _transformer}
+LEAVES = {"transformer": TRANSFORMER_LEAVES}
+
+
+def _converted(name):
+    model, x = MODELS[name]()
+    return model, x, convert(model, x, leaves=LEAVES.get(name, ()))
 
 
 @contextlib.contextmanager
@@ -87,16 +107,14 @@ def _grads(net, rule, x, y):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_the_graph_computes_the_modules_logits(name):
-    model, x = MODELS[name]()
-    net = convert(model, x)
-    assert net.is_graph
+    model, x, net = _converted(name)
+    assert net.is_graph == (name != "transformer")  # its residuals lie within its layer blocks
     torch.testing.assert_close(net(x), model(x), rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_bp_is_autograd_through_the_whole_module(name):
-    model, x = MODELS[name]()
-    net = convert(model, x)
+    model, x, net = _converted(name)
     y = _labels(len(x))
     _, ours = _grads(net, FeedbackRule("bp", net, dtype=DTYPE), x, y)
     for p in model.parameters():
@@ -109,15 +127,15 @@ def test_bp_is_autograd_through_the_whole_module(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_fa_with_the_forward_parameters_as_feedback_is_bp(name):
-    model, x = MODELS[name]()
-    net = convert(model, x)
+    model, x, net = _converted(name)
     y = _labels(len(x))
     _, bp = _grads(net, FeedbackRule("bp", net, dtype=DTYPE), x, y)
     rule = FeedbackRule("fa", net, dtype=DTYPE)
     _, random = _grads(net, rule, x, y)
     assert max(float((a - b).abs().max()) for a, b in zip(bp, random, strict=True)) > 1e-3
     for key, slot in rule.slots.items():
-        layer, index, consumer = key
+        layer, index, *consumers = key  # a chain's slot (the transformer's) names none
+        consumer = consumers[0] if consumers else layer + 1
         own = dict(net.blocks[consumer - 1].linear.named_parameters())
         rule.set_feedback(layer, index, {n: own[n] for n, _ in slot.buffers}, consumer=consumer)
     _, fa = _grads(net, rule, x, y)
@@ -127,8 +145,7 @@ def test_fa_with_the_forward_parameters_as_feedback_is_bp(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_dfa_aux_is_each_blocks_local_loss_gradient(name):
-    model, x = MODELS[name]()
-    net = convert(model, x)
+    model, x, net = _converted(name)
     y = _labels(len(x))
     rule = FeedbackRule("dfa-aux", net, dtype=DTYPE)
     with _statistics_kept(net):
@@ -143,40 +160,57 @@ def test_dfa_aux_is_each_blocks_local_loss_gradient(name):
         torch.testing.assert_close(deltas[i], expected, rtol=0, atol=1e-12, msg=f"block {i}")
 
 
-def _conv_and_norm(part):
-    """A composite part's Conv2d and the BatchNorm after it (the parts of a ResNet)."""
-    (conv,) = [m for m in part.modules() if isinstance(m, nn.Conv2d)]
-    (norm,) = [m for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
-    return conv, norm
+def _linearised(part, params):
+    """``x -> phi(x)`` with ``params`` in place of the part's own: a part of one module runs
+    with them; a composite part (a traced conv and its BatchNorm, a transformer layer) keeps
+    its forward values and takes, at each Linear or Conv2d whose parameters are replaced, the
+    derivative of that layer with the replacing ones (DESIGN.md section 12), by forward hooks."""
+    own = dict(part.named_parameters())
+    if not isinstance(part, fx.GraphModule) or set(params) == set(own):
+        return lambda x: functional_call(part, params, (x,))
+    owners = {}
+    for name, value in params.items():
+        owner, _, leaf = name.rpartition(".")
+        owners.setdefault(owner, {})[leaf] = value
+
+    def stand_in(layer, replacing):
+        def hook(module, inputs, output):
+            (z,) = inputs
+            if isinstance(layer, nn.Linear):
+                c = functional.linear(z, replacing["weight"], replacing.get("bias"))
+            elif isinstance(layer, nn.Conv2d):
+                c = functional.conv2d(
+                    z, replacing["weight"], replacing.get("bias"), layer.stride, layer.padding
+                )
+            else:
+                raise AssertionError(f"no transcription of a {type(layer).__name__}: write one")
+            return output.detach() + (c - c.detach())
+
+        return hook
+
+    def call(x):
+        hooks = [
+            part.get_submodule(owner).register_forward_hook(stand_in(part.get_submodule(owner), r))
+            for owner, r in owners.items()
+        ]
+        try:
+            return part(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    return call
 
 
 def _part_vjp(part, params, point, g):
-    """``J^T g`` of a block's part with ``params`` for its own at ``point``; for a conv and its
-    BatchNorm, the norm's backward at the forward pass's values, then the transposed
-    convolution with the feedback kernel (DESIGN.md section 12)."""
-    if not isinstance(part, fx.GraphModule) or set(params) == set(dict(part.named_parameters())):
-        x = point.clone().requires_grad_(True)
-        return torch.autograd.grad(functional_call(part, params, (x,)), x, g)[0]
-    conv, norm = _conv_and_norm(part)
-    (weight,) = params.values()
-    u = conv(point).detach().requires_grad_(True)
-    (at_conv,) = torch.autograd.grad(norm(u), u, g)
-    return torch.nn.grad.conv2d_input(
-        point.shape, weight, at_conv, stride=conv.stride, padding=conv.padding
-    )
+    """``J^T g`` of a block's part with ``params`` for its own at ``point``."""
+    x = point.clone().requires_grad_(True)
+    return torch.autograd.grad(_linearised(part, params)(x), x, g)[0]
 
 
 def _part_jvp(part, params, point, v):
-    """``J v``, as ``_part_vjp`` reads a composite part."""
-    if not isinstance(part, fx.GraphModule) or set(params) == set(dict(part.named_parameters())):
-        return torch.autograd.functional.jvp(
-            lambda x: functional_call(part, params, (x,)), point, v
-        )[1]
-    conv, norm = _conv_and_norm(part)
-    (weight,) = params.values()
-    u = conv(point).detach()
-    t = functional.conv2d(v, weight, None, stride=conv.stride, padding=conv.padding)
-    return torch.autograd.functional.jvp(norm, u, t)[1]
+    """``J v``, as ``_part_vjp`` reads a part."""
+    return torch.autograd.functional.jvp(_linearised(part, params), point, v)[1]
 
 
 def _copied(values):
@@ -288,8 +322,7 @@ def transcription(net, rule, x, y) -> dict[int, torch.Tensor]:
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_is_its_transcription(name, preset):
-    model, x = MODELS[name]()
-    net = convert(model, x)
+    model, x, net = _converted(name)
     y = _labels(len(x))
     rule = FeedbackRule(preset, net, dtype=DTYPE, feedback="xavier", seed=3)
     with _statistics_kept(net):
@@ -448,3 +481,35 @@ def test_alignment_on_a_graph_reads_bp_as_the_true_gradient():
     for i in (1, 2, 3):
         assert bp[f"update_angle_{i}"] == pytest.approx(0.0, abs=1e-5)
     assert max(fa[f"update_angle_{i}"] for i in (1, 2, 3)) > 1.0
+
+
+def test_dfa_on_the_transformer_gives_each_layer_one_direct_term_and_backprop_within_it():
+    """Launay et al.'s placement: the output error projected to each transformer layer's
+    output, and the layer's parameters trained by backpropagating that delta inside it."""
+    model, x, net = _converted("transformer")
+    assert [type(block.linear).__name__ for block in net.blocks] == [
+        "Embedding",
+        "Layer",
+        "Layer",
+        "GraphModule",  # the final LayerNorm and the head
+    ]
+    y = _labels(len(x))
+    rule = FeedbackRule("dfa", net, dtype=DTYPE)
+    for i in (1, 2, 3):
+        assert [term.kind for term in rule.config.layer(i).terms] == ["direct"]
+    step, ours = _grads(net, rule, x, y)
+    with torch.no_grad():
+        e = torch.softmax(model(x), 1) - functional.one_hot(y, CLASSES).to(DTYPE)
+    inputs = [x]
+    for block in net.blocks[:-1]:
+        inputs.append(block.tail.forward(block.linear(inputs[-1]))[0])
+    grads = dict(zip((name for name, _ in net.named_parameters()), ours, strict=True))
+    for i, layer in enumerate(model.layers, start=2):
+        d = (e @ rule.feedback(i, 0)["matrix"]).view(len(x), 5, 8)
+        # the identity activation: the delta is the projection itself
+        torch.testing.assert_close(step.deltas[i], d, rtol=0, atol=1e-14)
+        out = layer(inputs[i - 1])
+        expected = torch.autograd.grad(out, list(layer.parameters()), d)
+        for (label, _), g in zip(layer.named_parameters(), expected, strict=True):
+            mine = grads[f"layers.{i - 1}.{label}"]  # the batch's mean
+            torch.testing.assert_close(mine, g / len(x), rtol=0, atol=1e-12, msg=label)

@@ -142,6 +142,7 @@ def test_variants_name_what_a_study_changes():
             },
             "field-lenet": {"lr=0.01", "", "lr=0.0001"},  # a rate per rule
             "conv-cifar": {"lr=0.1", "lr=0.01", "", "lr=0.0001"},
+            "transformer": {"", "lr=0.0003"},
             "conv-budget": {  # the budget, and the dataset and rate where not the common ones
                 f"{d}{r}epochs={e} schedule=multistep:milestones={m},gamma=0.1"
                 for d in ("", "dataset=fashion-mnist ")

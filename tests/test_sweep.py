@@ -28,6 +28,7 @@ PER_SEED = {
     "conv-budget": 16,
     "conv": 28,  # 26 cells, and drtp on lenet5-tanh on both datasets
     "conv-cifar": 13,
+    "transformer": 8,
 }
 PAPER_PROTOCOL = (*experiments.PAPER, "fashion", "field")  # epochs aside for field
 

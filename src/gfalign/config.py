@@ -81,7 +81,7 @@ def check_seed(seed: int, where: str = "") -> None:
 def _datasets() -> list[str]:
     from gfalign.data.registry import SPECS  # datasets may be registered at run time
 
-    return [*SPECS, "synthetic"]
+    return [*SPECS, "synthetic", "chars"]
 
 
 def _dataset_facts(name: str) -> tuple[tuple[int, ...], int, bool]:
@@ -90,6 +90,10 @@ def _dataset_facts(name: str) -> tuple[tuple[int, ...], int, bool]:
     from gfalign.data.registry import SPECS
 
     spec = SPECS.get(name)
+    if name == "chars":  # gfalign.data.chars: character indices, not in [0, 1]
+        from gfalign.data.text import ALPHABET, CONTEXT
+
+        return (CONTEXT,), len(ALPHABET), True
     if spec is None:
         return _SYNTHETIC_IMAGE, 10, False
     return spec.image_shape, len(spec.classes), spec.normalize is not None
@@ -200,7 +204,7 @@ class RunConfig:
         if normalised and not OBJECTIVES[self.objective].uses_labels:
             raise ConfigError(
                 f'objective = "{self.objective}" reconstructs inputs in [0, 1] through a '
-                f"sigmoid, but {self.dataset}'s inputs are normalised; allowed: objective = "
+                f"sigmoid, but {self.dataset}'s inputs are not in [0, 1]; allowed: objective = "
                 '"classification"'
             )
         if self.model is not None:

@@ -383,6 +383,9 @@ class FeedbackRule(nn.Module):
         key = (layer, index) if consumer is None else (layer, index, consumer)
         if key not in self.slots and consumer is None:  # a graph's term: its first consumer's
             key = next((s for s in sorted(self.slots) if s[:2] == (layer, index)), key)
+        chain = self.slots.get((layer, index))
+        if key not in self.slots and chain is not None and chain.block == consumer:
+            key = (layer, index)  # a chain's term, named by its one consumer
         try:
             return self.slots[key]
         except KeyError:

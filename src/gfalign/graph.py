@@ -278,7 +278,12 @@ def _blocks(reader: _Reader, name: str) -> tuple[list[dict], dict[fx.Node, int]]
             source = source.all_input_nodes[0]
         last = node
         user = reader.only_user(last)
-        if user is not None and user.op == "call_function" and user.target is operator.getitem:
+        if (
+            user is not None
+            and user.op == "call_function"
+            and user.target is operator.getitem
+            and user.args[1] == 0
+        ):
             part.append(user)  # a module returning a tuple: its first output
             last = user
         user = reader.only_user(last)
@@ -324,8 +329,24 @@ def _part(reader: _Reader, block: dict) -> nn.Module:
     (first, *rest) = nodes
     alone = not rest and first.op == "call_module" and not first.kwargs
     if alone and first.args == (block["input"],):
-        return reader.submodule(first)
+        return _opened(reader.submodule(first))
     return reader.subgraph(nodes, [block["input"]], nodes[-1])
+
+
+def _opened(module: nn.Module) -> nn.Module:
+    """A leaf whose parameters belong to its submodules (a transformer layer) traced on its
+    own, so that its part is linearised at the forward pass's point like any composite part
+    (DESIGN.md section 12); the module itself where it holds parameters of its own or fx
+    cannot trace it (then a term runs the whole module with the feedback parameters)."""
+    if any(True for _ in module.parameters(recurse=False)):
+        return module
+    try:
+        graph = _Tracer(()).trace(module)
+    except Exception:  # the reason it was made a leaf
+        return module
+    for node in graph.nodes:
+        _out_of_place(node)
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
 def _producers(node: fx.Node, start: fx.Node, outs: dict[fx.Node, int]) -> set[int]:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -191,7 +191,7 @@ class ModelSpec:
     @property
     def depth(self) -> int:
         """The number of blocks ``L``."""
-        return ARCHITECTURES[self.graph][1] if self.graph is not None else len(self.blocks)
+        return ARCHITECTURES[self.graph].blocks if self.graph is not None else len(self.blocks)
 
     @property
     def outputs(self) -> int:
@@ -279,6 +279,25 @@ MODELS: dict[str, dict[str, Any]] = {
         "input": [3, 32, 32],
         "graph": "resnet56",
         "classes": 10,
+    },
+    "transformer": {
+        "name": "transformer",
+        "description": "a pre-norm transformer of 2 layers, width 128, 4 heads, over 32 "
+        "characters, predicting the next one (the chars dataset's 28); each layer one block, "
+        "so dfa gives one direct term per layer (Launay et al. 2020), a model graph",
+        "input": [32],
+        "graph": "transformer",
+        "classes": 28,
+        # Adam, as transformers are trained (Launay et al. train theirs with it, under every
+        # rule), at one rate for every rule; Glorot-scaled feedback.
+        "protocol": {
+            "optimizer": "adam",
+            "lr": 0.001,
+            "batch_size": 64,
+            "reduction": "mean",
+            "epochs": 5,
+            "feedback": "xavier",
+        },
     },
 }
 """The built-in models, by name, as data."""
@@ -383,12 +402,39 @@ def model_spec(data: str | Mapping[str, Any]) -> ModelSpec:
     )
 
 
-ARCHITECTURES: dict[str, tuple[Any, int]] = {
-    "resnet20": (lambda classes, channels: architectures.resnet(20, classes, channels), 20),
-    "resnet56": (lambda classes, channels: architectures.resnet(56, classes, channels), 56),
+@dataclass(frozen=True)
+class Architecture:
+    """A built-in model graph (``gfalign.architectures``).
+
+    Attributes:
+        build: ``(classes, input) -> nn.Module``, ``input`` the shape of one example.
+        blocks: the number of blocks its graph has.
+        input: what ``input`` must be, in words, with the number of its dimensions.
+        leaves: the module types its trace keeps as one block each.
+    """
+
+    build: Callable[[int, tuple[int, ...]], nn.Module]
+    blocks: int
+    input: tuple[str, int]
+    leaves: tuple[type, ...] = ()
+
+
+def _transformer(classes: int, shape: tuple[int, ...]) -> nn.Module:
+    return architectures.transformer(vocabulary=classes, context=shape[0])
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet20": Architecture(
+        lambda classes, shape: architectures.resnet(20, classes, shape[0]), 20, ("[C, H, W]", 3)
+    ),
+    "resnet56": Architecture(
+        lambda classes, shape: architectures.resnet(56, classes, shape[0]), 56, ("[C, H, W]", 3)
+    ),
+    "transformer": Architecture(
+        _transformer, 4, ("[characters]", 1), architectures.TRANSFORMER_LEAVES
+    ),
 }
-"""The built-in model graphs (``gfalign.architectures``), by the name a model's ``graph`` key
-gives: ``(classes, channels) -> nn.Module``, and the number of blocks its graph has."""
+"""The built-in model graphs, by the name a model's ``graph`` key gives."""
 
 
 def _graph_spec(data: Mapping[str, Any]) -> ModelSpec:
@@ -399,12 +445,13 @@ def _graph_spec(data: Mapping[str, Any]) -> ModelSpec:
             f"model: unknown graph {graph!r}{_close(str(graph), list(ARCHITECTURES))}; known: "
             f"{', '.join(ARCHITECTURES)}"
         )
-    extra = set(data) - {"name", "description", "input", "graph", "classes"}
+    extra = set(data) - {"name", "description", "input", "graph", "classes", "protocol"}
     if extra:
         raise ConfigError(f"model: a graph takes no {', '.join(sorted(extra))}")
     shape, classes = data.get("input"), data.get("classes")
-    if not isinstance(shape, Sequence) or len(shape) != 3 or not all(map(_positive_int, shape)):
-        raise ConfigError(f"model: a graph's 'input' must be [C, H, W], got {shape!r}")
+    words, rank = ARCHITECTURES[graph].input
+    if not isinstance(shape, Sequence) or len(shape) != rank or not all(map(_positive_int, shape)):
+        raise ConfigError(f"model: graph {graph!r} takes an 'input' of {words}, got {shape!r}")
     if not _positive_int(classes):
         raise ConfigError(f"model: 'classes' must be a positive integer, got {classes!r}")
     return ModelSpec(
@@ -414,6 +461,7 @@ def _graph_spec(data: Mapping[str, Any]) -> ModelSpec:
         description=str(data.get("description", "")),
         graph=str(graph),
         classes=int(classes),
+        protocol=_protocol(data.get("protocol", {})),
     )
 
 
@@ -426,9 +474,11 @@ def _build_graph(spec: ModelSpec, objective: str, seed: int, dropout: tuple[floa
         raise ConfigError(f"model {spec.name!r} is a graph, which takes no dropout")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = ARCHITECTURES[spec.graph][0](spec.classes, spec.input[0])
+        architecture = ARCHITECTURES[spec.graph]
+        module = architecture.build(spec.classes, spec.input)
     module = module.to(torch.float64)
-    net = convert(module, torch.zeros(2, *spec.input, dtype=torch.float64), objective=objective)
+    example = torch.zeros(2, *spec.input, dtype=torch.float64)
+    net = convert(module, example, objective=objective, leaves=architecture.leaves)
     net.module = module  # the traced module, whose parameters the blocks share
     return net
 

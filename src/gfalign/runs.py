@@ -126,6 +126,8 @@ def load_data(config: RunConfig, device: torch.device, *, data_dir=None, quiet: 
         # MNIST's shape, or the model's own where its images have other channels (CIFAR's)
         features = 784 if spec is None or spec.input[0] == 1 else math.prod(spec.input)
         dataset = datasets.synthetic(seed=0, validation=config.validation, features=features)
+    elif config.dataset == "chars":
+        dataset = datasets.chars(validation=config.validation)
     else:
         dataset = datasets.load(
             config.dataset, root=data_dir, validation=config.validation, quiet=quiet
@@ -547,8 +549,8 @@ def _current_names(state: Mapping[str, Any], names: set[str]) -> Mapping[str, An
     renamed = {}
     for name, tensor in net.items():
         for old, new in _RENAMED:
-            if name not in names and name.startswith(old) and new + name[len(old):] in names:
-                name = new + name[len(old):]
+            if name not in names and name.startswith(old) and new + name[len(old) :] in names:
+                name = new + name[len(old) :]
         renamed[name] = tensor
     return {**state, "net": renamed}
 

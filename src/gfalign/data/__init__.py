@@ -1,4 +1,5 @@
-"""Datasets: MNIST, Fashion-MNIST and CIFAR-10 as verified tensors, plus a small synthetic one.
+"""Datasets: MNIST, Fashion-MNIST and CIFAR-10 as verified tensors, plus a small synthetic one
+and a generated character-level text (``chars``).
 
 ``load`` returns a ``Dataset`` of ``Split``s with y (N,) int64 and x (N, 784) floats in [0, 1]
 (MNIST, Fashion-MNIST) or (N, 3, 32, 32) images normalised per channel as biotorch does
@@ -33,6 +34,7 @@ from gfalign.data.sources import (
     NpmPackage,
 )
 from gfalign.data.specs import DatasetSpec, FileSpec, RecordBatches, Source
+from gfalign.data.text import chars
 
 __all__ = [
     "CIFAR10",
@@ -54,6 +56,7 @@ __all__ = [
     "Source",
     "Split",
     "cache_root",
+    "chars",
     "fetch",
     "get_spec",
     "load",

@@ -110,11 +110,13 @@ EXPERIMENTS: tuple[str, ...] = (
     "conv-budget",
     "conv",
     "conv-cifar",
+    "transformer",
 )
 """Every preset: the paper's, ``fashion`` (the 2x800 tanh grid on Fashion-MNIST), and ``field``
 and ``field-lenet`` (the field's further rules, sign-concordant, Kolen-Pollack and DRTP, beside
 bp and fa on the MLP and on LeNet-5), ``conv-lr`` and ``conv-budget`` (the rate and the epoch
-budget of ``conv`` screened on its validation split), ``conv`` and ``conv-cifar``."""
+budget of ``conv`` screened on its validation split), ``conv``, ``conv-cifar``, and
+``transformer`` (bp, fa, dfa and s1 on the transformer over the generated character text)."""
 
 
 def _named(pattern: str) -> tuple[str, ...]:
