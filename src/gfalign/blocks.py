@@ -47,6 +47,7 @@ from gfalign.rules import ConfigError
 __all__ = [
     "Block",
     "LinearProducts",
+    "PartGraph",
     "TAIL_STEPS",
     "Tail",
     "TailStep",
@@ -239,6 +240,100 @@ def _generic_param_vjp(module, x, d):
 
 
 GENERIC = LinearProducts(_generic_input_vjp, _generic_input_jvp, _generic_param_vjp)
+
+
+class PartGraph:
+    """A part's forward pass at one point with its autograd graph kept, so that every product
+    the step takes at that point backwards reuses it instead of running the part again: the
+    parameter gradient, the input vjp with the part's own parameters (a backprop term), and,
+    for a composite part whose input enters through one Linear or Conv2d (a conv and its
+    BatchNorm), the input vjp with fixed parameters in that module's place: the rest of the
+    part backwards at the forward pass's point, then that module's direct product with the
+    fixed parameters (the value ``GENERIC.input_vjp`` computes, DESIGN.md section 12).
+
+    Products asked for the same cotangent (the same tensor) are computed once, together.
+
+        >>> part = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        >>> graph = PartGraph(part, torch.rand(4, 1, 6, 6))
+        >>> g = torch.rand(4, 2, 4, 4)
+        >>> grads, back = graph.pull(g, inputs=True)
+        >>> sorted(grads), back.shape
+        (['0.bias', '0.weight', '1.bias', '1.weight'], torch.Size([4, 1, 6, 6]))
+    """
+
+    def __init__(self, part: nn.Module, x: torch.Tensor) -> None:
+        self.part = part
+        self.names = [name for name, _ in part.named_parameters()]
+        self.params = [p for _, p in part.named_parameters()]
+        self.x = x.detach().requires_grad_(x.is_floating_point())
+        self.entry, self.entry_name, self._u = _entry(part), "", None
+        hook = None
+        if self.entry is not None:
+            self.entry_name = next(n for n, m in part.named_modules() if m is self.entry)
+            hook = self.entry.register_forward_hook(self._keep)
+        try:
+            with torch.enable_grad():
+                self.a = part(self.x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        self._memo: dict[int, tuple] = {}
+        self._at_entry: tuple | None = None
+
+    def _keep(self, module, inputs, output) -> None:
+        self._u = output
+
+    def pull(self, g: torch.Tensor, *, inputs: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        """``({name: J_theta^T g}, J_x^T g or None)`` at the kept point, the input's only where
+        ``inputs`` asks for it."""
+        key = id(g)
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] is g and (memo[2] is not None or not inputs):
+            return memo[1], memo[2]
+        wanted = [*self.params, self.x] if inputs else self.params
+        grads = torch.autograd.grad(self.a, wanted, g, retain_graph=True, allow_unused=True)
+        own = {
+            name: grad if grad is not None else torch.zeros_like(p)
+            for name, p, grad in zip(self.names, self.params, grads, strict=False)
+        }
+        back = grads[-1] if inputs else None
+        self._memo[key] = (g, own, back)
+        return own, back
+
+    def feedback_vjp(self, params: Parameters, g: torch.Tensor) -> torch.Tensor | None:
+        """``J_x phi(x; params)^T g`` through the kept graph, where ``params`` replace the
+        entry module's own parameters alone; ``None`` where they replace others too."""
+        if self._u is None:
+            return None
+        prefix = f"{self.entry_name}."
+        own = {
+            name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)
+        }
+        if len(own) != len(params):
+            return None
+        if self._at_entry is None or self._at_entry[0] is not g:  # one pass per signal
+            self._at_entry = (g, torch.autograd.grad(self.a, self._u, g, retain_graph=True)[0])
+        at_entry = self._at_entry[1]
+        products = linear_products(self.entry)
+        return products.input_vjp(
+            self.entry, {**dict(self.entry.named_parameters()), **own}, self.x.detach(), at_entry
+        )
+
+
+def _entry(part: nn.Module) -> nn.Module | None:
+    """The Linear or Conv2d of a traced composite part through which alone its input enters
+    (its first operation), or ``None``."""
+    if not isinstance(part, fx.GraphModule):
+        return None
+    nodes = list(part.graph.nodes)
+    inputs = [node for node in nodes if node.op == "placeholder"]
+    if len(inputs) != 1 or len(inputs[0].users) != 1:
+        return None
+    (first,) = inputs[0].users
+    if first.op != "call_module" or first.args != (inputs[0],) or first.kwargs:
+        return None
+    module = part.get_submodule(first.target)
+    return module if linear_products(module) is not GENERIC else None
 
 
 def linear_products(module: nn.Module) -> LinearProducts:

@@ -82,6 +82,7 @@ class Through:
         self.buffers, self.slots = buffers, slots
         self.edges = net.edges
         self._pullbacks: dict[int, Callable] = {}
+        self._pulled: dict[int, tuple] = {}  # the last signal pulled back through each edge
         self._own: dict[int, torch.Tensor] = {}  # J_phi_c(theta_c)^T d^c, shared by producers
 
     def tail_back(self, i: int, g: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,10 @@ class Through:
             edge = self.edges[c - 1]
             primals = [self.cache.post[p] for p in edge.producers]
             self._pullbacks[c] = vjp(edge.function, *primals)[1]
-        parts = self._pullbacks[c](g)
+        pulled = self._pulled.get(c)
+        if pulled is None or pulled[0] is not g:  # one pullback per signal, for every producer
+            pulled = self._pulled[c] = (g, self._pullbacks[c](g))
+        parts = pulled[1]
         total = None
         for p, part in zip(shape.producers, parts, strict=True):
             if p == i:
@@ -140,12 +144,17 @@ class Through:
     def graph_above(self, layer: int, op: GraphAbove, sources) -> torch.Tensor:
         total = None
         for (c, names), s in zip(op.consumers, sources, strict=True):
+            graph = self.cache.graphs.get(c) if self.cache.graphs else None
             if not names and c in self._own:  # the forward parameters': one product a step
                 g = self._own[c]
+            elif not names and graph is not None:  # with block c's own update, at once
+                g = self._own[c] = graph.pull(s, inputs=True)[1]
             else:
                 params = self.parameters_for(layer, op.index, c, names)
-                run = self.structure[c - 1].products.input_vjp
-                g = self._guarded(layer, op, c, run, params, self.cache.input(c), s)
+                g = None if graph is None else graph.feedback_vjp(params, s)
+                if g is None:
+                    run = self.structure[c - 1].products.input_vjp
+                    g = self._guarded(layer, op, c, run, params, self.cache.input(c), s)
                 if not names:
                     self._own[c] = g
             g = self.edge_back(c, layer, g)

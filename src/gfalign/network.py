@@ -25,14 +25,14 @@ import contextlib
 import difflib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from gfalign.blocks import Block, check_dropout_rate
+from gfalign.blocks import GENERIC, Block, PartGraph, check_dropout_rate, linear_products
 
 __all__ = [
     "ACTIVATIONS",
@@ -225,6 +225,7 @@ class ForwardCache:
     activated: tuple = ()
     masks: tuple = ()
     inputs: tuple = ()
+    graphs: Mapping[int, PartGraph] = field(default_factory=dict)
 
     def a(self, layer: int) -> torch.Tensor:
         return self.pre[layer - 1]
@@ -681,7 +682,7 @@ class Network(DropoutState):
         drawn: list[torch.Tensor | None] = []
         x = x if masks is None else apply_mask(x, masks.draw(self.dropout_input, x))
         post, activated = [x], [x]
-        states, inputs = [], []
+        states, inputs, graphs = [], [], {}
         last = self.depth - 1
         with torch.no_grad():
             for index, (part, activation, tail) in enumerate(
@@ -691,7 +692,11 @@ class Network(DropoutState):
                     a = self._affine(part, post[-1])
                 else:
                     inputs.append(self.block_input(index + 1, post))
-                    a = part(inputs[-1])
+                    if linear_products(part) is GENERIC:  # kept for the step's products
+                        graphs[index + 1] = PartGraph(part, inputs[-1])
+                        a = graphs[index + 1].a.detach()
+                    else:
+                        a = part(inputs[-1])
                 pre.append(a)
                 if index < last:
                     z = activation.function(a)
@@ -703,7 +708,9 @@ class Network(DropoutState):
                     post.append(h)
                     states.append(state)
         masked = (*drawn, None) if any(mask is not None for mask in drawn) else ()
-        return ForwardCache(pre, post, tuple(states), tuple(activated), masked, tuple(inputs))
+        return ForwardCache(
+            pre, post, tuple(states), tuple(activated), masked, tuple(inputs), graphs
+        )
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """``g(a^L)``: class probabilities or the reconstruction, never dropped (in either

@@ -33,6 +33,15 @@ def linear_update(
     return addmm_(out, d.transpose(-1, -2), h, alpha=alpha, beta=beta)
 
 
+def _param_grads(cache, i: int, shape, part: nn.Module, h: torch.Tensor, d: torch.Tensor):
+    """``J_theta^T d`` of block ``i``'s part: from the forward pass's kept graph where there is
+    one (``gfalign.blocks.PartGraph``), else by the part's product. New tensors either way."""
+    graph = cache.graphs.get(i) if cache.graphs else None
+    if graph is None:
+        return shape.products.param_vjp(part, h, d)
+    return {name: grad.clone() for name, grad in graph.pull(d, inputs=False)[0].items()}
+
+
 def write_gradients(rule, net: nn.Module, cache, deltas, scale: float) -> None:
     """Every parameter's local gradient, times ``scale`` (``1/N`` or 1), into its ``.grad``
     (overwriting), and learned feedback's (``learn``)."""
@@ -50,7 +59,7 @@ def write_gradients(rule, net: nn.Module, cache, deltas, scale: float) -> None:
                 if scale != 1.0:
                     bias.grad.mul_(scale)
         else:
-            grads = shape.products.param_vjp(part, h, d)
+            grads = _param_grads(cache, i, shape, part, h, d)
             for name, parameter in part.named_parameters():
                 grad = grads[name] if scale == 1.0 else grads[name].mul_(scale)
                 if parameter.grad is None:
@@ -75,7 +84,7 @@ def sgd_apply(rule, net: nn.Module, cache, deltas, alpha: float, rates) -> None:
             if part.bias is not None:
                 part.bias.add_(d.sum(dim=-2), alpha=alpha)
         else:
-            grads = shape.products.param_vjp(part, h, d)
+            grads = _param_grads(cache, i, shape, part, h, d)
             forward = dict(part.named_parameters())
             torch._foreach_add_(list(forward.values()), [grads[n] for n in forward], alpha=alpha)
 
