@@ -513,3 +513,23 @@ def test_dfa_on_the_transformer_gives_each_layer_one_direct_term_and_backprop_wi
         for (label, _), g in zip(layer.named_parameters(), expected, strict=True):
             mine = grads[f"layers.{i - 1}.{label}"]  # the batch's mean
             torch.testing.assert_close(mine, g / len(x), rtol=0, atol=1e-12, msg=label)
+
+
+def test_each_consumer_has_one_draw_that_every_producer_it_reads_shares():
+    """Along a residual stream a block reads every earlier block of its stage: its feedback
+    kernel is one tensor, as biotorch's layer keeps one, whichever producer's term runs it."""
+    _, x, net = _converted("resnet8")
+    rule = FeedbackRule("fa", net, dtype=DTYPE)
+    by_consumer: dict[int, set] = {}
+    for (layer, index, consumer), slot in rule.slots.items():
+        by_consumer.setdefault(consumer, set()).add(slot.buffers)
+        value = rule.feedback(layer, index, consumer=consumer)
+        first = min(i for i, _, c in rule.slots if c == consumer)
+        assert all(
+            torch.equal(v, rule.feedback(first, 0, consumer=consumer)[n]) for n, v in value.items()
+        )
+    assert all(len(buffers) == 1 for buffers in by_consumer.values())
+    readers = [len([key for key in rule.slots if key[2] == c]) for c in by_consumer]
+    assert max(readers) > 1  # a consumer read by several producers: the case at hand
+    feedback_buffers = [name for name, _ in rule.named_buffers() if name != "direct"]
+    assert len(feedback_buffers) == len(by_consumer)

@@ -278,7 +278,6 @@ class PartGraph:
             if hook is not None:
                 hook.remove()
         self._memo: dict[int, tuple] = {}
-        self._at_entry: tuple | None = None
 
     def _keep(self, module, inputs, output) -> None:
         self._u = output
@@ -286,19 +285,27 @@ class PartGraph:
     def pull(self, g: torch.Tensor, *, inputs: bool) -> tuple[dict[str, torch.Tensor], Any]:
         """``({name: J_theta^T g}, J_x^T g or None)`` at the kept point, the input's only where
         ``inputs`` asks for it."""
-        key = id(g)
-        memo = self._memo.get(key)
+        memo = self._pulled(g, inputs)
+        return memo[1], memo[2]
+
+    def _pulled(self, g: torch.Tensor, inputs: bool) -> tuple:
+        """``(g, parameter grads, input grad or None, grad at the entry module's output or
+        None)``, from one backward pass on the kept graph per cotangent."""
+        memo = self._memo.get(id(g))
         if memo is not None and memo[0] is g and (memo[2] is not None or not inputs):
-            return memo[1], memo[2]
-        wanted = [*self.params, self.x] if inputs else self.params
+            return memo
+        entry = [] if self._u is None else [self._u]
+        wanted = [*self.params, *entry, *([self.x] if inputs else [])]
         grads = torch.autograd.grad(self.a, wanted, g, retain_graph=True, allow_unused=True)
+        count = len(self.params)
         own = {
             name: grad if grad is not None else torch.zeros_like(p)
-            for name, p, grad in zip(self.names, self.params, grads, strict=False)
+            for name, p, grad in zip(self.names, self.params, grads[:count], strict=True)
         }
+        at_entry = grads[count] if entry else None
         back = grads[-1] if inputs else None
-        self._memo[key] = (g, own, back)
-        return own, back
+        self._memo[id(g)] = memo = (g, own, back, at_entry)
+        return memo
 
     def feedback_vjp(self, params: Parameters, g: torch.Tensor) -> torch.Tensor | None:
         """``J_x phi(x; params)^T g`` through the kept graph, where ``params`` replace the
@@ -306,18 +313,13 @@ class PartGraph:
         if self._u is None:
             return None
         prefix = f"{self.entry_name}."
-        own = {
-            name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)
-        }
+        own = {n[len(prefix) :]: value for n, value in params.items() if n.startswith(prefix)}
         if len(own) != len(params):
             return None
-        if self._at_entry is None or self._at_entry[0] is not g:  # one pass per signal
-            self._at_entry = (g, torch.autograd.grad(self.a, self._u, g, retain_graph=True)[0])
-        at_entry = self._at_entry[1]
+        at_entry = self._pulled(g, inputs=False)[3]  # the block's own update's pass, too
         products = linear_products(self.entry)
-        return products.input_vjp(
-            self.entry, {**dict(self.entry.named_parameters()), **own}, self.x.detach(), at_entry
-        )
+        entry = {**dict(self.entry.named_parameters()), **own}
+        return products.input_vjp(self.entry, entry, self.x.detach(), at_entry)
 
 
 def _entry(part: nn.Module) -> nn.Module | None:

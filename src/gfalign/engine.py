@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -138,6 +139,7 @@ class FeedbackRule(nn.Module):
         )
 
         chain = is_chain(shapes)
+        shared: dict[tuple, Slot] = {}
         for i, layer in enumerate(self.config.layers, start=1):
             for k, term in enumerate(layer.terms):
                 kind = KINDS[term.kind]
@@ -146,12 +148,20 @@ class FeedbackRule(nn.Module):
                 if chain or not kind.backward:
                     self.slots[i, k] = self._register(i, k, term)
                     continue
-                # On a graph a term that runs parts backwards runs every consumer's, each with
-                # its own draw (DESIGN.md section 12).
+                # On a graph a term that runs parts backwards runs every consumer's, with the
+                # consumer's one draw: every producer it reads through a term of the same kind
+                # and family shares it, as a layer's feedback kernel is shared in biotorch's
+                # layer replacement (DESIGN.md section 12).
                 for c in consumers_of(shapes, i):
-                    self.slots[i, k, c] = self._register(i, k, term, block=c)
-        self._live = tuple(slot for slot in self.slots.values() if slot.live)
-        self._learned = tuple(slot for slot in self.slots.values() if slot.learned)
+                    spec = term.feedback or self.config.feedback
+                    signature = (c, term.kind, repr(spec), repr(term.mode))
+                    if signature in shared:
+                        self.slots[i, k, c] = replace(shared[signature], layer=i, index=k)
+                    else:
+                        shared[signature] = self._register(i, k, term, block=c)
+                        self.slots[i, k, c] = shared[signature]
+        self._live = _unique(slot for slot in self.slots.values() if slot.live)
+        self._learned = _unique(slot for slot in self.slots.values() if slot.learned)
         self.decays = self._forward_decays()
         self.mirrored = frozenset(slot.block for slot in self._learned)
         if any(slot.mode.mode.redraw for slot in self._live):
@@ -615,3 +625,15 @@ def _scale(reduction: str, n: int) -> float:
     if reduction == "sum":
         return 1.0
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _unique(slots: Iterable[Slot]) -> tuple[Slot, ...]:
+    """``slots`` less those whose buffers an earlier one holds (a graph's shared draws), so
+    that a shared buffer is made and learned once a step."""
+    seen: set[tuple] = set()
+    kept = []
+    for slot in slots:
+        if slot.buffers not in seen:
+            seen.add(slot.buffers)
+            kept.append(slot)
+    return tuple(kept)

@@ -83,6 +83,7 @@ class Through:
         self.edges = net.edges
         self._pullbacks: dict[int, Callable] = {}
         self._pulled: dict[int, tuple] = {}  # the last signal pulled back through each edge
+        self._fed: dict[tuple, tuple] = {}  # (consumer, feedback) -> (signal, its product)
         self._own: dict[int, torch.Tensor] = {}  # J_phi_c(theta_c)^T d^c, shared by producers
 
     def tail_back(self, i: int, g: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,8 @@ class Through:
                 g = self._own[c]
             elif not names and graph is not None:  # with block c's own update, at once
                 g = self._own[c] = graph.pull(s, inputs=True)[1]
+            elif (c, names) in self._fed and self._fed[c, names][0] is s:
+                g = self._fed[c, names][1]  # the consumer's shared draw on the same signal
             else:
                 params = self.parameters_for(layer, op.index, c, names)
                 g = None if graph is None else graph.feedback_vjp(params, s)
@@ -157,6 +160,8 @@ class Through:
                     g = self._guarded(layer, op, c, run, params, self.cache.input(c), s)
                 if not names:
                     self._own[c] = g
+                else:
+                    self._fed[c, names] = (s, g)
             g = self.edge_back(c, layer, g)
             total = g if total is None else total + g
         return self.tail_back(layer, total)
