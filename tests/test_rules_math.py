@@ -164,6 +164,35 @@ def test_an_auxiliary_classifier_on_a_reads_the_pre_activation(activation):
     assert not torch.allclose(step.deltas[1], post.deltas[1])  # h^i's reading differs
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_an_auxiliary_classifier_against_the_prediction_reads_the_networks_output(activation):
+    """``direct:auxiliary-prediction`` (section 2.1.1's L^i(y^i, y_hat) as written): e^i =
+    softmax(h^i (D^i)^T) - softmax(z), z the network's logits held fixed; d^i is the gradient
+    of the cross-entropy against softmax(z) at a^i."""
+    sizes = [6, 5, 4, 3]
+    net = MLP(sizes, activation, seed=6, dtype=DT)
+    config = {
+        "name": "dfa-aux-pred",
+        "template": {"all": {"terms": ["direct:auxiliary-prediction"]}},
+    }
+    rule = FeedbackRule(config, sizes, dtype=DT)
+    x, y = batch(sizes)
+    step = rule.deltas(net, x, y)
+    with torch.no_grad():
+        p = torch.softmax(net(x), dim=1)  # the network's own prediction, no gradient
+    h = x
+    for i in (1, 2):
+        a = (h @ net.weight(i).T + net.bias(i)).detach().requires_grad_(True)
+        logits = net.activation.function(a) @ rule.matrix(i, 0).T
+        local = -(p * torch.log_softmax(logits, dim=1)).sum(1).mean()
+        (expected,) = torch.autograd.grad(local * len(x), a)
+        assert_close(step.deltas[i], expected)
+        assert_close(step.auxiliary_losses[i], local.detach())
+        h = net.activation.function(a.detach())
+    against_target = FeedbackRule("dfa-aux", sizes, dtype=DT).deltas(net, x, y)
+    assert not torch.allclose(step.deltas[1], against_target.deltas[1])
+
+
 def test_fa_and_dfa_differ_from_bp():
     """The rule path is not autograd: random feedback gives other deltas than backprop."""
     sizes = [6, 5, 4, 3]

@@ -286,6 +286,14 @@ def _auxiliary_error(logits: torch.Tensor, labels: torch.Tensor):
     return OBJECTIVES["classification"].error(logits, labels)
 
 
+def _against_prediction(logits: torch.Tensor, output: torch.Tensor):
+    """The mean cross-entropy of ``softmax(logits)`` against the network's own prediction
+    ``p = softmax(output)`` (held fixed), and its error ``softmax(logits) - p``."""
+    p = torch.softmax(output, dim=-1)
+    log_q = torch.log_softmax(logits, dim=-1)
+    return (p * log_q).sum(-1).mean(-1).neg(), log_q.exp() - p
+
+
 def direct_values(
     plan: Plan,
     e: torch.Tensor,
@@ -318,7 +326,11 @@ def direct_values(
                 D = direct[..., op.columns]  # (..., n_L, numel(h^i)) or numel(a^i)
                 h = cache.a(i) if op.reads == "pre" else cache.post[i]
                 flat = h.flatten(len(lead))
-                losses[i], e_i = _auxiliary_error(mm(flat, D.transpose(-1, -2)), target)
+                logits = mm(flat, D.transpose(-1, -2))
+                if op.against == "prediction":
+                    losses[i], e_i = _against_prediction(logits, cache.pre[-1])
+                else:
+                    losses[i], e_i = _auxiliary_error(logits, target)
                 value = mm(e_i, D).view(h.shape)
                 values[i, op.index] = value if op.reads == "pre" else through.tail_back(i, value)
             else:

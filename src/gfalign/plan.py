@@ -203,12 +203,14 @@ class Project:
 class ProjectLocal:
     """``e^i D^i``: the auxiliary classifier of the layer's activity, ``h^i`` (``reads =
     "post"``, the value going back through the block's tail) or ``a^i`` (``"pre"``), through
-    ``columns`` of the ``direct`` buffer."""
+    ``columns`` of the ``direct`` buffer, against the target or the network's prediction
+    (``against``, ``gfalign.terms.Signal``)."""
 
     index: int
     coefficient: float
     columns: slice
     reads: str
+    against: str = "target"
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,9 @@ def compile_plan(
             if kind.is_direct:
                 signal = SIGNALS[term.error]
                 if signal.local:
-                    values.append(ProjectLocal(k, weight, slot.columns, signal.reads))
+                    values.append(
+                        ProjectLocal(k, weight, slot.columns, signal.reads, signal.against)
+                    )
                 else:
                     values.append(Project(k, weight, term.error, slot.columns))
                 continue
@@ -384,7 +388,7 @@ def _values(layer, i: int, slots) -> list[Value]:
         if KINDS[term.kind].is_direct:
             signal, slot = SIGNALS[term.error], slots[i, k]
             if signal.local:
-                values.append(ProjectLocal(k, weight, slot.columns, signal.reads))
+                values.append(ProjectLocal(k, weight, slot.columns, signal.reads, signal.against))
             else:
                 values.append(Project(k, weight, term.error, slot.columns))
     return values

@@ -156,6 +156,9 @@ class Signal:
             (``h^i``, after the block's activation and tail) or ``"pre"`` (``a^i``, before
             them; the matrix then has ``numel(a^i)`` columns and the value stays in ``a^i``'s
             shape).
+        against: for a local signal, what its classifier's prediction is compared with: the
+            ``"target"`` (``e^i = softmax(logits) - y``) or the network's own ``"prediction"``
+            (``e^i = softmax(logits) - softmax(z)``, ``z`` the output logits, held fixed).
     """
 
     name: str
@@ -165,6 +168,7 @@ class Signal:
     make: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     order: int = 0
     reads: str = "post"
+    against: str = "target"
 
 
 def _one_hot(e: torch.Tensor, target: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -181,6 +185,10 @@ SIGNALS: dict[str, Signal] = {
         Signal("auxiliary", "e^i", local=True, labels=True, order=2),
         # A reading of LAFS's auxiliary classifier: its logits from a^i instead of h^i.
         Signal("auxiliary-pre", "e^i(a)", local=True, labels=True, order=2, reads="pre"),
+        # Section 2.1.1's layer loss as written, L^i(y^i, y_hat): against the network's output.
+        Signal(
+            "auxiliary-prediction", "e^i(ŷ)", local=True, labels=True, order=2, against="prediction"
+        ),
     )
 }
 
