@@ -193,6 +193,33 @@ def test_an_auxiliary_classifier_against_the_prediction_reads_the_networks_outpu
     assert not torch.allclose(step.deltas[1], against_target.deltas[1])
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_an_auxiliary_classifier_on_the_input_sends_its_error_through_the_direct_matrix(
+    activation,
+):
+    """``direct:auxiliary-input`` (section 2.1.1's a_x^i = (B^i)^T h^{i-1} as written): a fixed
+    classifier C^i on the layer's input, e^i = softmax(h^{i-1} (C^i)^T) - y, and d^i =
+    (e^i D^i) * f'(a^i)."""
+    sizes = [6, 5, 4, 3]
+    net = MLP(sizes, activation, seed=6, dtype=DT)
+    config = {"name": "dfa-aux-in", "template": {"all": {"terms": ["direct:auxiliary-input"]}}}
+    rule = FeedbackRule(config, sizes, dtype=DT)
+    x, y = batch(sizes)
+    step = rule.deltas(net, x, y)
+    h = x
+    for i in (1, 2):
+        feedback = rule.feedback(i, 0)
+        C, D = feedback["classifier"], feedback["matrix"]
+        assert C.shape == (3, sizes[i - 1]) and D.shape == (3, sizes[i])
+        logits = h @ C.T
+        e_i = torch.softmax(logits, 1) - torch.nn.functional.one_hot(y, 3).to(DT)
+        a = h @ net.weight(i).T + net.bias(i)
+        (slope,) = torch.autograd.grad(net.activation.function(a.requires_grad_(True)).sum(), a)
+        assert_close(step.deltas[i], (e_i @ D) * slope)
+        assert_close(step.auxiliary_losses[i], cross_entropy(logits, y))
+        h = net.activation.function(a.detach())
+
+
 def test_fa_and_dfa_differ_from_bp():
     """The rule path is not autograd: random feedback gives other deltas than backprop."""
     sizes = [6, 5, 4, 3]
@@ -246,3 +273,21 @@ def test_tanh_is_torch_tanh_up_to_rounding(dtype, tolerance):
     leaf = a.clone().requires_grad_()
     tanh(leaf).sum().backward()  # autograd through the identity: the derivative 1 - tanh^2
     assert torch.allclose(leaf.grad, 1 - torch.tanh(a) ** 2, atol=10 * tolerance)
+
+
+@pytest.mark.parametrize("signal", ["auxiliary-input", "auxiliary-prediction"])
+def test_the_written_auxiliary_readings_stack_member_for_member(signal):
+    """Stacked seeds (how the readings run) give each member's own deltas."""
+    from gfalign.network import Network
+
+    config = {"name": "reading", "template": {"all": {"terms": [f"direct:{signal}", "above"]}}}
+    nets = [MLP([6, 5, 4, 3], "tanh", seed=s, dtype=DT) for s in range(2)]
+    rules = [FeedbackRule(config, net, seed=s, dtype=DT) for s, net in enumerate(nets)]
+    x, y = batch([6, 5, 4, 3])
+    alone = [rule.deltas(net, x, y).deltas for rule, net in zip(rules, nets, strict=True)]
+    stacked = FeedbackRule.stack(rules).deltas(
+        Network.stack(nets), x.expand(2, *x.shape), y.expand(2, -1)
+    )
+    for member in (0, 1):
+        for i in (1, 2, 3):
+            assert_close(stacked.deltas[i][member], alone[member][i])

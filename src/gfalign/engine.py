@@ -130,7 +130,19 @@ class FeedbackRule(nn.Module):
             width = math.prod(shapes[i - 1].post) if reads_post else shapes[i - 1].width
             stacked.append(self._draw(i, k, term, (n_out, width)))
             columns = slice(offset, offset + width)
-            self.slots[i, k] = Slot(i, k, (("matrix", "direct"),), columns)
+            buffers: tuple[tuple[str, str], ...] = (("matrix", "direct"),)
+            if signal.reads == "input":  # its own classifier C^i of the block's input
+                if not shapes[i - 1].plain_input:
+                    raise ConfigError(
+                        f"layer {i}, term {k} (direct:{term.error}): a classifier of the "
+                        f"block's input h^{i - 1}, but block {i} reads an edge of the graph; "
+                        "allowed: a block that reads the block before it"
+                    )
+                reads = self.sizes[0] if i == 1 else math.prod(shapes[i - 2].post)
+                name = f"layer{i}_term{k}_classifier"
+                self.register_buffer(name, self._draw(i, k, term, (n_out, reads), "classifier"))
+                buffers += (("classifier", name),)
+            self.slots[i, k] = Slot(i, k, buffers, columns)
             if not signal.local:
                 signals[term.error] = slice(signals.get(term.error, columns).start, columns.stop)
             offset += width
@@ -329,8 +341,9 @@ class FeedbackRule(nn.Module):
         if place.live and net is not None:
             with torch.no_grad():
                 self._refresh(net)
-        if place.columns is not None:
-            return {"matrix": self.direct[:, place.columns]}
+        if place.columns is not None:  # D^i, and an input classifier's C^i
+            others = {name: getattr(self, buffer) for name, buffer in place.buffers[1:]}
+            return {"matrix": self.direct[:, place.columns], **others}
         return {name: place.parameter(getattr(self, buffer)) for name, buffer in place.buffers}
 
     def set_feedback(

@@ -324,6 +324,12 @@ def direct_values(
         for op in layer.values:
             if isinstance(op, ProjectLocal):
                 D = direct[..., op.columns]  # (..., n_L, numel(h^i)) or numel(a^i)
+                if op.reads == "input":  # C^i on h^{i-1}; D^i takes its error to a^i
+                    flat = cache.input(i).flatten(len(lead))
+                    logits = mm(flat, through.buffers[op.classifier].transpose(-1, -2))
+                    losses[i], e_i = _auxiliary_error(logits, target)
+                    values[i, op.index] = mm(e_i, D).reshape(*lead, *through.structure[i - 1].pre)
+                    continue
                 h = cache.a(i) if op.reads == "pre" else cache.post[i]
                 flat = h.flatten(len(lead))
                 logits = mm(flat, D.transpose(-1, -2))

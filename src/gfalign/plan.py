@@ -211,6 +211,7 @@ class ProjectLocal:
     columns: slice
     reads: str
     against: str = "target"
+    classifier: str = ""  # the buffer of C^i, for a classifier on the input (reads "input")
 
 
 @dataclass(frozen=True)
@@ -343,9 +344,7 @@ def compile_plan(
             if kind.is_direct:
                 signal = SIGNALS[term.error]
                 if signal.local:
-                    values.append(
-                        ProjectLocal(k, weight, slot.columns, signal.reads, signal.against)
-                    )
+                    values.append(_project_local(k, weight, slot, signal))
                 else:
                     values.append(Project(k, weight, term.error, slot.columns))
                 continue
@@ -382,13 +381,18 @@ def _direct_terms(config: RuleConfig) -> dict[int, int]:
     }
 
 
+def _project_local(k: int, weight: float, slot: Slot, signal) -> ProjectLocal:
+    classifier = dict(slot.buffers).get("classifier", "")
+    return ProjectLocal(k, weight, slot.columns, signal.reads, signal.against, classifier)
+
+
 def _values(layer, i: int, slots) -> list[Value]:
     values: list[Value] = []
     for k, (term, weight) in enumerate(zip(layer.terms, layer.coefficients(), strict=True)):
         if KINDS[term.kind].is_direct:
             signal, slot = SIGNALS[term.error], slots[i, k]
             if signal.local:
-                values.append(ProjectLocal(k, weight, slot.columns, signal.reads, signal.against))
+                values.append(_project_local(k, weight, slot, signal))
             else:
                 values.append(Project(k, weight, term.error, slot.columns))
     return values

@@ -153,9 +153,11 @@ class Signal:
         order: direct terms are stacked by signal in this order, so that one product per
             signal reaches every layer.
         reads: for a local signal, the layer activity its classifier reads: ``"post"``
-            (``h^i``, after the block's activation and tail) or ``"pre"`` (``a^i``, before
+            (``h^i``, after the block's activation and tail), ``"pre"`` (``a^i``, before
             them; the matrix then has ``numel(a^i)`` columns and the value stays in ``a^i``'s
-            shape).
+            shape) or ``"input"`` (the block's input ``h^{i-1}``, through a fixed classifier
+            matrix ``C^i`` of its own, (n_out, numel(h^{i-1})); ``D^i`` then projects the
+            error to ``a^i``).
         against: for a local signal, what its classifier's prediction is compared with: the
             ``"target"`` (``e^i = softmax(logits) - y``) or the network's own ``"prediction"``
             (``e^i = softmax(logits) - softmax(z)``, ``z`` the output logits, held fixed).
@@ -185,6 +187,8 @@ SIGNALS: dict[str, Signal] = {
         Signal("auxiliary", "e^i", local=True, labels=True, order=2),
         # A reading of LAFS's auxiliary classifier: its logits from a^i instead of h^i.
         Signal("auxiliary-pre", "e^i(a)", local=True, labels=True, order=2, reads="pre"),
+        # Section 2.1.1's logits as written, a_x^i = (B^i)^T h^{i-1}: a classifier on the input.
+        Signal("auxiliary-input", "e^i(h^{i-1})", local=True, labels=True, order=2, reads="input"),
         # Section 2.1.1's layer loss as written, L^i(y^i, y_hat): against the network's output.
         Signal(
             "auxiliary-prediction", "e^i(ŷ)", local=True, labels=True, order=2, against="prediction"
