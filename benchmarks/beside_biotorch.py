@@ -1,18 +1,19 @@
-"""ResNet-20 training steps side by side, in one run: plain autograd, our rules on the model
-graph, and biotorch's same rules on its own ResNet-20.
+"""Training steps beside biotorch's, in one run: plain autograd, our rules, and biotorch's same
+rules on its own model: ResNet-20 (a model graph) or LeNet-5 (biotorch's LeNetMNIST).
 
-Every case takes the gradients of one batch of random 3x32x32 inputs into ``.grad`` (no
-optimizer step): autograd's ``loss.backward()`` on ``gfalign.architectures.resnet(20)``;
-``FeedbackRule(rule).backward`` on that module converted by ``gfalign.convert``; biotorch's
-``resnet20`` (``models/small_resnet.py``) converted by its ``BioModule`` to the rule's mode,
-stepped as ``biotorch.training.functions.train`` steps it (``benchmarks.peers.biotorch_lenet
-.step``). The cases alternate, ``--repeats`` rounds after ``--warmup``, and each figure is the
-median over rounds of the seconds per step.
+Every case takes the gradients of one batch of random inputs (3x32x32 for ResNet-20, 1x32x32
+for LeNet-5) into ``.grad`` (no optimizer step): autograd's ``loss.backward()`` on the plain
+module (``gfalign.architectures.resnet(20)``; biotorch's unconverted ``LeNetMNIST``);
+``FeedbackRule(rule).backward`` on our model (that ResNet converted by ``gfalign.convert``;
+the built-in ``lenet5``, the same network as blocks); biotorch's model converted by its
+``BioModule`` to the rule's mode, stepped as ``biotorch.training.functions.train`` steps it
+(``benchmarks.peers.biotorch_lenet.step``). The cases alternate, ``--repeats`` rounds after
+``--warmup``, and each figure is the median over rounds of the seconds per step.
 
-    python -m benchmarks.resnet20 --batch-size 128 --repeats 5 --threads 2
+    python -m benchmarks.beside_biotorch --model resnet20 --batch-size 128 --repeats 5
+    python -m benchmarks.beside_biotorch --model lenet5 --batch-size 128 --repeats 5
 
-biotorch is optional (``pip install --no-deps biotorch==0.0.16``); without it its column is
-left out and the script says so.
+biotorch is needed (``pip install --no-deps biotorch==0.0.16``, as ``make install`` does).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import statistics
 import time
 
 import torch
-from benchmarks.peers.biotorch_lenet import MODES, PeerError, biotorch_file, step, version
+from benchmarks.peers.biotorch_lenet import MODES, PeerError, biotorch_file, lenet, step, version
 from torch import nn
 from torch.nn import functional
 
 from gfalign import FeedbackRule, convert
 from gfalign.architectures import resnet
+from gfalign.models import build, model_spec
 
 RULES = ("bp", "fa", "dfa", "usf")
 
@@ -51,11 +53,23 @@ def biotorch_resnet20(mode: str, seed: int) -> nn.Module:
         )
 
 
-def cases(rules, x, y):
-    """``name -> step function``, ours and (where installed) biotorch's."""
+def _ours(model: str, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """``(plain module for autograd, our model)`` of ``model``."""
     torch.manual_seed(0)
-    module = resnet(20)
-    net = convert(module, x)
+    if model == "resnet20":
+        module = resnet(20)
+        return module, convert(module, x)
+    plain = biotorch_file("models/le_net.py").LeNetMNIST()
+    return plain, build(model_spec("lenet5"), "classification", seed=0)
+
+
+def _theirs(model: str, mode: str) -> nn.Module:
+    return biotorch_resnet20(mode, seed=0) if model == "resnet20" else lenet(mode, seed=0)
+
+
+def cases(model: str, rules, x, y):
+    """``name -> step function``, ours and (where installed) biotorch's."""
+    module, net = _ours(model, x)
 
     def autograd():
         module.zero_grad()
@@ -65,22 +79,18 @@ def cases(rules, x, y):
     for rule in rules:
         ours = FeedbackRule(rule, net, feedback="xavier")
         found[f"gfalign {rule}"] = lambda ours=ours: ours.backward(net, x, y)
-    try:
-        version()
-    except PeerError as problem:
-        print(f"# biotorch left out: {problem}")
-        return found
     for rule in rules:
         mode = MODES.get(rule)
         if mode is None:
             continue
-        model = biotorch_resnet20(mode, seed=0)
-        found[f"biotorch {rule}"] = lambda model=model, mode=mode: step(model, mode, x, y)
+        peer = _theirs(model, mode)
+        found[f"biotorch {rule}"] = lambda peer=peer, mode=mode: step(peer, mode, x, y)
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["resnet20", "lenet5"], default="resnet20")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -90,12 +100,17 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
-    torch.manual_seed(1)
-    x = torch.rand(arguments.batch_size, 3, 32, 32, device=device)
-    y = torch.randint(10, (arguments.batch_size,), device=device)
-    found = cases(arguments.rules.split(","), x, y)
     if device.type != "cpu":
         raise SystemExit("this script times CPU steps; run it with --device cpu")
+    try:
+        version()
+    except PeerError as problem:
+        raise SystemExit(f"biotorch is needed for its models and rules: {problem}") from None
+    torch.manual_seed(1)
+    channels = 3 if arguments.model == "resnet20" else 1
+    x = torch.rand(arguments.batch_size, channels, 32, 32, device=device)
+    y = torch.randint(10, (arguments.batch_size,), device=device)
+    found = cases(arguments.model, arguments.rules.split(","), x, y)
     times: dict[str, list[float]] = {name: [] for name in found}
     for round_ in range(arguments.warmup + arguments.repeats):
         for name, run in found.items():
@@ -105,7 +120,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
     print(
-        f"# ResNet-20, batch {arguments.batch_size}, {arguments.threads} threads, "
+        f"# {arguments.model}, batch {arguments.batch_size}, {arguments.threads} threads, "
         f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}; "
         f"median of {arguments.repeats} rounds"
     )
