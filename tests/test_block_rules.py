@@ -107,6 +107,12 @@ def transcribe(net, rule, x, y) -> dict[int, torch.Tensor]:
         if term.kind == "below":
             source = delta(i - 1) if term.source == "final" else only(i - 1)
             return part_jvp(i, feedback, tail_jvp(i - 1, source))
+        if term.kind == "tiled":  # e on every position of a^(i+1), kernel of CLASSES outputs
+            tiled = e.view(*e.shape, *(1,) * (a[i + 1].dim() - 2)).expand(
+                len(e), CLASSES, *a[i + 1].shape[2:]
+            )
+            kernel = {"weight": feedback["weight"], "bias": torch.zeros(CLASSES, dtype=DTYPE)}
+            return tail_vjp(i, part_vjp(i + 1, kernel, tiled))
         raise AssertionError(f"no transcription of a {term.kind!r} term: write one here")
 
     deltas = {L: e}
@@ -154,6 +160,10 @@ def test_bp_equals_autograd(model, batch):
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_equals_its_transcription(model, preset, batch):
     net, (x, y) = MODELS[model](), batch
+    if preset == "dfa-conv" and model == "user module":  # its kernels stand for Conv2d, Linear
+        with pytest.raises(ConfigError, match="neither a Linear nor a Conv2d"):
+            FeedbackRule(preset, net, seed=1, dtype=DTYPE)
+        return
     rule = FeedbackRule(preset, net, seed=1, dtype=DTYPE)
     step = rule.deltas(net, x, y)
     expected = transcribe(net, rule, x, y)

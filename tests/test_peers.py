@@ -67,6 +67,35 @@ def test_the_harness_fa_step_equals_ours_from_the_same_weights_and_kernels():
     assert not torch.allclose(other.module.conv1.weight.grad, theirs.module.conv1.weight.grad)
 
 
+def test_our_dfa_conv_step_equals_biotorchs_dfa_from_the_same_weights_and_kernels():
+    """biotorch's dfa sends e to each layer's input through that layer's kernel of n_out
+    output channels, tiled over its output map; our ``dfa-conv`` (a ``tiled`` term per hidden
+    block, the kernel of the block above) computes the same gradients, float64, and our dense
+    ``dfa`` does not."""
+    theirs = peer.lenet("dfa", seed=5, dtype=torch.float64)
+    ours = build("lenet5", seed=0, dtype=torch.float64)
+    _same_weights(theirs, ours)
+    rule = FeedbackRule("dfa-conv", ours, feedback="xavier", seed=1, dtype=torch.float64)
+    for layer in range(1, len(NAMES)):  # hidden block i's kernel is block i + 1's in biotorch
+        kernel = getattr(theirs.module, NAMES[layer]).weight_backward
+        assert rule.feedback(layer, 0)["weight"].shape == kernel.shape
+        rule.set_feedback(layer, 0, {"weight": kernel})
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 32, 32, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,), generator=generator)
+
+    peer.step(theirs, "dfa", x, y)
+    rule.backward(ours, x, y, reduction="mean")
+    for name, block in zip(NAMES, ours.blocks, strict=True):
+        layer = getattr(theirs.module, name)
+        torch.testing.assert_close(block.linear.weight.grad, layer.weight.grad, rtol=0, atol=1e-14)
+        torch.testing.assert_close(block.linear.bias.grad, layer.bias.grad, rtol=0, atol=1e-14)
+
+    dense = FeedbackRule("dfa", ours, feedback="xavier", seed=1, dtype=torch.float64)
+    dense.backward(ours, x, y, reduction="mean")
+    assert not torch.allclose(ours.blocks[0].linear.weight.grad, theirs.module.conv1.weight.grad)
+
+
 @pytest.mark.parametrize("rule", list(peer.MODES))
 def test_every_biotorch_mode_steps(rule):
     """Each mode biotorch's LeNet is converted to computes finite gradients for every trained

@@ -84,6 +84,9 @@ def by_hand(name, net, rule, x, y):
     elif base == "kp":  # before any step, the learned B is its initial draw: FA
         d2 = (e @ M(2, 0)) * f2
         d1 = (d2 @ M(1, 0)) * f1
+    elif base == "dfa-conv":  # on Linear blocks nothing to tile: e K^(i+1), K (n_out, n_i)
+        d2 = (e @ M(2, 0)) * f2
+        d1 = (e @ M(1, 0)) * f1
     elif base == "drtp":  # the one-hot target y* in place of the error
         target = torch.nn.functional.one_hot(y, e.shape[1]).to(DT)
         d2 = (target @ M(2, 0)) * f2

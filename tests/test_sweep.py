@@ -24,7 +24,7 @@ PER_SEED = {
     "fashion": 9,
     "field": 9,
     "field-lenet": 9,
-    "conv-lr": 148,
+    "conv-lr": 156,
     "conv-budget": 16,
     "conv": 28,  # 26 cells, and drtp on lenet5-tanh on both datasets
     "conv-cifar": 13,

@@ -308,6 +308,8 @@ def weight_alignment(net: nn.Module, rule: FeedbackRule) -> dict[str, float]:
         for i, layer in enumerate(rule.config.layers, start=1):
             for k, term in enumerate(layer.terms):
                 kind = KINDS[term.kind]
+                if kind.tiled:  # a kernel of n_out channels: no forward parameter its shape
+                    continue
                 if kind.part is not None and kind.has_parameters and kind.backward:
                     # every block the term stands in for: one on a chain, each consumer on a graph
                     fixed, forward = [], []
@@ -590,7 +592,7 @@ def rule_diagnostics(
                 if stands_for.products is not LINEAR:
                     continue
             # a direct term's signal, or the output error where the neighbour read is the output
-            receives_error = kind.is_direct or layer + kind.reads == top + 1
+            receives_error = kind.is_direct or kind.tiled or layer + kind.reads == top + 1
             softmax = receives_error and (
                 objective == "classification" or SIGNALS[term.error].local
             )

@@ -28,7 +28,7 @@ from torch import nn
 
 from gfalign import feedback as feedback_families
 from gfalign import updates
-from gfalign.blocks import LINEAR
+from gfalign.blocks import CONV2D, LINEAR
 from gfalign.data.errors import DataError
 from gfalign.execute import Step, deltas_of
 from gfalign.feedback import FeedbackSpec
@@ -157,6 +157,11 @@ class FeedbackRule(nn.Module):
                 kind = KINDS[term.kind]
                 if kind.part is None or not kind.has_parameters:
                     continue
+                if kind.tiled and not chain:
+                    raise ConfigError(
+                        f"layer {i}, term {k} ({term.kind}): a tiled term runs the block above "
+                        "on a chain of blocks; this model is a graph; allowed: direct"
+                    )
                 if chain or not kind.backward:
                     self.slots[i, k] = self._register(i, k, term)
                     continue
@@ -261,6 +266,14 @@ class FeedbackRule(nn.Module):
         stands_for = self.structure[block - 1]  # the block whose part it runs
         shapes = dict(stands_for.parameters)
         names = stands_for.transported
+        if kind.tiled:  # a kernel of n_out output channels in place of the part's weight
+            if stands_for.products not in (LINEAR, CONV2D):
+                raise ConfigError(
+                    f"layer {i}, term {k} ({term.kind}): block {block}'s part is neither a "
+                    "Linear nor a Conv2d; allowed: a tiled term runs a Linear or Conv2d part"
+                )
+            names = ("weight",)
+            shapes = {"weight": (self.sizes[-1], *shapes["weight"][1:])}
         base = f"layer{i}_term{k}_{term.kind}" + (f"_block{block}" if consumer else "")
         where = ("block", block) if consumer else ()
         # A Linear block run forwards keeps the matrix B_down = W~^T, (n_{i-1}, n_i) (Slot).

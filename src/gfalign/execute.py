@@ -22,7 +22,15 @@ from torch.func import vjp
 from gfalign.blocks import LINEAR, forward_mode
 from gfalign.network import IDENTITY, OBJECTIVES, Activation
 from gfalign.network import tanh as network_tanh
-from gfalign.plan import GraphAbove, GraphBelow, PartProduct, Plan, ProjectLocal, Slot
+from gfalign.plan import (
+    GraphAbove,
+    GraphBelow,
+    PartProduct,
+    Plan,
+    ProjectLocal,
+    Slot,
+    TiledProduct,
+)
 from gfalign.rules import ConfigError
 from gfalign.terms import SIGNALS
 
@@ -184,6 +192,27 @@ class Through:
                 f"layer {layer}, term {op.index} ({op.kind}): block {block}'s "
                 f"{type(part).__name__} cannot run it: {str(problem).splitlines()[0]}"
             ) from None
+
+    def tiled(self, layer: int, op: TiledProduct, e: torch.Tensor) -> torch.Tensor:
+        """``J_tau_{j-1}^T J_phi_j(K)^T tile(e)`` for ``j = op.block``: ``e`` (..., N, n_out)
+        repeated over every position of ``a^j`` (n_out channels in place of its own), run back
+        through block ``j``'s part with the kernel ``K``, then through block ``j - 1``'s tail."""
+        j = op.block
+        block, shape = self.blocks[j - 1], self.structure[j - 1]
+        positions = shape.pre[1:]  # a conv's (H, W)
+        signal = e.reshape(*e.shape, *(1 for _ in positions)).expand(*e.shape, *positions)
+        slot = self.slots[layer, op.index]
+        params = {name: slot.parameter(self.buffers[buffer]) for name, buffer in op.parameters}
+        try:
+            back = shape.products.input_vjp(
+                block.linear, params, self.cache.input(j), signal.contiguous()
+            )
+        except RuntimeError as problem:
+            raise ConfigError(
+                f"layer {layer}, term {op.index} (tiled): block {j}'s "
+                f"{type(block.linear).__name__} cannot run it: {str(problem).splitlines()[0]}"
+            ) from None
+        return self.tail_back(j - 1, back)
 
     def term(self, layer: int, op: PartProduct, source: torch.Tensor) -> torch.Tensor:
         """The value of a part product of hidden layer ``layer`` on ``source`` (the delta it
@@ -407,6 +436,9 @@ def propagate(
             if isinstance(op, GraphBelow):
                 sources = [signal(p, op.final) for p in op.producers]
                 add(through.graph_below(i, op, sources), op.coefficient)
+                continue
+            if isinstance(op, TiledProduct):
+                add(through.tiled(i, op, e), op.coefficient)
                 continue
             j = op.source
             if op.final:

@@ -49,6 +49,7 @@ __all__ = [
     "Project",
     "ProjectLocal",
     "Slot",
+    "TiledProduct",
     "compile_plan",
     "structure_of",
 ]
@@ -252,6 +253,19 @@ class PartProduct:
 
 
 @dataclass(frozen=True)
+class TiledProduct:
+    """Block ``block``'s part backwards with the fixed kernel ``parameters`` (name, buffer) of
+    ``n_out`` output channels, on the output error tiled over ``a^block``'s positions, then
+    back through block ``block - 1``'s tail: biotorch's DFA for a conv layer."""
+
+    index: int
+    coefficient: float
+    block: int
+    parameters: tuple[tuple[str, str], ...]
+    kind: str = "tiled"
+
+
+@dataclass(frozen=True)
 class GraphAbove:
     """On a model graph: ``J_tau_i^T sum_c J_{G_c, h^i}^T J_phi_c(params_c)^T s^c`` over the
     consumers ``c`` of block ``i``, each with its feedback parameters ``(name, buffer)`` (empty:
@@ -279,7 +293,7 @@ class GraphBelow:
 
 
 Value = Project | ProjectLocal
-Product = MatrixProduct | PartProduct | GraphAbove | GraphBelow
+Product = MatrixProduct | PartProduct | TiledProduct | GraphAbove | GraphBelow
 
 
 @dataclass(frozen=True)
@@ -349,6 +363,13 @@ def compile_plan(
                     values.append(Project(k, weight, term.error, slot.columns))
                 continue
             block = i + kind.part
+            if kind.tiled:  # the output error e, tiled over a^block's positions
+                if structure[block - 1].products is LINEAR and structure[block - 2].plain_tail:
+                    # no positions to tile over: e K, K (n_out, n_i)
+                    products.append(MatrixProduct(k, weight, hidden + 1, True, slot.buffers[0][1]))
+                else:
+                    products.append(TiledProduct(k, weight, block, slot.buffers))
+                continue
             source = i + kind.reads
             final = kind.always_final or source == hidden + 1 or term.source == "final"
             matrix = structure[block - 1].products is LINEAR and structure[block - 2].plain_tail

@@ -25,6 +25,7 @@ RULE_FAMILIES: dict[str, str] = {
     "kp": "kolen-pollack",
     "dfa": "direct",
     "dfa-aux": "direct",  # LAFS: DFA with each layer's auxiliary error
+    "dfa-conv": "direct",  # biotorch's DFA: a conv layer's kernel on the tiled error
     "drtp": "target",
     "s1": "general",
     "s2": "general",

@@ -370,11 +370,15 @@ class Term:
                 mode = ModeSpec.parse(mode)
             except ValueError as problem:
                 raise ConfigError(f"{where}{problem}") from None
-            if kind.part is None or not kind.has_parameters:
+            if kind.part is None or not kind.has_parameters or kind.tiled:
                 raise ConfigError(
                     f"{where}a {name} term takes no feedback mode ({mode.name}); modes are for "
                     "terms whose parameters stand in for a block's: "
-                    + ", ".join(k.name for k in KINDS.values() if k.part is not None and k.fixed)
+                    + ", ".join(
+                        k.name
+                        for k in KINDS.values()
+                        if k.part is not None and k.fixed and not k.tiled
+                    )
                 )
             if mode.name == "fixed" and not mode.params:
                 mode = None
@@ -765,6 +769,12 @@ _BASE: dict[str, dict] = {
     "dfa": {
         "description": "direct feedback alignment: d^i = (e D^i) * f'(a^i)",
         "template": {"all": {"terms": ["direct"]}},
+    },
+    "dfa-conv": {
+        "description": "direct feedback alignment as biotorch's conv layers do it: d^i = "
+        "J_tau_i^T (K^(i+1) applied transposed to e tiled over a^(i+1)'s positions) * f'(a^i), "
+        "K^(i+1) a fixed kernel of n_out output channels (e K for a Linear block above)",
+        "template": {"all": {"terms": ["tiled"]}},
     },
     "s1": {
         "description": "strategy 1: top layer direct; every lower layer mean(direct, above(d))",

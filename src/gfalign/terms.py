@@ -73,6 +73,9 @@ class TermKind:
             sign-concordant or learned: ``MODES``); else the forward parameters themselves.
         symbol: the neighbour's name in ``describe()`` (``"i+1"``).
         always_final: it reads the neighbour's final delta whatever its source (backprop).
+        tiled: it runs block ``k``'s part backwards on the output error ``e`` tiled over
+            ``a^k``'s positions, with a fixed kernel of ``n_out`` output channels in place of
+            the part's weight (biotorch's DFA for conv layers), instead of on a delta.
     """
 
     name: str
@@ -84,6 +87,7 @@ class TermKind:
     fixed: bool = True
     symbol: str = ""
     always_final: bool = False
+    tiled: bool = False
 
     @property
     def has_parameters(self) -> bool:
@@ -121,6 +125,16 @@ KINDS: dict[str, TermKind] = {
             part=0,
             backward=False,
             symbol="i-1",
+        ),
+        TermKind(
+            "tiled",
+            "J_tau_i^T J_phi_{i+1}(K~)^T tile(e): block i+1's backward with a fixed kernel of "
+            "n_out output channels, on the output error tiled over a^{i+1}'s positions",
+            option=None,
+            reads=None,
+            part=1,
+            symbol="i+1",
+            tiled=True,
         ),
         TermKind(
             "backprop",
