@@ -29,29 +29,34 @@ def _same_weights(theirs, ours) -> None:
             block.linear.bias.copy_(getattr(theirs.module, name).bias)
 
 
-def test_the_harness_fa_step_equals_ours_from_the_same_weights_and_kernels():
-    """One float64 step of biotorch's fa (the harness's step and optimizer) and of our ``fa``,
-    with biotorch's forward weights and feedback kernels copied into ours: the same gradients
-    and the same weights after an SGD step of the conv protocol (momentum, weight decay)."""
-    theirs = peer.lenet("fa", seed=5, dtype=torch.float64)
+def _one_step(mode: str, preset: str):
+    """One float64 step of biotorch's ``mode`` and of our ``preset`` on LeNet-5, from
+    biotorch's forward weights with its feedback kernels copied into ours (hidden block i's
+    term holds the kernel of biotorch's layer i + 1); both models' gradients match to 1e-14."""
+    theirs = peer.lenet(mode, seed=5, dtype=torch.float64)
     ours = build("lenet5", seed=0, dtype=torch.float64)
     _same_weights(theirs, ours)
-    rule = FeedbackRule("fa", ours, feedback="xavier", seed=1, dtype=torch.float64)
-    for layer in range(1, len(NAMES)):  # hidden block i's above term stands for block i + 1
+    rule = FeedbackRule(preset, ours, feedback="xavier", seed=1, dtype=torch.float64)
+    for layer in range(1, len(NAMES)):
         kernel = getattr(theirs.module, NAMES[layer]).weight_backward
         assert not torch.equal(rule.feedback(layer, 0)["weight"], kernel)
         rule.set_feedback(layer, 0, {"weight": kernel})
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(16, 1, 32, 32, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 10, (16,), generator=generator)
-
-    peer.step(theirs, "fa", x, y)
+    peer.step(theirs, mode, x, y)
     rule.backward(ours, x, y, reduction="mean")
     for name, block in zip(NAMES, ours.blocks, strict=True):
         layer = getattr(theirs.module, name)
         torch.testing.assert_close(block.linear.weight.grad, layer.weight.grad, rtol=0, atol=1e-14)
         torch.testing.assert_close(block.linear.bias.grad, layer.bias.grad, rtol=0, atol=1e-14)
+    return theirs, ours, x, y
 
+
+def test_the_harness_fa_step_equals_ours_from_the_same_weights_and_kernels():
+    """biotorch's fa (the harness's step and optimizer) and our ``fa``: the same gradients and
+    the same weights after an SGD step of the conv protocol (momentum, weight decay)."""
+    theirs, ours, x, y = _one_step("fa", "fa")
     settings = peer.protocol("fa", "mnist", 0).train
     theirs_step = make_optimizer(settings, [p for p in theirs.parameters() if p.requires_grad])
     ours_step = make_optimizer(settings, list(ours.parameters()))
@@ -69,28 +74,10 @@ def test_the_harness_fa_step_equals_ours_from_the_same_weights_and_kernels():
 
 def test_our_dfa_conv_step_equals_biotorchs_dfa_from_the_same_weights_and_kernels():
     """biotorch's dfa sends e to each layer's input through that layer's kernel of n_out
-    output channels, tiled over its output map; our ``dfa-conv`` (a ``tiled`` term per hidden
-    block, the kernel of the block above) computes the same gradients, float64, and our dense
-    ``dfa`` does not."""
-    theirs = peer.lenet("dfa", seed=5, dtype=torch.float64)
-    ours = build("lenet5", seed=0, dtype=torch.float64)
-    _same_weights(theirs, ours)
-    rule = FeedbackRule("dfa-conv", ours, feedback="xavier", seed=1, dtype=torch.float64)
-    for layer in range(1, len(NAMES)):  # hidden block i's kernel is block i + 1's in biotorch
-        kernel = getattr(theirs.module, NAMES[layer]).weight_backward
-        assert rule.feedback(layer, 0)["weight"].shape == kernel.shape
-        rule.set_feedback(layer, 0, {"weight": kernel})
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(16, 1, 32, 32, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 10, (16,), generator=generator)
-
-    peer.step(theirs, "dfa", x, y)
-    rule.backward(ours, x, y, reduction="mean")
-    for name, block in zip(NAMES, ours.blocks, strict=True):
-        layer = getattr(theirs.module, name)
-        torch.testing.assert_close(block.linear.weight.grad, layer.weight.grad, rtol=0, atol=1e-14)
-        torch.testing.assert_close(block.linear.bias.grad, layer.bias.grad, rtol=0, atol=1e-14)
-
+    output channels, tiled over its output map: our ``dfa-conv`` (a ``tiled`` term per hidden
+    block, the kernel of the block above) computes the same gradients, and our dense ``dfa``
+    does not."""
+    theirs, ours, x, y = _one_step("dfa", "dfa-conv")
     dense = FeedbackRule("dfa", ours, feedback="xavier", seed=1, dtype=torch.float64)
     dense.backward(ours, x, y, reduction="mean")
     assert not torch.allclose(ours.blocks[0].linear.weight.grad, theirs.module.conv1.weight.grad)
